@@ -1,0 +1,1 @@
+"""kvpo-megatron: KVPO alignment for streaming autoregressive video DiTs on megatron-core."""

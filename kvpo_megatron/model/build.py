@@ -1,0 +1,47 @@
+"""Build a ``CausalWanDiT`` from a ``ModelSection`` (preset + overrides) and a parallel layout."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvpo_megatron.errors import ConfigError
+from kvpo_megatron.model.causal_wan import CausalWanDiT
+from kvpo_megatron.model.config import LayerSpecKind, WanConfig, model_config
+from kvpo_megatron.model.specs import context_parallel_spec, local_spec
+
+
+@dataclass(kw_only=True)
+class ModelSection:
+    preset: str = "tiny"
+    """Named architecture: tiny | wan-1.3b | wan-14b."""
+    overrides: dict = field(default_factory=dict)
+    """WanConfig field overrides (e.g. ``params_dtype``); unknown fields raise."""
+    checkpoint: str | None = None
+    """Weights to load (see tools/convert_checkpoint.py); random init when None."""
+
+
+def cp_attention_kind(cfg: WanConfig, requested: str) -> str:
+    """Resolve ``auto``: Ulysses when heads divide by TP*CP, else the K/V all-gather."""
+    mp = cfg.tensor_model_parallel_size * cfg.context_parallel_size
+    if requested == "auto":
+        return "ulysses" if cfg.num_attention_heads % mp == 0 else "allgather"
+    return requested
+
+
+def build_model(section: ModelSection, *, pg_collection, tp: int = 1, cp: int = 1, cp_attention: str = "auto",
+                **extra) -> CausalWanDiT:
+    import torch
+
+    ov = dict(section.overrides)
+    if isinstance(ov.get("params_dtype"), str):
+        ov["params_dtype"] = getattr(torch, ov["params_dtype"])
+    cfg = model_config(section.preset, tensor_model_parallel_size=tp, context_parallel_size=cp, **ov, **extra)
+    if cfg.spec == LayerSpecKind.te:
+        from kvpo_megatron.model.te_spec import te_spec
+        spec = te_spec(cfg)
+    elif cp > 1:
+        spec = context_parallel_spec(cp_attention_kind(cfg, cp_attention))
+    else:
+        spec = local_spec()
+    if cfg.spec == LayerSpecKind.te and cp > 1:
+        raise ConfigError("model.spec=te with context_parallel_size > 1 is not supported yet")
+    return CausalWanDiT(cfg, spec, pg_collection=pg_collection)

@@ -1,0 +1,207 @@
+"""Streaming KV cache: per-layer K/V buffers over frame *slots* plus a frame table.
+
+Layout
+------
+Per layer ``i``, ``k[i]`` and ``v[i]`` are preallocated tensors ``[b, num_slots, T, h, d]`` where a slot
+holds one latent frame's ``T`` tokens for this rank's ``h`` heads (the cache never sees process groups:
+under TP/CP it simply stores the shard it is handed). Keys are stored after RoPE at their absolute
+frame positions, so any cached frame can be attended from anywhere.
+
+Slots: the first ``num_sink_frames`` frames are pinned to slots ``0..S-1``; every later frame ``f`` lives in
+the ring slot ``S + (f - S) % history_frames`` and evicts the frame ``history_frames`` older than it.
+
+Views
+-----
+Attention does not read "the cache"; it reads an :class:`AttentionView`: an ordered list of resident frames
+(built by the caller: the default sink + local window, a CHR-routed window, a MemFlow bank, ...) and,
+for a commit pass, the frames whose K/V the current forward writes. Building a view translates frames to
+slots once per forward; each layer then does one ``index_select`` (or a batched gather for per-sample
+views). Reads happen before writes within a layer, so a view may read a frame whose slot it overwrites.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvpo_megatron.errors import ConfigError
+
+
+@dataclass(kw_only=True, slots=True)
+class CacheConfig:
+    """Which frames are kept and which are attended."""
+
+    frames_per_block: int = 3
+    """Latent frames generated per block."""
+    num_sink_frames: int = 3
+    """First frames pinned forever (the sink)."""
+    local_attn_frames: int = 9
+    """Local window attended by a block, *including* the block itself (span = sink + local = 12)."""
+    history_frames: int = 30
+    """Resident non-sink frames (routable history for CHR); older frames are dropped."""
+
+    def __post_init__(self):
+        if self.frames_per_block < 1:
+            raise ConfigError(f"cache.frames_per_block must be >= 1, got {self.frames_per_block}")
+        if self.local_attn_frames < self.frames_per_block:
+            raise ConfigError(f"cache.local_attn_frames ({self.local_attn_frames}) must be >= "
+                              f"cache.frames_per_block ({self.frames_per_block})")
+        if self.history_frames < self.local_attn_frames:
+            raise ConfigError(f"cache.history_frames ({self.history_frames}) must be >= "
+                              f"cache.local_attn_frames ({self.local_attn_frames})")
+        if self.num_sink_frames < 0:
+            raise ConfigError(f"cache.num_sink_frames must be >= 0, got {self.num_sink_frames}")
+
+    def default_read_frames(self, start: int, num_frames: int | None = None) -> list[int]:
+        """Unrouted context of a block starting at frame ``start``: sink + the local frames before it."""
+        n = self.frames_per_block if num_frames is None else num_frames
+        sink = list(range(min(self.num_sink_frames, start)))
+        first_local = max(self.num_sink_frames, start - (self.local_attn_frames - n))
+        return sink + list(range(first_local, start))
+
+
+@dataclass(frozen=True)
+class AttentionView:
+    """What one forward attends to (besides its own tokens) and which frames it writes."""
+
+    read_frames: tuple[int, ...] | tuple[tuple[int, ...], ...]
+    """Cached frames attended, in order; per-sample tuples when samples differ."""
+    read_slots: torch.Tensor
+    """[n] or [b, n] slot indices of ``read_frames``."""
+    write_frames: tuple[int, ...] = ()
+    """Frames of the current input whose K/V are written (commit pass); empty otherwise."""
+    write_slots: torch.Tensor | None = None
+    """[F] slots receiving the current input's K/V."""
+
+
+class LayerKV:
+    """One layer's access to the cache under a view (what the attention core receives)."""
+
+    __slots__ = ("cache", "layer", "view")
+
+    def __init__(self, cache: "KVCache", layer: int, view: AttentionView):
+        self.cache, self.layer, self.view = cache, layer, view
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Cached K, V of the view's frames: [b, n*T, h, d] each (None if the view reads nothing)."""
+        return self.cache.gather(self.layer, self.view.read_slots)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the current input's K/V ([b, F*T, h, d]) if the view commits."""
+        if self.view.write_slots is not None:
+            self.cache.store(self.layer, self.view.write_slots, k, v)
+
+
+@dataclass
+class CacheSnapshot:
+    """A restorable copy of a cache's contents and frame table."""
+
+    k: list[torch.Tensor | None]
+    v: list[torch.Tensor | None]
+    frame_of_slot: list[int | None]
+    extra: dict = field(default_factory=dict)
+
+
+class KVCache:
+    """Frame-slot KV cache of all layers. Nothing outside this class indexes its tensors."""
+
+    def __init__(self, cfg: CacheConfig, num_layers: int):
+        self.cfg = cfg
+        self.num_layers = num_layers
+        self.num_slots = cfg.num_sink_frames + cfg.history_frames
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+        self.frame_of_slot: list[int | None] = [None] * self.num_slots
+
+    # ---- frame table -------------------------------------------------------------------------
+    def slot_for(self, frame: int) -> int:
+        s = self.cfg.num_sink_frames
+        return frame if frame < s else s + (frame - s) % self.cfg.history_frames
+
+    def resident_frames(self) -> list[int]:
+        return sorted(f for f in self.frame_of_slot if f is not None)
+
+    def is_resident(self, frame: int) -> bool:
+        return frame >= 0 and self.frame_of_slot[self.slot_for(frame)] == frame
+
+    def _slots(self, frames) -> list[int]:
+        missing = [f for f in frames if not self.is_resident(f)]
+        if missing:
+            raise KeyError(f"frames {missing} are not resident in the KV cache (resident: {self.resident_frames()})")
+        return [self.slot_for(f) for f in frames]
+
+    def view(self, read_frames, write_frames=(), device=None) -> AttentionView:
+        """Build a view. ``read_frames``: a list of frames, or a list of per-sample lists of equal length."""
+        per_sample = len(read_frames) > 0 and isinstance(read_frames[0], (list, tuple))
+        if per_sample:
+            slots = torch.tensor([self._slots(fr) for fr in read_frames], dtype=torch.long, device=device)
+            frames = tuple(tuple(int(f) for f in fr) for fr in read_frames)
+        else:
+            slots = torch.tensor(self._slots(read_frames), dtype=torch.long, device=device)
+            frames = tuple(int(f) for f in read_frames)
+        write_slots = None
+        if write_frames:
+            write_slots = torch.tensor([self.slot_for(f) for f in write_frames], dtype=torch.long, device=device)
+            for f in write_frames:
+                self.frame_of_slot[self.slot_for(f)] = int(f)
+        return AttentionView(read_frames=frames, read_slots=slots, write_frames=tuple(int(f) for f in write_frames),
+                             write_slots=write_slots)
+
+    def layer(self, i: int, view: AttentionView) -> LayerKV:
+        return LayerKV(self, i, view)
+
+    # ---- storage -----------------------------------------------------------------------------
+    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        b, n_tok, h, d = k.shape
+        t = n_tok // slots.numel()
+        if self.k[layer] is None:
+            shape = (b, self.num_slots, t, h, d)
+            self.k[layer] = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.v[layer] = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        slots = slots.to(k.device)
+        self.k[layer].index_copy_(1, slots, k.detach().reshape(b, -1, t, h, d))
+        self.v[layer].index_copy_(1, slots, v.detach().reshape(b, -1, t, h, d))
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """K, V of ``slots`` ([n] shared, or [b, n] per sample) as [b, n*T, h, d]."""
+        if slots.numel() == 0:
+            return None
+        k, v = self.k[layer], self.v[layer]
+        slots = slots.to(k.device)
+        if slots.dim() == 1:
+            kk, vv = k.index_select(1, slots), v.index_select(1, slots)
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            kk, vv = k[rows, slots], v[rows, slots]
+        return kk.flatten(1, 2), vv.flatten(1, 2)
+
+    def frame_kv(self, layer: int, frames) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of resident ``frames`` as [b, n, T, h, d] (for inspection, MemFlow scoring, tests)."""
+        slots = torch.tensor(self._slots(frames), dtype=torch.long, device=self.k[layer].device)
+        return self.k[layer].index_select(1, slots), self.v[layer].index_select(1, slots)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+
+    # ---- fork / restore ----------------------------------------------------------------------
+    def snapshot(self) -> CacheSnapshot:
+        clone = lambda ts: [None if t is None else t.clone() for t in ts]  # noqa: E731
+        return CacheSnapshot(k=clone(self.k), v=clone(self.v), frame_of_slot=list(self.frame_of_slot))
+
+    def restore(self, snap: CacheSnapshot) -> None:
+        """Copy a snapshot back in place (buffers keep their storage)."""
+        for dst, src in ((self.k, snap.k), (self.v, snap.v)):
+            for i, t in enumerate(src):
+                if t is None:
+                    dst[i] = None
+                elif dst[i] is None or dst[i].shape != t.shape:
+                    dst[i] = t.clone()
+                else:
+                    dst[i].copy_(t)
+        self.frame_of_slot = list(snap.frame_of_slot)
+
+    def fork(self) -> "KVCache":
+        """An independent copy (for a branch that writes its own frames)."""
+        other = KVCache(self.cfg, self.num_layers)
+        other.restore(self.snapshot())
+        return other

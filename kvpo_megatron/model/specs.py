@@ -1,0 +1,64 @@
+"""Layer specs: which linears, norms and attention cores build the DiT.
+
+``local_spec()`` uses megatron-core's ``ColumnParallelLinear``/``RowParallelLinear`` (heads and FFN columns
+sharded over TP), the TP-exact full-width RMSNorm and torch SDPA; it runs on CPU and GPU.
+``context_parallel_spec(kind)`` swaps in a CP token sharder at the model boundary and a CP attention core
+(Ulysses all-to-all or K/V all-gather). The TransformerEngine spec lives in ``model/te_spec.py``.
+The model never branches on the parallel layout: it builds whatever its spec names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.spec_utils import ModuleSpec
+from torch import nn
+
+from kvpo_megatron.model.attention import (AttentionSubmodules, CachedSDPA, TextSDPA, WanCrossAttention,
+                                           WanSelfAttention)
+from kvpo_megatron.model.block import WanBlock, WanBlockSubmodules
+from kvpo_megatron.parallel.norms import FullDimRMSNorm
+
+
+class NoTokenSharding(nn.Module):
+    """Model-boundary token plan without context parallelism: identity."""
+
+    def __init__(self, pg_collection=None):
+        super().__init__()
+
+    def shard(self, tokens, *per_token, frames: int):
+        return (tokens, *per_token)
+
+    def gather(self, tokens, *, frames: int):
+        return tokens
+
+
+@dataclass
+class CausalWanSubmodules:
+    block: ModuleSpec
+    token_sharder: ModuleSpec | type
+
+
+def block_spec(*, core_attention=CachedSDPA, cross_core=TextSDPA, column=ColumnParallelLinear,
+               row=RowParallelLinear, qk_norm=FullDimRMSNorm) -> ModuleSpec:
+    def attn(module, core):
+        return ModuleSpec(module=module, submodules=AttentionSubmodules(
+            linear_q=column, linear_k=column, linear_v=column, linear_o=row, q_norm=qk_norm, k_norm=qk_norm,
+            core_attention=core))
+
+    return ModuleSpec(module=WanBlock, submodules=WanBlockSubmodules(
+        self_attention=attn(WanSelfAttention, core_attention), cross_attention=attn(WanCrossAttention, cross_core),
+        linear_fc1=column, linear_fc2=row))
+
+
+def local_spec() -> CausalWanSubmodules:
+    """Plain torch attention + megatron TP linears; no context parallelism."""
+    return CausalWanSubmodules(block=block_spec(), token_sharder=NoTokenSharding)
+
+
+def context_parallel_spec(kind: str) -> CausalWanSubmodules:
+    """CP spec: ``ulysses`` (all-to-all to head-sharded full sequences) or ``allgather`` (K/V all-gather)."""
+    from kvpo_megatron.parallel.cp_attention import AllGatherCachedAttention, CPTokenSharding, UlyssesCachedAttention
+
+    core = {"ulysses": UlyssesCachedAttention, "allgather": AllGatherCachedAttention}[kind]
+    return CausalWanSubmodules(block=block_spec(core_attention=core), token_sharder=CPTokenSharding)

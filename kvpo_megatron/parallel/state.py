@@ -1,0 +1,90 @@
+"""Process groups through megatron-core's ``parallel_state``.
+
+``init_parallel(tp, cp)`` initialises torch.distributed (from torchrun's environment, or a single
+local process when there is none), builds megatron's TP/CP/DP groups and returns a
+``ProcessGroupCollection`` that is passed down to every module that needs a group.
+Backend: NCCL with CUDA, gloo without.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from kvpo_megatron.errors import ConfigError
+from kvpo_megatron.parallel.cpu_shims import apply_cpu_shims
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """Parallel layout. Data parallel is world_size / (TP * CP)."""
+
+    tensor_model_parallel_size: int = 1
+    """Heads (and FFN columns) sharded over this many ranks."""
+    context_parallel_size: int = 1
+    """Tokens of a block sharded over this many ranks."""
+    cp_attention: str = "auto"
+    """Cached self-attention under CP: ``ulysses`` (all-to-all), ``allgather`` (of K/V) or ``auto``
+    (ulysses when heads % (TP*CP) == 0, else allgather)."""
+    branches_over_dp: bool = False
+    """Spread the G branches of one prompt over the DP ranks (all DP ranks then share one prompt)."""
+
+    def __post_init__(self):
+        for f in ("tensor_model_parallel_size", "context_parallel_size"):
+            if getattr(self, f) < 1:
+                raise ConfigError(f"parallel.{f} must be >= 1, got {getattr(self, f)}")
+        if self.cp_attention not in ("auto", "ulysses", "allgather"):
+            raise ConfigError(f"parallel.cp_attention must be auto|ulysses|allgather, got {self.cp_attention!r}")
+
+
+def init_distributed() -> tuple[int, int]:
+    """Initialise torch.distributed once; returns (rank, world_size)."""
+    apply_cpu_shims()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def validate_layout(par: ParallelConfig, *, world_size: int, num_heads: int | None = None) -> None:
+    """Reject impossible layouts with one clear message, before anything runs."""
+    mp = par.tensor_model_parallel_size * par.context_parallel_size
+    if world_size % mp:
+        raise ConfigError(f"world size {world_size} is not divisible by tensor_model_parallel_size "
+                          f"({par.tensor_model_parallel_size}) x context_parallel_size ({par.context_parallel_size})")
+    if num_heads is not None:
+        if num_heads % par.tensor_model_parallel_size:
+            raise ConfigError(f"num_attention_heads ({num_heads}) is not divisible by "
+                              f"tensor_model_parallel_size ({par.tensor_model_parallel_size})")
+        if par.cp_attention == "ulysses" and num_heads % mp:
+            raise ConfigError(f"cp_attention=ulysses needs num_attention_heads ({num_heads}) divisible by "
+                              f"TP*CP ({mp}); use cp_attention=allgather or auto")
+
+
+def init_parallel(par: ParallelConfig, *, num_heads: int | None = None):
+    """Initialise distributed + megatron parallel_state; return megatron's ProcessGroupCollection."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    _, world = init_distributed()
+    validate_layout(par, world_size=world, num_heads=num_heads)
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=par.tensor_model_parallel_size,
+                                 context_parallel_size=par.context_parallel_size)
+    pgs = ProcessGroupCollection()
+    pgs.tp = ps.get_tensor_model_parallel_group()
+    pgs.cp = ps.get_context_parallel_group()
+    pgs.dp = ps.get_data_parallel_group()
+    pgs.dp_cp = ps.get_data_parallel_group(with_context_parallel=True)
+    pgs.tp_cp = ps.get_tensor_and_context_parallel_group()
+    pgs.mp = ps.get_model_parallel_group()
+    return pgs
