@@ -1,0 +1,96 @@
+"""KVPO method settings: one dataclass per concept, each field with the method's default."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from kvpo_megatron.errors import ConfigError
+
+
+class RoutingSampler(StrEnum):
+    uniform = "uniform"  # each branch samples its routed frames independently, uniformly without replacement
+    dispersed = "dispersed"  # branches take consecutive chunks of one shared permutation: minimal overlap
+
+
+class RoutedSteps(StrEnum):
+    first_half = "first_half"  # only the first half of a routed block's solver steps see the routed window
+    all = "all"
+
+
+class CommitPass(StrEnum):
+    unrouted = "unrouted"  # the t=0 pass writing a routed block's clean K/V sees the normal cache
+    routed = "routed"
+
+
+class Baseline(StrEnum):
+    anchor = "anchor"  # A_k = (r_k - r_anchor) / (std over branches and anchor + 1e-6)
+    group_mean = "group_mean"  # A_k = (r_k - mean_k r) / (std over branches + 1e-6)
+
+
+@dataclass(kw_only=True, slots=True)
+class RoutingConfig:
+    """Causal History Routing (CHR)."""
+
+    num_local_slots: int = 9
+    """Local window slots of a block, including the block itself (must equal cache.local_attn_frames)."""
+    num_recent_fixed: int = 3
+    """Last slots of the window kept as they are (3 = exactly the current block; LongLive release: 4)."""
+    sampler: RoutingSampler = RoutingSampler.uniform
+    """How branches pick their routed frames."""
+    window_blocks: int = 5
+    """W: blocks routed from the pivot on."""
+    steps: RoutedSteps = RoutedSteps.first_half
+    """Which solver steps of a routed block are routed."""
+    commit_pass: CommitPass = CommitPass.unrouted
+    """Context seen by the pass that writes a routed block's K/V."""
+    pivot_min_block: int | None = None
+    """First allowed pivot block; None = the first block whose routable set exceeds the routed slots."""
+    pivot_max_block: int | None = None
+    """Last allowed pivot block; None = the last block of the video."""
+
+    def __post_init__(self):
+        if not 0 < self.num_recent_fixed <= self.num_local_slots:
+            raise ConfigError(f"routing.num_recent_fixed must be in [1, num_local_slots={self.num_local_slots}], "
+                              f"got {self.num_recent_fixed}")
+        if self.window_blocks < 1:
+            raise ConfigError(f"routing.window_blocks must be >= 1, got {self.window_blocks}")
+
+    @property
+    def num_routed(self) -> int:
+        return self.num_local_slots - self.num_recent_fixed
+
+
+@dataclass(kw_only=True, slots=True)
+class RolloutConfig:
+    num_branches: int = 8
+    """G: routed branches per prompt (plus one unrouted anchor)."""
+    shared_noise: bool = True
+    """All branches reuse the anchor's per-block initial noise, so routing is the only difference."""
+
+    def __post_init__(self):
+        if self.num_branches < 2:
+            raise ConfigError(f"rollout.num_branches must be >= 2, got {self.num_branches}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ObjectiveConfig:
+    tau: float = 1.0
+    """Gibbs temperature: pi(k) = softmax_k(-TVE_k / tau)."""
+    eps_low: float = 0.1
+    """Lower clip: ratios below 1 - eps_low are clipped."""
+    eps_high: float = 0.2
+    """Upper clip: ratios above 1 + eps_high are clipped."""
+    adv_clip: float = 2.5
+    """Advantages are clipped to [-adv_clip, adv_clip]."""
+    baseline: Baseline = Baseline.anchor
+    """Advantage baseline."""
+    beta: float = 10.0
+    """KL weight."""
+    guard: bool = True
+    """Skip the update when no branch reward exceeds the anchor reward."""
+
+    def __post_init__(self):
+        if self.tau <= 0:
+            raise ConfigError(f"objective.tau must be > 0, got {self.tau}")
+        if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
+            raise ConfigError(f"objective.eps_low must be in [0,1) and eps_high >= 0, got {self.eps_low}, {self.eps_high}")

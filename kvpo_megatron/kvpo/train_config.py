@@ -1,0 +1,107 @@
+"""The KVPO training job's configuration tree and the embedded tiny default.
+
+``KVPOTrainConfig()`` holds the method's defaults (the paper's LongLive setting: G=8, W=5, lr 1e-5, ...).
+``TINY_DEFAULT`` overrides only what a 2-core CPU needs to show learning in minutes (tiny model, short video,
+G=4, W=2, a larger learning rate, a built-in reward); it is what ``examples/train_kvpo.py`` runs with no
+``--config``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvpo_megatron.checkpoint.training import CheckpointConfig
+from kvpo_megatron.conditioning.text_encoder import TextEncoderConfig
+from kvpo_megatron.conditioning.vae import DecoderConfig
+from kvpo_megatron.errors import ConfigError
+from kvpo_megatron.generation import VideoConfig
+from kvpo_megatron.kvpo.config import ObjectiveConfig, RolloutConfig, RoutingConfig
+from kvpo_megatron.lora import LoRAConfig
+from kvpo_megatron.model.build import ModelSection
+from kvpo_megatron.model.kv_cache import CacheConfig
+from kvpo_megatron.parallel.state import ParallelConfig
+from kvpo_megatron.rewards.composite import RewardConfig
+from kvpo_megatron.sampling import SamplerConfig
+
+TINY_PROMPTS = str(Path(__file__).resolve().parent.parent / "data" / "tiny_prompts.txt")
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    lr: float = 1e-5
+    """AdamW learning rate (constant after warmup)."""
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    """Global grad-norm clip."""
+    warmup_steps: int = 5
+    """Linear warmup steps."""
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    prompts: str = TINY_PROMPTS
+    """Prompt file: plain text (one per line) or JSONL multi-prompt sequences."""
+    prompts_per_rank: int = 1
+    """Prompt groups per DP rank per iteration."""
+    num_segments: int | None = None
+    """JSONL: prompts per sequence (None = as in the file)."""
+    switch_interval: int | None = None
+    """JSONL: latent frames between prompt switches (paper long setting: 147)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainLoopConfig:
+    iterations: int = 100
+    seed: int = 0
+    out_dir: str = "runs/kvpo"
+    """Metrics (metrics.jsonl, tensorboard/), reward_curve.png, checkpoints and the final adapter go here."""
+    max_consecutive_skips: int = 5
+    """Stop with an error after this many consecutive non-finite (NaN/Inf) updates."""
+    progress: bool = True
+    rollout_archive: str | None = None
+    """Optional zarr directory receiving every iteration's latents, rewards, advantages, TVEs and routes."""
+
+
+@dataclass(kw_only=True)
+class KVPOTrainConfig:
+    model: ModelSection = field(default_factory=lambda: ModelSection(preset="wan-1.3b"))
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    video: VideoConfig = field(default_factory=lambda: VideoConfig(num_frames=21, latent_height=60, latent_width=104))
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    recache_on_switch: bool = True
+    """LongLive recache of the local window at prompt switches."""
+
+    def __post_init__(self):
+        if self.routing.num_local_slots != self.cache.local_attn_frames:
+            raise ConfigError(f"routing.num_local_slots ({self.routing.num_local_slots}) must equal "
+                              f"cache.local_attn_frames ({self.cache.local_attn_frames})")
+        if self.routing.num_recent_fixed < self.cache.frames_per_block:
+            raise ConfigError(f"routing.num_recent_fixed ({self.routing.num_recent_fixed}) must keep at least the "
+                              f"current block ({self.cache.frames_per_block} frames)")
+
+
+TINY_DEFAULT: dict = {
+    "model": {"preset": "tiny", "overrides": {"init_method_std": 0.1}},
+    "video": {"num_frames": 24, "latent_height": 8, "latent_width": 8},
+    "cache": {"history_frames": 30},
+    "routing": {"window_blocks": 2},
+    "rollout": {"num_branches": 4},
+    "lora": {"rank": 8, "alpha": 8.0},
+    "optim": {"lr": 3e-3, "warmup_steps": 2},
+    "decoder": {"kind": "preview", "latent_channels": 4},
+    "reward": {"components": [{"kind": "brightness", "weight": 1.0, "params": {"target": 1.0}}]},
+    "train": {"iterations": 30, "out_dir": "runs/kvpo_tiny"},
+}

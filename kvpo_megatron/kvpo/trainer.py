@@ -1,0 +1,278 @@
+"""KVPO training loop: rollout -> reward -> advantages -> TVE coefficients -> replay gradients -> update.
+
+One iteration, per data-parallel rank (each rank owns its prompt groups; model-parallel ranks of a group
+route identically because routes are a pure function of (seed, iteration, prompt, branch)):
+
+  1. rollout: prefix once, anchor, G routed branches; replay tuples + no-grad TVE_old / TVE_ref scores;
+  2. reward: decode anchor + branches, composite reward per component (per prompt segment);
+  3. objective: per-component advantages, guard, c_k = dLoss/dTVE_k;
+  4. replay: gradients of sum_k c_k TVE_k, one tuple's activations at a time;
+  5. update: DP gradient reduction, non-finite check, grad-norm clip, AdamW step, LR schedule.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from kvpo_megatron.checkpoint import training as ckpt
+from kvpo_megatron.conditioning.text_encoder import build_text_encoder
+from kvpo_megatron.conditioning.vae import build_decoder
+from kvpo_megatron.config import to_dict
+from kvpo_megatron.data.prompts import PromptDataset, PromptLoader, PromptSample
+from kvpo_megatron.errors import ConfigError
+from kvpo_megatron.kvpo.metrics import MetricsLogger
+from kvpo_megatron.kvpo.objective import guard_passes, multi_advantages, tve_coefficients
+from kvpo_megatron.kvpo.replay import replay_gradients
+from kvpo_megatron.kvpo.rollout import PromptContext, Rollout, RolloutGroup
+from kvpo_megatron.kvpo.train_config import KVPOTrainConfig
+from kvpo_megatron.lora import adapters_disabled, apply_lora, lora_parameters, save_adapter
+from kvpo_megatron.model.build import build_model
+from kvpo_megatron.parallel.data_parallel import GradientReducer
+from kvpo_megatron.parallel.state import init_parallel
+from kvpo_megatron.rewards.composite import build_reward, spans_from_switch_frames
+from kvpo_megatron.sampling import FlowMatchSampler, StreamingGenerator
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _timer(times: dict, key: str):
+    t0 = time.perf_counter()
+    yield
+    times[key] = times.get(key, 0.0) + time.perf_counter() - t0
+
+
+@dataclasses.dataclass(kw_only=True)
+class GroupResult:
+    group: RolloutGroup
+    rewards: dict[str, torch.Tensor]  # component -> [G]
+    anchor: dict[str, float]
+    total: torch.Tensor  # [G] weighted
+    anchor_total: float
+    adv: torch.Tensor
+    coeffs: torch.Tensor
+    terms: object
+    passed_guard: bool
+
+
+class KVPOTrainer:
+    def __init__(self, cfg: KVPOTrainConfig):
+        self.cfg = cfg
+        par = cfg.parallel
+        self.pgs = init_parallel(par)
+        self.rank = dist.get_rank()
+        self.dp_rank, self.dp_size = dist.get_rank(self.pgs.dp), dist.get_world_size(self.pgs.dp)
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg.model, pg_collection=self.pgs, tp=par.tensor_model_parallel_size,
+                                 cp=par.context_parallel_size, cp_attention=par.cp_attention)
+        if cfg.model.checkpoint:
+            from kvpo_megatron.checkpoint.loading import load_model_weights
+            load_model_weights(self.model, cfg.model.checkpoint)
+        apply_lora(self.model, cfg.lora)
+        self.model.to(self.device)
+        self.params = [p for _, p in lora_parameters(self.model)]
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / max(1, o.warmup_steps)))
+        self.reducer = GradientReducer(self.params, self.pgs.dp)
+        mc = self.model.config
+        text_cfg = dataclasses.replace(cfg.text, text_len=mc.text_len, text_dim=mc.text_dim)
+        self.text_encoder = build_text_encoder(text_cfg)
+        self.decoder = build_decoder(cfg.decoder)
+        self.reward = build_reward(cfg.reward)
+        self.weights = {c.name: c.weight for c in cfg.reward.components}
+        dataset = PromptDataset(cfg.data.prompts, num_frames=cfg.video.num_frames,
+                                num_segments=cfg.data.num_segments, switch_interval=cfg.data.switch_interval)
+        self.loader = PromptLoader(dataset, dp_rank=self.dp_rank, dp_size=self.dp_size, seed=cfg.train.seed,
+                                   prompts_per_rank=cfg.data.prompts_per_rank)
+        self.gen = StreamingGenerator(self.model, FlowMatchSampler(cfg.sampler), cfg.cache,
+                                      recache_on_switch=cfg.recache_on_switch)
+        self.rollout = Rollout(self.gen, cfg.routing, cfg.rollout, seed=cfg.train.seed,
+                               reference=lambda: adapters_disabled(self.model))
+        self.metrics = MetricsLogger(cfg.train.out_dir, enabled=self.rank == 0)
+        self.archive = None
+        if cfg.train.rollout_archive and self.rank == 0:
+            from kvpo_megatron.data.rollout_archive import RolloutArchive
+            self.archive = RolloutArchive(cfg.train.rollout_archive)
+        self.iteration = 0
+        self.consecutive_skips = 0
+        self._resume()
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def _resume(self):
+        path = ckpt.find_latest_checkpoint(self.cfg.checkpoint)
+        if path is None:
+            return
+        state = ckpt.load_training_checkpoint(path, model=self.model, optimizer=self.optimizer,
+                                              pg_collection=self.pgs)
+        self.iteration = state["iteration"]
+        self.scheduler.load_state_dict(state["scheduler_state"])
+        self.loader.load_state_dict(state["data_state"])
+        self.consecutive_skips = state["extra"].get("consecutive_skips", 0)
+        self.metrics.history = list(state["extra"].get("history", []))
+        log.info("resumed from %s at iteration %d", path, self.iteration)
+
+    def _save(self):
+        ckpt.save_training_checkpoint(
+            self.cfg.checkpoint, self.iteration, model=self.model, optimizer=self.optimizer,
+            scheduler_state=self.scheduler.state_dict(), data_state=self.loader.state_dict(),
+            extra={"consecutive_skips": self.consecutive_skips, "history": self.metrics.history,
+                   "config": to_dict(self.cfg)}, pg_collection=self.pgs)
+
+    # ---- one prompt group --------------------------------------------------------------------
+    def _contexts(self, sample: PromptSample) -> list[PromptContext]:
+        emb, _ = self.text_encoder.encode(sample.prompts)
+        starts = [0, *sample.switch_frames]
+        return [PromptContext(start_frame=s, context=emb[i:i + 1].to(self.device)) for i, s in enumerate(starts)]
+
+    def _score(self, group: RolloutGroup, sample: PromptSample):
+        videos = torch.cat([group.anchor.latents] + [b.latents for b in group.branches])
+        frames = self.decoder.decode(videos.float())
+        spans = spans_from_switch_frames(sample.switch_frames, num_latent_frames=videos.shape[2],
+                                         num_frames=frames.shape[1])
+        out = self.reward(frames, [sample.prompts] * videos.shape[0], [spans] * videos.shape[0])
+        comps = {k: v.float().cpu() for k, v in out.components.items()}
+        return {k: v[1:] for k, v in comps.items()}, {k: float(v[0]) for k, v in comps.items()}
+
+    def _group(self, sample: PromptSample, prompt_index: int) -> tuple[GroupResult, dict]:
+        times: dict = {}
+        shape = (1, self.model.config.in_channels, self.cfg.video.num_frames, self.cfg.video.latent_height,
+                 self.cfg.video.latent_width)
+        with _timer(times, "time_rollout"):
+            group = self.rollout.run(self._contexts(sample), shape, iteration=self.iteration,
+                                     prompt_index=prompt_index, device=self.device)
+        with _timer(times, "time_reward"), torch.no_grad():
+            rewards, anchor = self._score(group, sample)
+        total = sum(self.weights[k] * v for k, v in rewards.items())
+        anchor_total = sum(self.weights[k] * v for k, v in anchor.items())
+        adv = multi_advantages(rewards, anchor, self.weights, baseline=self.cfg.objective.baseline,
+                               clip=self.cfg.objective.adv_clip)
+        tve_old = torch.tensor([b.tve_old for b in group.branches])
+        tve_ref = torch.tensor([b.tve_ref for b in group.branches])
+        coeffs, terms = tve_coefficients(tve_old, tve_old, tve_ref, adv, self.cfg.objective)
+        passed = guard_passes(total, anchor_total) or not self.cfg.objective.guard
+        return GroupResult(group=group, rewards=rewards, anchor=anchor, total=total, anchor_total=anchor_total,
+                           adv=adv, coeffs=coeffs if passed else torch.zeros_like(coeffs), terms=terms,
+                           passed_guard=passed), times
+
+    # ---- one iteration -----------------------------------------------------------------------
+    def step(self) -> dict:
+        samples = self.loader.next()
+        times: dict = {}
+        results = []
+        for j, sample in enumerate(samples):
+            res, t = self._group(sample, prompt_index=sample.index)
+            results.append(res)
+            for k, v in t.items():
+                times[k] = times.get(k, 0.0) + v
+        any_update = torch.tensor([float(any(r.passed_guard for r in results))], device=self.device)
+        dist.all_reduce(any_update, group=self.pgs.dp)
+        self.optimizer.zero_grad(set_to_none=False)
+        scale = 1.0 / (len(results) * self.dp_size)
+        with _timer(times, "time_replay"):
+            for r in results:
+                if r.passed_guard:
+                    replay_gradients(self.gen, r.group, r.coeffs, loss_scale=scale)
+        with _timer(times, "time_update"):
+            self.reducer.all_reduce_sum()
+            finite = torch.tensor([float(all(torch.isfinite(p.grad).all() for p in self.params) and all(
+                torch.isfinite(r.total).all() and math.isfinite(r.anchor_total) and
+                torch.isfinite(r.terms.total) for r in results))], device=self.device)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip))
+            stepped = bool(any_update.item() > 0 and finite.item() > 0)
+            if stepped:
+                self.optimizer.step()
+            self.scheduler.step()
+        self.consecutive_skips = 0 if finite.item() > 0 else self.consecutive_skips + 1
+        metrics = self._metrics(results, times, grad_norm, stepped, finite.item() > 0)
+        self._archive(results)
+        return metrics
+
+    def _metrics(self, results, times, grad_norm, stepped, finite) -> dict:
+        tve = torch.cat([torch.tensor([b.tve_old for b in r.group.branches]) for r in results])
+        local = {
+            "reward_mean": float(torch.cat([r.total for r in results]).mean()),
+            "anchor_reward": sum(r.anchor_total for r in results) / len(results),
+            "adv_mean": float(torch.cat([r.adv for r in results]).mean()),
+            "adv_std": float(torch.cat([r.adv for r in results]).std()),
+            "tve_mean": float(tve.mean()), "tve_spread": float(tve.max() - tve.min()),
+            "entropy": sum(r.terms.entropy for r in results) / len(results),
+            "clip_frac": sum(r.terms.clip_frac for r in results) / len(results),
+            "kl": sum(float(r.terms.kl) for r in results) / len(results),
+            "skipped_by_guard": sum(not r.passed_guard for r in results) / len(results),
+            **times,
+        }
+        for name in results[0].rewards:
+            local[f"reward/{name}"] = float(torch.cat([r.rewards[name] for r in results]).mean())
+        keys = sorted(local)
+        vec = torch.tensor([local[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(vec, group=self.pgs.dp)
+        out = {k: float(v) / self.dp_size for k, v in zip(keys, vec)}
+        out.update(grad_norm=grad_norm, stepped=float(stepped), nonfinite_skip=float(not finite),
+                   lr=self.scheduler.get_last_lr()[0])
+        return out
+
+    def _archive(self, results):
+        if self.archive is None:
+            return
+        r = results[0]
+        g = r.group
+        self.archive.write(self.iteration, {
+            "anchor_latents": g.anchor.latents.cpu(), "branch_latents": torch.cat([b.latents for b in g.branches]).cpu(),
+            **{f"reward_{k}": v for k, v in r.rewards.items()}, "advantages": r.adv,
+            "tve": torch.tensor([b.tve_old for b in g.branches]), "pivot": g.pivot,
+            "routes": torch.tensor([[g.branches[i].routes[b] for b in g.window] for i in range(len(g.branches))])})
+
+    # ---- loop --------------------------------------------------------------------------------
+    def train(self) -> list[dict]:
+        tc = self.cfg.train
+        bar = tqdm(total=tc.iterations, initial=self.iteration, disable=not (tc.progress and self.rank == 0),
+                   desc="kvpo")
+        while self.iteration < tc.iterations:
+            m = self.step()
+            self.iteration += 1
+            self.metrics.log(self.iteration, m)
+            bar.update(1)
+            bar.set_postfix(reward=f"{m['reward_mean']:.4f}", anchor=f"{m['anchor_reward']:.4f}",
+                            kl=f"{m['kl']:.2e}", gnorm=f"{m['grad_norm']:.2e}")
+            log.info("it %d | reward %.4f anchor %.4f | adv %.2f+-%.2f | tve %.3e (spread %.2e) | H %.3f clip %.2f "
+                     "kl %.2e | gnorm %.2e | guard-skip %.2f | rollout %.1fs reward %.1fs replay %.1fs update %.2fs",
+                     self.iteration, m["reward_mean"], m["anchor_reward"], m["adv_mean"], m["adv_std"],
+                     m["tve_mean"], m["tve_spread"], m["entropy"], m["clip_frac"], m["kl"], m["grad_norm"],
+                     m["skipped_by_guard"], m.get("time_rollout", 0), m.get("time_reward", 0),
+                     m.get("time_replay", 0), m.get("time_update", 0))
+            if m["nonfinite_skip"]:
+                log.warning("iteration %d: non-finite reward/loss/gradient, update skipped (%d in a row)",
+                            self.iteration, self.consecutive_skips)
+                if self.consecutive_skips >= tc.max_consecutive_skips:
+                    raise RuntimeError(f"{self.consecutive_skips} consecutive non-finite updates "
+                                       f"(train.max_consecutive_skips={tc.max_consecutive_skips}); stopping")
+            c = self.cfg.checkpoint
+            if c.dir and c.every and self.iteration % c.every == 0 and self.iteration < tc.iterations:
+                self._save()
+        bar.close()
+        self._finish()
+        return self.metrics.history
+
+    def _finish(self):
+        out = Path(self.cfg.train.out_dir)
+        self.metrics.plot()
+        self.metrics.close()
+        if self.cfg.checkpoint.dir:
+            self._save()
+        adapter_dir = out / "final_adapter"
+        save_adapter(self.model, self.cfg.lora, adapter_dir)
+        if self.archive is not None:
+            self.archive.close()
+        log.info("done: metrics %s, plot %s, adapter %s", out / "metrics.jsonl", out / "reward_curve.png", adapter_dir)
