@@ -30,8 +30,16 @@ def _coerce(tp, value, path: str):
             raise ConfigError(f"{path} must be one of {[e.value for e in tp]}, got {value!r}")
     if origin is tuple and isinstance(value, (list, tuple)):
         return tuple(value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if tp is float and not isinstance(value, bool):
+        if isinstance(value, int):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-2" as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{path} must be a number, got {value!r}")
+    if tp is int and not isinstance(value, int):
+        raise ConfigError(f"{path} must be an integer, got {value!r}")
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:

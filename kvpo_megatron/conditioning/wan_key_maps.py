@@ -1,0 +1,145 @@
+"""Declarative key tables between Wan2.1's original checkpoints and the transformers/diffusers layouts.
+
+umT5 (``models_t5_umt5-xxl-enc-bf16.pth``, Wan's ``T5Encoder`` with ``shared_pos=False``) <-> transformers
+``UMT5EncoderModel``. Wan's FFN is ``fc2(fc1(x) * gelu_tanh(gate(x)))``, HF's is ``wo(gelu_new(wi_0(x)) * wi_1(x))``,
+so ``gate.0 -> wi_0`` and ``fc1 -> wi_1``.
+
+Wan VAE (``Wan2.1_VAE.pth``) -> diffusers ``AutoencoderKLWan`` is diffusers' own
+``convert_wan_vae_to_diffusers`` (the function ``from_single_file`` uses); this module adds the inverse,
+which exports a diffusers VAE in the original layout (used by the tests to build original-format files).
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from kvpo_megatron.errors import ConfigError
+
+# (Wan original regex, HF UMT5EncoderModel replacement)
+UMT5_WAN_TO_HF: tuple[tuple[str, str], ...] = (
+    (r"^token_embedding\.weight$", "shared.weight"),
+    (r"^blocks\.(\d+)\.norm1\.weight$", r"encoder.block.\1.layer.0.layer_norm.weight"),
+    (r"^blocks\.(\d+)\.attn\.(q|k|v|o)\.weight$", r"encoder.block.\1.layer.0.SelfAttention.\2.weight"),
+    (
+        r"^blocks\.(\d+)\.pos_embedding\.embedding\.weight$",
+        r"encoder.block.\1.layer.0.SelfAttention.relative_attention_bias.weight",
+    ),
+    (r"^blocks\.(\d+)\.norm2\.weight$", r"encoder.block.\1.layer.1.layer_norm.weight"),
+    (r"^blocks\.(\d+)\.ffn\.gate\.0\.weight$", r"encoder.block.\1.layer.1.DenseReluDense.wi_0.weight"),
+    (r"^blocks\.(\d+)\.ffn\.fc1\.weight$", r"encoder.block.\1.layer.1.DenseReluDense.wi_1.weight"),
+    (r"^blocks\.(\d+)\.ffn\.fc2\.weight$", r"encoder.block.\1.layer.1.DenseReluDense.wo.weight"),
+    (r"^norm\.weight$", "encoder.final_layer_norm.weight"),
+)
+
+
+# (HF regex, Wan original replacement): the inverse table, spelled out.
+UMT5_HF_TO_WAN: tuple[tuple[str, str], ...] = (
+    (r"^shared\.weight$", "token_embedding.weight"),
+    (r"^encoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight$", r"blocks.\1.norm1.weight"),
+    (r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.(q|k|v|o)\.weight$", r"blocks.\1.attn.\2.weight"),
+    (
+        r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.weight$",
+        r"blocks.\1.pos_embedding.embedding.weight",
+    ),
+    (r"^encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight$", r"blocks.\1.norm2.weight"),
+    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_0\.weight$", r"blocks.\1.ffn.gate.0.weight"),
+    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_1\.weight$", r"blocks.\1.ffn.fc1.weight"),
+    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wo\.weight$", r"blocks.\1.ffn.fc2.weight"),
+    (r"^encoder\.final_layer_norm\.weight$", "norm.weight"),
+)
+
+
+def _rename(state: dict[str, torch.Tensor], table, *, source: str, skip=()) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if any(re.match(s, key) for s in skip):
+            continue
+        for pattern, repl in table:
+            if re.match(pattern, key):
+                out[re.sub(pattern, repl, key)] = value
+                break
+        else:
+            raise ConfigError(f"{source}: unexpected key {key!r} (not in the umT5 key table)")
+    return out
+
+
+def umt5_wan_to_hf(state: dict[str, torch.Tensor], *, source: str = "umT5 checkpoint") -> dict[str, torch.Tensor]:
+    """Rename a Wan ``T5Encoder`` state dict to ``UMT5EncoderModel`` keys (embedding tied to encoder.embed_tokens)."""
+    out = _rename(state, UMT5_WAN_TO_HF, source=source)
+    if "shared.weight" not in out:
+        raise ConfigError(f"{source}: no 'token_embedding.weight'; is this Wan's umT5 encoder checkpoint?")
+    out["encoder.embed_tokens.weight"] = out["shared.weight"]
+    return out
+
+
+def umt5_hf_to_wan(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`umt5_wan_to_hf` (drops the tied ``encoder.embed_tokens.weight``)."""
+    return _rename(state, UMT5_HF_TO_WAN, source="UMT5EncoderModel", skip=(r"^encoder\.embed_tokens\.weight$",))
+
+
+def umt5_config_from_wan(state: dict[str, torch.Tensor]) -> dict[str, int | float | str]:
+    """Infer UMT5Config kwargs from a Wan umT5 state dict (umT5-XXL: 256384 vocab, 4096 dim, 24 layers, 64 heads)."""
+    vocab, d_model = state["token_embedding.weight"].shape
+    layers = sorted({int(m.group(1)) for k in state if (m := re.match(r"^blocks\.(\d+)\.", k))})
+    buckets, heads = state["blocks.0.pos_embedding.embedding.weight"].shape
+    dim_attn = state["blocks.0.attn.q.weight"].shape[0]
+    return dict(
+        vocab_size=int(vocab),
+        d_model=int(d_model),
+        d_kv=int(dim_attn // heads),
+        d_ff=int(state["blocks.0.ffn.fc1.weight"].shape[0]),
+        num_layers=len(layers),
+        num_heads=int(heads),
+        relative_attention_num_buckets=int(buckets),
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        tie_word_embeddings=False,
+    )
+
+
+# ---------------------------------------------------------------- Wan VAE: diffusers -> original
+_RES = {"norm1.gamma": "residual.0.gamma", "conv1": "residual.2", "norm2.gamma": "residual.3.gamma",
+        "conv2": "residual.6", "conv_shortcut": "shortcut"}
+
+
+def _res_suffix(rest: str) -> str:
+    for new, old in _RES.items():
+        if rest == new or rest.startswith(new + "."):
+            return old + rest[len(new):]
+    raise ConfigError(f"AutoencoderKLWan: unexpected residual key suffix {rest!r}")
+
+
+def wan_vae_diffusers_to_original(state: dict[str, torch.Tensor], *,
+                                  num_res_blocks: int = 2) -> dict[str, torch.Tensor]:
+    """Export ``AutoencoderKLWan`` weights in the original ``Wan2.1_VAE.pth`` layout (inverse of diffusers' map)."""
+    out: dict[str, torch.Tensor] = {}
+    fixed = {"quant_conv.": "conv1.", "post_quant_conv.": "conv2.", "encoder.conv_in.": "encoder.conv1.",
+             "decoder.conv_in.": "decoder.conv1.", "encoder.norm_out.gamma": "encoder.head.0.gamma",
+             "decoder.norm_out.gamma": "decoder.head.0.gamma", "encoder.conv_out.": "encoder.head.2.",
+             "decoder.conv_out.": "decoder.head.2."}
+    per_up = num_res_blocks + 2  # (num_res_blocks + 1) residual blocks and one resample per decoder stage
+    for key, value in state.items():
+        new = None
+        for prefix, old in fixed.items():
+            if key.startswith(prefix):
+                new = old + key[len(prefix):]
+                break
+        if new is None and (m := re.match(r"^(encoder|decoder)\.mid_block\.resnets\.(\d)\.(.+)$", key)):
+            new = f"{m.group(1)}.middle.{2 * int(m.group(2))}.{_res_suffix(m.group(3))}"
+        elif new is None and (m := re.match(r"^(encoder|decoder)\.mid_block\.attentions\.0\.(.+)$", key)):
+            new = f"{m.group(1)}.middle.1.{m.group(2)}"
+        elif new is None and (m := re.match(r"^encoder\.down_blocks\.(\d+)\.(.+)$", key)):
+            rest = m.group(2)
+            is_res = not (rest.startswith("resample") or rest.startswith("time_conv"))
+            new = f"encoder.downsamples.{m.group(1)}.{_res_suffix(rest) if is_res else rest}"
+        elif new is None and (m := re.match(r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$", key)):
+            new = f"decoder.upsamples.{int(m.group(1)) * per_up + int(m.group(2))}.{_res_suffix(m.group(3))}"
+        elif new is None and (m := re.match(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)$", key)):
+            new = f"decoder.upsamples.{int(m.group(1)) * per_up + num_res_blocks + 1}.{m.group(2)}"
+        if new is None:
+            raise ConfigError(f"AutoencoderKLWan: no original-layout name for key {key!r}")
+        out[new] = value
+    return out
