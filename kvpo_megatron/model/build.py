@@ -7,6 +7,7 @@ from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.model.causal_wan import CausalWanDiT
 from kvpo_megatron.model.config import LayerSpecKind, WanConfig, model_config
 from kvpo_megatron.model.specs import context_parallel_spec, local_spec
+from kvpo_megatron.parallel.state import check_group_sizes
 
 
 @dataclass(kw_only=True)
@@ -24,6 +25,11 @@ def cp_attention_kind(cfg: WanConfig, requested: str) -> str:
     mp = cfg.tensor_model_parallel_size * cfg.context_parallel_size
     if requested == "auto":
         return "ulysses" if cfg.num_attention_heads % mp == 0 else "allgather"
+    if requested not in ("ulysses", "allgather"):
+        raise ConfigError(f"parallel.cp_attention must be auto|ulysses|allgather, got {requested!r}")
+    if requested == "ulysses" and cfg.num_attention_heads % mp:
+        raise ConfigError(f"cp_attention=ulysses needs num_attention_heads ({cfg.num_attention_heads}) divisible "
+                          f"by TP*CP ({mp}); use cp_attention=allgather or auto")
     return requested
 
 
@@ -35,6 +41,7 @@ def build_model(section: ModelSection, *, pg_collection, tp: int = 1, cp: int = 
     if isinstance(ov.get("params_dtype"), str):
         ov["params_dtype"] = getattr(torch, ov["params_dtype"])
     cfg = model_config(section.preset, tensor_model_parallel_size=tp, context_parallel_size=cp, **ov, **extra)
+    check_group_sizes(pg_collection, tp=tp, cp=cp)
     if cfg.spec == LayerSpecKind.te:
         from kvpo_megatron.model.te_spec import te_spec
         spec = te_spec(cfg)

@@ -8,6 +8,8 @@ megatron-core assumes a GPU in a few spots that the CPU (gloo) path here reaches
 * ``tensor_parallel.random`` keeps a *CUDA* RNG state tracker (``get_cuda_rng_tracker``) that forks
   ``torch.cuda`` RNG states; on CPU we fork the CPU generator instead, which has the same semantics
   for our purposes (per-region reproducible streams).
+* ``torch.cuda.current_stream()`` is read by DistributedDataParallel's grad sync (``start_grad_sync``
+  waits on CUDA-graph events of that stream); on CPU it returns a stream stand-in whose waits are no-ops.
 
 ``apply_cpu_shims()`` is idempotent and does nothing when ``torch.cuda.is_available()``.
 """
@@ -59,6 +61,19 @@ class _CpuRngTracker:
             torch.set_rng_state(saved)
 
 
+class _CpuStream:
+    """Stand-in for ``torch.cuda.Stream`` on CPU: work is synchronous, so waits are no-ops."""
+
+    def wait_event(self, event=None):
+        return None
+
+    def wait_stream(self, stream=None):
+        return None
+
+    def synchronize(self):
+        return None
+
+
 def apply_cpu_shims() -> bool:
     """Patch megatron-core's CUDA assumptions for CPU runs. Returns True if patches were applied."""
     global _APPLIED
@@ -68,6 +83,7 @@ def apply_cpu_shims() -> bool:
         return True
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.current_stream = lambda *a, **k: _CpuStream()
     from megatron.core.tensor_parallel import random as mrandom
 
     tracker = _CpuRngTracker()

@@ -69,6 +69,33 @@ def validate_layout(par: ParallelConfig, *, world_size: int, num_heads: int | No
                               f"TP*CP ({mp}); use cp_attention=allgather or auto")
 
 
+def validate_tokens(cfg, par: ParallelConfig, latent_height: int, latent_width: int) -> None:
+    """Context parallelism shards each latent frame's tokens: CP must divide (and not exceed) them.
+
+    ``cfg`` is the model's ``WanConfig`` (for the patch size); call before generating at a latent size.
+    """
+    cp = par.context_parallel_size
+    if cp == 1:
+        return
+    _, ph, pw = cfg.patch_size
+    t = cfg.tokens_per_frame(latent_height, latent_width)
+    where = (f"latent {latent_height}x{latent_width} with patch {ph}x{pw} gives {t} tokens per latent frame")
+    if cp > t:
+        raise ConfigError(f"context_parallel_size ({cp}) is larger than the tokens of a latent frame: {where}")
+    if t % cp:
+        raise ConfigError(f"context_parallel_size ({cp}) must divide the tokens of a latent frame: {where}")
+
+
+def check_group_sizes(pg_collection, *, tp: int, cp: int) -> None:
+    """The layout sizes a model is built with must match the process groups it is given."""
+    for name, want in (("tp", tp), ("cp", cp)):
+        group = getattr(pg_collection, name, None)
+        got = 1 if group is None else dist.get_world_size(group)
+        if got != want:
+            raise ConfigError(f"model built with {name} size {want} but pg_collection.{name} has {got} ranks; "
+                              "pass the sizes init_parallel was called with")
+
+
 def init_parallel(par: ParallelConfig, *, num_heads: int | None = None):
     """Initialise distributed + megatron parallel_state; return megatron's ProcessGroupCollection."""
     from megatron.core import parallel_state as ps
@@ -87,4 +114,8 @@ def init_parallel(par: ParallelConfig, *, num_heads: int | None = None):
     pgs.dp_cp = ps.get_data_parallel_group(with_context_parallel=True)
     pgs.tp_cp = ps.get_tensor_and_context_parallel_group()
     pgs.mp = ps.get_model_parallel_group()
+    # megatron's DistributedDataParallel also wants these (size 1 here: no pipeline/expert parallelism)
+    pgs.pp = ps.get_pipeline_model_parallel_group()
+    pgs.ep = ps.get_expert_model_parallel_group()
+    pgs.expt_dp = ps.get_expert_data_parallel_group(with_gtp_remat=False)
     return pgs

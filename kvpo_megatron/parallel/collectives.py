@@ -1,0 +1,93 @@
+"""Autograd-aware collectives over one process group, on rank-major dim 0.
+
+Every function takes and returns tensors on the caller's device (CPU/gloo or CUDA/NCCL) and uses only
+collectives both backends implement: ``all_gather_single`` (a.k.a. ``all_gather_into_tensor``),
+``reduce_scatter_single`` (``reduce_scatter_tensor``) and ``all_to_all_single``.
+
+Gradient convention: each function is the adjoint of the distributed linear map it computes, so a
+backward pass gives ``d(sum over ranks of each rank's loss) / d(input)``. When every rank of the group
+computes the same loss (the model output is gathered and replicated), parameter gradients summed over the
+group are ``group_size`` times the single-process gradient: averaging them over the group (what
+megatron's DistributedDataParallel does over ``dp_cp``) gives the single-process result.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def all_gather_dim0_nograd(x: torch.Tensor, group) -> torch.Tensor:
+    """[n, ...] on each rank -> [world*n, ...] (rank-major), no autograd."""
+    x = x.contiguous()
+    out = torch.empty((group_size(group) * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    _all_gather(out, x, group=group)
+    return out
+
+
+def reduce_scatter_dim0_nograd(x: torch.Tensor, group) -> torch.Tensor:
+    """[world*n, ...] on each rank -> [n, ...]: this rank's chunk summed over ranks, no autograd."""
+    x = x.contiguous()
+    out = torch.empty((x.shape[0] // group_size(group), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    _reduce_scatter(out, x, group=group)
+    return out
+
+
+class _AllGatherDim0(torch.autograd.Function):
+    """Forward: all-gather along dim 0. Backward: reduce-scatter (sum) of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather_dim0_nograd(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return reduce_scatter_dim0_nograd(g, ctx.group), None
+
+
+class _AllToAllDim0(torch.autograd.Function):
+    """x [world, ...]: chunk ``j`` goes to rank ``j``; out[i] is the chunk rank ``i`` sent here.
+
+    The map is its own adjoint, so the backward is the same all-to-all."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous()
+        out = torch.empty_like(g)
+        dist.all_to_all_single(out, g, group=ctx.group)
+        return out, None
+
+
+def all_gather_dim0(x: torch.Tensor, group) -> torch.Tensor:
+    """Autograd all-gather along dim 0 (identity for a 1-rank group)."""
+    if group_size(group) == 1:
+        return x
+    return _AllGatherDim0.apply(x, group)
+
+
+def all_to_all_dim0(x: torch.Tensor, group) -> torch.Tensor:
+    """Autograd all-to-all of the ``world`` chunks of dim 0 (identity for a 1-rank group)."""
+    if group_size(group) == 1:
+        return x
+    if x.shape[0] != group_size(group):
+        raise ValueError(f"all_to_all_dim0 needs dim 0 == group size {group_size(group)}, got {tuple(x.shape)}")
+    return _AllToAllDim0.apply(x, group)

@@ -1,0 +1,200 @@
+"""Context parallelism for the streaming DiT: a token plan at the model boundary and two cached-attention cores.
+
+Token plan (:class:`CPTokenSharding`)
+-------------------------------------
+A forward's tokens ``[b, F*T, dim]`` (F latent frames of T tokens, frame-major) are sharded *per frame*:
+CP rank ``r`` keeps piece ``r`` of every frame (``[b, F, cp, T/cp, dim][:, :, r]``), so all token-wise
+work (linears, norms, per-frame adaLN modulation, FFN, cross-attention) runs on ``F*T/cp`` tokens and the
+block's per-frame view ``[b, F, T/cp, dim]`` still holds. ``gather`` restores ``[b, F*T, dim]`` before the
+head (all-gather; its backward is a reduce-scatter, see ``parallel/collectives.py`` for the convention:
+parameter gradients are averaged over CP, which megatron's DDP over ``dp_cp`` does).
+
+Cached-attention cores (same contract as ``model.attention.CachedSDPA``)
+------------------------------------------------------------------------
+* :class:`UlyssesCachedAttention`: all-to-all from token-sharded ``[b, F*T/cp, h/TP, d]`` to head-sharded
+  full sequences ``[b, F*T, h/(TP*CP), d]``, local cached attention, all-to-all back. The cache holds
+  ``h/(TP*CP)`` heads of every token of each frame. Needs ``heads % (TP*CP) == 0``.
+* :class:`AllGatherCachedAttention`: the cache holds this rank's ``T/cp`` tokens of each frame for the
+  ``h/TP`` heads; the view's frames are read locally, then context and current K/V are all-gathered over
+  CP and the local queries attend to all of them. No head constraint.
+
+Default (``cp_attention: auto``): Ulysses whenever ``heads % (TP*CP) == 0``, else all-gather. Why:
+
+1. Communication per layer and forward, per rank, for a block of L tokens attending C cached tokens
+   (D = channels per TP rank): Ulysses moves q, k, v and the output once, ``4 * L/cp * D * (cp-1)/cp``,
+   independent of the context; all-gather receives K and V of context + block, ``2 * (C+L) * D * (cp-1)/cp``.
+   Streaming Wan attends a 12-frame span with a 3-frame block (C = 3L), so all-gather moves ``2*cp``
+   times more (4x at CP=2, 8x at CP=4), on every one of the 5 forwards per block, and its backward adds a
+   reduce-scatter of the block's K/V gradients.
+2. Cache locality: under Ulysses a rank holds whole frames (all T tokens) of its heads, so any view
+   (sink + local, CHR-routed history, MemFlow bank) is a local ``index_select`` with no communication:
+   the CHR gather stays local. Under all-gather each rank gathers its token shard of the view's frames
+   locally (identical indices on every rank), and the frames' full tokens only meet inside attention (or
+   in :func:`distributed_frame_gather`, the distributed index gather).
+3. Memory is the same: both store 1/(TP*CP) of the unsharded cache per rank.
+
+``attn_mask`` (full-sequence block-causal mode) is not supported under CP: the mask is indexed in the
+unsharded token order; run full-sequence checks with ``context_parallel_size=1`` or stream with a cache
+(streaming attention needs no mask).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kvpo_megatron.errors import ConfigError
+from kvpo_megatron.model.attention import sdpa
+from kvpo_megatron.model.kv_cache import KVCache, LayerKV
+from kvpo_megatron.parallel.collectives import (all_gather_dim0, all_gather_dim0_nograd, all_to_all_dim0,
+                                                group_rank, group_size)
+
+
+def _cp_group(pg_collection, who: str):
+    group = getattr(pg_collection, "cp", None)
+    if group is None:
+        raise ConfigError(f"{who} needs pg_collection.cp (the context-parallel group); build the model with the "
+                          "ProcessGroupCollection returned by init_parallel")
+    return group
+
+
+def _no_mask(attn_mask) -> None:
+    if attn_mask is not None:
+        raise ConfigError("attn_mask (full-sequence block-causal mode) is not supported with "
+                          "context_parallel_size > 1; use context_parallel_size=1 for full-sequence forwards, "
+                          "or stream with a KV cache (no mask needed)")
+
+
+class CPTokenSharding(nn.Module):
+    """Model-boundary token plan: rank ``r`` of the CP group keeps piece ``r`` of every frame's tokens."""
+
+    def __init__(self, pg_collection=None):
+        super().__init__()
+        self.cp_group = _cp_group(pg_collection, "CPTokenSharding")
+
+    def _split(self, n: int, frames: int) -> tuple[int, int]:
+        cp = group_size(self.cp_group)
+        if frames < 1 or n % frames:
+            raise ConfigError(f"token count {n} is not a whole number of frames ({frames})")
+        t = n // frames
+        if t % cp:
+            raise ConfigError(f"tokens per latent frame ({t}) must be divisible by context_parallel_size ({cp})")
+        return cp, t // cp
+
+    def shard(self, tokens: torch.Tensor, *per_token: torch.Tensor, frames: int):
+        """tokens [b, F*T, d] -> [b, F*T/cp, d]; each per-token tensor [F*T, ...] -> [F*T/cp, ...]."""
+        b, n, d = tokens.shape
+        cp, tl = self._split(n, frames)
+        r = group_rank(self.cp_group)
+        out = [tokens.reshape(b, frames, cp, tl, d)[:, :, r].reshape(b, frames * tl, d)]
+        for t in per_token:
+            if t.shape[0] != n:
+                raise ValueError(f"per-token tensor has {t.shape[0]} rows, tokens have {n}")
+            out.append(t.reshape(frames, cp, tl, *t.shape[1:])[:, r].reshape(frames * tl, *t.shape[1:]))
+        return tuple(out)
+
+    def gather(self, tokens: torch.Tensor, *, frames: int) -> torch.Tensor:
+        """[b, F*T/cp, d] -> [b, F*T, d] in the original frame-major order (autograd all-gather)."""
+        b, nl, d = tokens.shape
+        cp = group_size(self.cp_group)
+        g = all_gather_dim0(tokens.reshape(1, b, frames, nl // frames, d), self.cp_group)  # [cp, b, F, Tl, d]
+        return g.permute(1, 2, 0, 3, 4).reshape(b, frames * cp * (nl // frames), d)
+
+
+class UlyssesCachedAttention(nn.Module):
+    """All-to-all to head-sharded full sequences, cached attention on ``h/(TP*CP)`` heads, all-to-all back."""
+
+    def __init__(self, config, pg_collection=None):
+        super().__init__()
+        self.cp_group = _cp_group(pg_collection, "UlyssesCachedAttention")
+        tp, cp = config.tensor_model_parallel_size, group_size(self.cp_group)
+        if config.num_attention_heads % (tp * cp):
+            raise ConfigError(f"cp_attention=ulysses needs num_attention_heads ({config.num_attention_heads}) "
+                              f"divisible by TP*CP ({tp}*{cp}); use cp_attention=allgather or auto")
+
+    def _seq_to_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[s, b, Lr, H, d] (this rank's tokens) -> [s, b, cp*Lr, H/cp, d] (rank-major tokens)."""
+        cp = group_size(self.cp_group)
+        s, b, lr, h, d = x.shape
+        x = x.reshape(s, b, lr, cp, h // cp, d).permute(3, 0, 1, 2, 4, 5)  # [cp(dest), s, b, Lr, Hc, d]
+        x = all_to_all_dim0(x, self.cp_group)  # [cp(src), s, b, Lr, Hc, d]
+        return x.permute(1, 2, 0, 3, 4, 5).reshape(s, b, cp * lr, h // cp, d)
+
+    def _heads_to_seq(self, x: torch.Tensor) -> torch.Tensor:
+        """[b, cp*Lr, Hc, d] (rank-major tokens) -> [b, Lr, cp*Hc, d] (this rank's tokens, all its heads)."""
+        cp = group_size(self.cp_group)
+        b, n, hc, d = x.shape
+        x = x.reshape(b, cp, n // cp, hc, d).transpose(0, 1)  # [cp(dest), b, Lr, Hc, d]
+        x = all_to_all_dim0(x, self.cp_group)  # [cp(src = head chunk), b, Lr, Hc, d]
+        return x.permute(1, 2, 0, 3, 4).reshape(b, n // cp, cp * hc, d)
+
+    def _frame_major(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        """Rank-major [b, cp*F*Tl, Hc, d] -> frame-major [b, F*T, Hc, d] (the unsharded token order)."""
+        cp = group_size(self.cp_group)
+        b, n, hc, d = x.shape
+        return x.reshape(b, cp, frames, n // (cp * frames), hc, d).transpose(1, 2).reshape(b, n, hc, d)
+
+    def forward(self, q, k, v, *, kv: LayerKV | None = None, attn_mask=None):
+        """q, k, v: [b, F*T/cp, h/TP, d] -> [b, F*T/cp, h/TP, d]."""
+        _no_mask(attn_mask)
+        qh, kh, vh = self._seq_to_heads(torch.stack([q, k, v])).unbind(0)  # [b, F*T, h/(TP*CP), d] each
+        if kv is not None:
+            ctx = kv.read()  # read before write
+            if kv.view.write_slots is not None:
+                nf = kv.view.write_slots.numel()
+                kv.write(self._frame_major(kh, nf), self._frame_major(vh, nf))
+            if ctx is not None:
+                kh = torch.cat([ctx[0].to(kh.dtype), kh], 1)
+                vh = torch.cat([ctx[1].to(vh.dtype), vh], 1)
+        return self._heads_to_seq(sdpa(qh, kh, vh))  # key order is irrelevant without a mask
+
+
+class AllGatherCachedAttention(nn.Module):
+    """Token-sharded cache; context and current K/V all-gathered over CP; local queries attend to all."""
+
+    def __init__(self, config, pg_collection=None):
+        super().__init__()
+        self.cp_group = _cp_group(pg_collection, "AllGatherCachedAttention")
+
+    def _gather_tokens(self, kv: torch.Tensor, grad: bool) -> torch.Tensor:
+        """[2, b, n, h, d] per rank -> [2, b, cp*n, h, d] (rank-major tokens)."""
+        two, b, n, h, d = kv.shape
+        fn = all_gather_dim0 if grad else all_gather_dim0_nograd
+        g = fn(kv.unsqueeze(0), self.cp_group)  # [cp, 2, b, n, h, d]
+        return g.permute(1, 2, 0, 3, 4, 5).reshape(two, b, -1, h, d)
+
+    def forward(self, q, k, v, *, kv: LayerKV | None = None, attn_mask=None):
+        """q, k, v: [b, F*T/cp, h/TP, d] -> [b, F*T/cp, h/TP, d]."""
+        _no_mask(attn_mask)
+        ctx = None
+        if kv is not None:
+            ctx = kv.read()  # this rank's token shard of the view's frames (read before write)
+            kv.write(k, v)  # this rank's token shard of the current frames
+        cur = torch.stack([k, v])  # [2, b, L, h, d]
+        needs_grad = torch.is_grad_enabled() and cur.requires_grad
+        if ctx is None:
+            kv_all = self._gather_tokens(cur, needs_grad)
+        elif not needs_grad:  # one collective for context + current
+            kv_all = self._gather_tokens(torch.cat([torch.stack(ctx).to(cur.dtype), cur], 2), False)
+        else:  # gradient of the current K/V returns to its owning rank (reduce-scatter)
+            kv_all = torch.cat([self._gather_tokens(torch.stack(ctx).to(cur.dtype), False),
+                                self._gather_tokens(cur, True)], 2)
+        return sdpa(q, kv_all[0], kv_all[1])
+
+
+def distributed_frame_gather(cache: KVCache, layer: int, slots: torch.Tensor, cp_group):
+    """Full-token K/V of the frames in ``slots`` from a token-sharded (all-gather layout) cache.
+
+    Every CP rank gathers its shard of the same frames (identical ``slots``), then the shards are
+    all-gathered and put back in frame-major token order. Returns ``[b, n*T, h/TP, d]`` each (None if
+    ``slots`` is empty); under Ulysses the local ``cache.gather`` already returns whole frames.
+    """
+    got = cache.gather(layer, slots)
+    if got is None:
+        return None
+    cp = group_size(cp_group)
+    n = slots.shape[-1]
+    kv = torch.stack(got)  # [2, b, n*Tl, h, d]
+    two, b, ntl, h, d = kv.shape
+    g = all_gather_dim0_nograd(kv.unsqueeze(0), cp_group)  # [cp, 2, b, n*Tl, h, d]
+    g = g.reshape(cp, two, b, n, ntl // n, h, d).permute(1, 2, 3, 0, 4, 5, 6).reshape(two, b, cp * ntl, h, d)
+    return g[0], g[1]
