@@ -32,8 +32,32 @@ def detect_format(sd: dict) -> str:
                       f"{[k for k in sd if rename(k, 'ours', 'ours') is None][:5]}")
 
 
+def checkpoint_model_section(path: str | Path):
+    """The ``ModelSection`` (preset + overrides, ``checkpoint=path``) of an imported checkpoint directory."""
+    from kvpo_megatron.checkpoint.dist import INFO_FILE, read_info
+    from kvpo_megatron.model.build import ModelSection
+
+    info = read_info(path)
+    if not info or "model" not in info:
+        raise ConfigError(f"{path}: no {INFO_FILE} with a 'model' entry; was it written by convert_checkpoint import?")
+    return ModelSection(preset=info["model"]["preset"], overrides=dict(info["model"]["overrides"]), checkpoint=str(path))
+
+
+def checkpoint_lora_config(path: str | Path):
+    """The ``LoRAConfig`` of the LoRA stored in an imported checkpoint directory, or None if it holds none."""
+    from kvpo_megatron.checkpoint.dist import read_info
+    from kvpo_megatron.lora import LoRAConfig
+
+    lora = (read_info(path) or {}).get("lora")
+    if not lora:
+        return None
+    return LoRAConfig(rank=int(lora["rank"]), alpha=float(lora["alpha"]), target_modules=tuple(lora["target_modules"]))
+
+
 def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load a full state dict file (any supported naming) into a possibly TP-sharded model."""
+    """Load weights into a possibly TP/CP-sharded model: a checkpoint directory written by
+    ``tools/convert_checkpoint.py import`` (any TP/CP; see ``checkpoint/dist.py`` for its LoRA), or a full state
+    dict file (any supported naming)."""
     p = Path(path)
     if p.is_dir():
         from kvpo_megatron.checkpoint.dist import load_model_dist

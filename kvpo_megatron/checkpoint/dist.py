@@ -1,0 +1,290 @@
+"""Model weights as megatron-core dist checkpoints (``torch_dist``), resharded on load at any TP/CP.
+
+``CausalWanDiT`` is a plain ``nn.Module``, so its sharded state dict is built here from the megatron attributes
+of its parameters: a parameter with ``tensor_model_parallel=True`` is one of TP shards along
+``partition_dim``; every other parameter is replicated over TP. All parameters are replicated over CP and DP.
+A ``ShardedTensor`` names the global tensor, the rank's slice of it and a ``replica_id`` whose entries are all
+zero on exactly one rank per shard (the one that writes it): ``(tp_rank if replicated over TP else 0,
+rank in the DP x CP group)``.
+
+A *model checkpoint directory* (what ``tools/convert_checkpoint.py import`` writes) holds:
+
+* ``model.<name>``: base weights in our names (as before ``apply_lora``, see ``lora.base_parameter_name``);
+* ``lora.<module>.lora_A.weight`` / ``lora_B.weight``: optional LoRA, full tensors (keys of
+  ``lora.lora_full_state_dict``), written once;
+* ``kvpo_checkpoint.json`` (:data:`INFO_FILE`): the model section (preset + overrides), dtype, LoRA config;
+* megatron's ``metadata.json`` and torch DCP's ``.metadata`` + ``__<rank>_<n>.distcp`` files.
+
+Every rank of the world calls save/load together (they are collective).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from kvpo_megatron.errors import ConfigError
+
+log = logging.getLogger(__name__)
+MODEL_PREFIX, LORA_PREFIX = "model.", "lora."
+INFO_FILE = "kvpo_checkpoint.json"
+
+
+def _group_rank_size(group) -> tuple[int, int]:
+    if group is None or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def layout(pg_collection) -> tuple[int, int, int]:
+    """(tp_rank, tp_size, rank in the DP x CP group) of this process."""
+    tp_rank, tp_size = _group_rank_size(getattr(pg_collection, "tp", None))
+    dpcp_rank, _ = _group_rank_size(getattr(pg_collection, "dp_cp", None))
+    return tp_rank, tp_size, dpcp_rank
+
+
+def global_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def partition_dim(p: torch.Tensor) -> int | None:
+    """The TP-sharded dim of a parameter, or None when it is replicated over TP."""
+    if not getattr(p, "tensor_model_parallel", False):
+        return None
+    if getattr(p, "partition_stride", 1) != 1:
+        raise NotImplementedError("strided TP partitions are not used by this model")
+    return int(p.partition_dim)
+
+
+def sharded_tensor(key: str, data: torch.Tensor, dim: int | None, pg_collection, *, replica: int | None = None):
+    """A megatron ``ShardedTensor`` for this rank's ``data`` of global tensor ``key`` (sharded on ``dim``).
+
+    ``replica`` overrides the DP x CP replica index (e.g. the global rank, so that only rank 0 writes).
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    tp_rank, tp_size, dpcp = layout(pg_collection)
+    dpcp = dpcp if replica is None else replica
+    if dim is None or tp_size == 1:
+        return ShardedTensor.from_rank_offsets(key, data, replica_id=(tp_rank, dpcp))
+    return ShardedTensor.from_rank_offsets(key, data, (dim, tp_rank, tp_size), replica_id=(0, dpcp))
+
+
+def is_lora_name(name: str) -> bool:
+    """A LoRA parameter (peft names: ``...q.lora_A.default.weight``)."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def base_name(name: str) -> str:
+    """A parameter's name before ``apply_lora`` (as ``lora.base_parameter_name``; no peft import here)."""
+    return name.replace(".base_layer.", ".")
+
+
+def _key(name: str) -> str:
+    return MODEL_PREFIX + base_name(name)
+
+
+def _pgs(model, pg_collection):
+    return pg_collection if pg_collection is not None else getattr(model, "pg_collection", None)
+
+
+def model_sharded_state_dict(model: torch.nn.Module, *, names=None, tensors: dict | None = None,
+                             key_fn=_key, pg_collection=None) -> dict:
+    """``{param name: ShardedTensor}`` for the model's parameters (or ``names``).
+
+    Data: ``tensors[name]`` (this rank's slice, e.g. read from a source file) or the parameter itself. Keys in
+    the checkpoint: ``key_fn(name)`` (default ``model.`` + the name before ``apply_lora``). Process groups:
+    ``pg_collection``, else the model's own (a wrapper such as DDP has none: pass them).
+    """
+    pgs = _pgs(model, pg_collection)
+    params = dict(model.named_parameters())
+    out = {}
+    for name in names if names is not None else params:
+        p = params[name]
+        data = p.detach() if tensors is None else tensors[name]
+        if tuple(data.shape) != tuple(p.shape):
+            raise ConfigError(f"{name}: local shard shape {tuple(data.shape)} != parameter shape {tuple(p.shape)}")
+        out[name] = sharded_tensor(key_fn(name), data, partition_dim(p), pgs)
+    return out
+
+
+def _sync_writer_queue() -> None:
+    """megatron's writer collects results on a queue owned by a spawned ``multiprocessing.Manager``, needed only
+    by async saves; synchronous saves write in this process, so a thread queue does (and starts no process)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
+def save_sharded(sharded_sd: dict, path: str | Path) -> None:
+    """``dist_checkpointing.save`` (torch_dist) into an existing empty directory, synchronously."""
+    from megatron.core import dist_checkpointing
+
+    _sync_writer_queue()
+    logging.getLogger("megatron.core.dist_checkpointing").setLevel(logging.ERROR)
+    dist_checkpointing.save(sharded_sd, str(path))
+
+
+def load_sharded(sharded_sd: dict, path: str | Path) -> dict:
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load(sharded_sd, str(path))
+
+
+def tensor_metadata(path: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Global shape and dtype of every tensor in a dist checkpoint, by key."""
+    from megatron.core import dist_checkpointing
+
+    p = Path(path)
+    if not dist_checkpointing.check_is_distributed_checkpoint(str(p)):
+        raise ConfigError(f"{p} is not a megatron dist checkpoint (no metadata.json); import weights with "
+                          "tools/convert_checkpoint.py import")
+    return {k: (tuple(v.global_shape), v.dtype) for k, v in dist_checkpointing.load_tensors_metadata(str(p)).items()}
+
+
+def full_shape(p: torch.Tensor, tp_size: int) -> tuple[int, ...]:
+    shape = list(p.shape)
+    if partition_dim(p) is not None:
+        shape[p.partition_dim] *= tp_size
+    return tuple(shape)
+
+
+def check_model_keys(model: torch.nn.Module, meta: dict, path, *, names, key_fn=_key,
+                     prefix: str = MODEL_PREFIX, pg_collection=None) -> None:
+    """Missing, unknown (under ``prefix``) and mismatched-shape keys, in one message naming the checkpoint."""
+    _, tp_size, _ = layout(_pgs(model, pg_collection))
+    params = dict(model.named_parameters())
+    want = {key_fn(n): full_shape(params[n], tp_size) for n in names}
+    stored = {k: v[0] for k, v in meta.items() if k.startswith(prefix)}
+    missing = sorted(set(want) - set(stored))
+    unknown = sorted(set(stored) - set(want))
+    bad = [f"{k[len(prefix):]}: checkpoint {stored[k]} vs model {want[k]}" for k in sorted(set(want) & set(stored))
+           if stored[k] != want[k]]
+    problems = [f"{what} ({len(keys)}) {[k.removeprefix(prefix) for k in keys[:20]]}"
+                for what, keys in (("missing keys", missing), ("unknown keys", unknown)) if keys]
+    if bad:
+        problems.append(f"mismatched shapes ({len(bad)}) {bad[:20]}")
+    if problems:
+        raise ConfigError(f"{path}: checkpoint does not match the model: " + "; ".join(problems))
+
+
+def load_params_dist(model: torch.nn.Module, path: str | Path, *, names, key_fn=_key,
+                     prefix: str = MODEL_PREFIX, meta: dict | None = None) -> None:
+    """Load the named parameters of ``model`` from a dist checkpoint, resharding to the model's TP."""
+    meta = tensor_metadata(path) if meta is None else meta
+    check_model_keys(model, meta, path, names=names, key_fn=key_fn, prefix=prefix)
+    params = dict(model.named_parameters())
+    # load into fresh tensors in the stored dtype, then copy (casts to the parameter's dtype and device)
+    target = {n: torch.empty(params[n].shape, dtype=meta[key_fn(n)][1]) for n in names}
+    loaded = load_sharded(model_sharded_state_dict(model, names=names, tensors=target, key_fn=key_fn), path)
+    with torch.no_grad():
+        for n in names:
+            params[n].copy_(loaded[n])
+
+
+def load_full_tensors(path: str | Path, *, prefix: str = MODEL_PREFIX, meta: dict | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """Every ``prefix`` tensor of a dist checkpoint as a full tensor, keys without the prefix."""
+    meta = tensor_metadata(path) if meta is None else meta
+    rank = global_rank()
+    target = {k[len(prefix):]: sharded_tensor(k, torch.empty(shape, dtype=dt), None, None, replica=rank)
+              for k, (shape, dt) in meta.items() if k.startswith(prefix)}
+    return load_sharded(target, path) if target else {}
+
+
+# ------------------------------------------------------------------------------------------ model directories
+def read_info(path: str | Path) -> dict | None:
+    """The ``kvpo_checkpoint.json`` of a model checkpoint directory (None for a bare dist checkpoint)."""
+    f = Path(path) / INFO_FILE
+    if not f.exists():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{f}: not valid JSON: {e}") from e
+
+
+def lora_sharded_state_dict(full: dict[str, torch.Tensor]) -> dict:
+    """Full LoRA tensors as replicated ShardedTensors that only global rank 0 writes."""
+    rank = global_rank()
+    return {f"{LORA_PREFIX}{k}": sharded_tensor(LORA_PREFIX + k, t, None, None, replica=rank)
+            for k, t in full.items()}
+
+
+def save_model_dist(model: torch.nn.Module, path: str | Path, *, dtype: torch.dtype | None = None,
+                    info: dict | None = None) -> None:
+    """Save base weights (cast to ``dtype``) and, if the model has LoRA adapters, their full tensors."""
+    all_names = [n for n, _ in model.named_parameters()]
+    names = [n for n in all_names if not is_lora_name(n)]
+    sd = model_sharded_state_dict(model, names=names)
+    if dtype is not None:
+        for st in sd.values():
+            st.data = st.data.to(dtype)
+    if len(names) < len(all_names):
+        from kvpo_megatron.lora import lora_full_state_dict
+        sd.update(lora_sharded_state_dict(lora_full_state_dict(model)))
+    Path(path).mkdir(parents=True, exist_ok=True)
+    save_sharded(sd, path)
+    if info is not None and global_rank() == 0:
+        (Path(path) / INFO_FILE).write_text(json.dumps(info, indent=2))
+
+
+def _merge_lora_into_base(model, lora: dict[str, torch.Tensor], scaling: float) -> None:
+    """W += scaling * B @ A on this rank's slice of each base weight (rows of B or columns of A of the slice)."""
+    tp_rank, tp_size, _ = layout(getattr(model, "pg_collection", None))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k in sorted(lora):
+            if not k.endswith(".lora_A.weight"):
+                continue
+            module = k[: -len(".lora_A.weight")]
+            p = params.get(module + ".weight")
+            if p is None:
+                raise ConfigError(f"LoRA module {module} has no base weight in the model")
+            a, b = lora[k].float(), lora[module + ".lora_B.weight"].float()  # [r, in], [out, r]
+            dim = partition_dim(p)
+            if dim == 0 and tp_size > 1:
+                b = b.chunk(tp_size, dim=0)[tp_rank]
+            elif dim == 1 and tp_size > 1:
+                a = a.chunk(tp_size, dim=1)[tp_rank]
+            p.add_(((b @ a) * scaling).to(device=p.device, dtype=p.dtype))
+
+
+def load_model_dist(model: torch.nn.Module, path: str | Path) -> None:
+    """Load a model checkpoint directory into ``model`` at its TP/CP layout.
+
+    Base weights go into the base parameters. A stored LoRA goes into the model's adapters when it has them
+    (``apply_lora`` first, with the rank/alpha of ``kvpo_checkpoint.json``), else it is merged into the base
+    weights (``W += alpha/r B A``), so generation with a plain model runs the adapted network.
+    """
+    meta = tensor_metadata(path)
+    all_names = [n for n, _ in model.named_parameters()]
+    names = [n for n in all_names if not is_lora_name(n)]
+    load_params_dist(model, path, names=names, meta=meta)
+    has_lora = any(k.startswith(LORA_PREFIX) for k in meta)
+    if not has_lora:
+        if len(names) < len(all_names):
+            log.info("%s holds no LoRA; the model's adapters keep their initialisation", path)
+        return
+    from kvpo_megatron.lora import load_lora_full_state_dict, lora_layers
+
+    layers = list(lora_layers(model))
+    info = read_info(path) or {}
+    lcfg = info.get("lora") or {}
+    full = load_full_tensors(path, prefix=LORA_PREFIX, meta=meta)
+    if layers:
+        layer = layers[0][1]
+        if lcfg and (lcfg["rank"] != layer.r["default"] or float(lcfg["alpha"]) != float(layer.lora_alpha["default"])):
+            raise ConfigError(f"{path}: LoRA r={lcfg['rank']}, alpha={lcfg['alpha']} but the model's adapters have "
+                              f"r={layer.r['default']}, alpha={layer.lora_alpha['default']}")
+        load_lora_full_state_dict(model, full, source_name=str(path))
+        return
+    if not lcfg:
+        raise ConfigError(f"{path}: holds LoRA tensors but {INFO_FILE} has no 'lora' entry (rank, alpha)")
+    _merge_lora_into_base(model, full, float(lcfg["alpha"]) / int(lcfg["rank"]))
+    log.info("merged the checkpoint's LoRA (r=%s, alpha=%s) into the base weights", lcfg["rank"], lcfg["alpha"])

@@ -1,0 +1,418 @@
+"""Readers and writers for the checkpoint files users bring and take away.
+
+Sources (``read_source``):
+
+* ``wan``: original Wan2.1 — a directory with ``config.json`` and ``diffusion_pytorch_model.safetensors`` (or
+  sharded ``*.safetensors`` + ``*.safetensors.index.json``), or one ``.safetensors``/``.pth`` file;
+* ``diffusers``: a ``WanTransformer3DModel`` directory (or a pipeline directory with ``transformer/``);
+* ``self-forcing`` / ``longlive`` / ``memflow``: a ``torch.save`` dict keyed ``generator`` (``generator_ema``
+  with ``use_ema``) or ``model``, holding Wan keys prefixed by ``model.``.
+
+Tensors are read lazily (``LazyTensor``): safetensors through ``safe_open`` slices, torch files through
+``torch.load(mmap=True, weights_only=True)``, so a tensor-parallel rank reads only its slice. Untrusted
+files are never unpickled with code (``weights_only=True``).
+
+LoRA files (``read_lora``): LongLive's / MemFlow's ``lora.pt`` (``{generator_lora, critic_lora, step}``) or a
+raw peft state dict (``base_model.model.blocks.0.self_attn.q.lora_A.weight``, Wan names), or a peft adapter
+directory (``adapter_model.safetensors``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvpo_megatron.checkpoint.mappings import rename
+from kvpo_megatron.errors import ConfigError
+
+SOURCE_FORMATS = ("wan", "diffusers", "self-forcing", "longlive", "memflow")
+TRAINING_FORMATS = ("self-forcing", "longlive", "memflow")
+WEIGHTS_NAME = "diffusion_pytorch_model"
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+_WRAPPER_FRAGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+# ------------------------------------------------------------------------------------------ lazy tensors
+class LazyTensor:
+    """Shape and dtype of a stored tensor; ``load`` reads all of it or one TP chunk along ``dim``."""
+
+    def __init__(self, shape, dtype: torch.dtype, reader):
+        self.shape, self.dtype, self._reader = tuple(shape), dtype, reader
+
+    def load(self, dim: int | None = None, rank: int = 0, parts: int = 1) -> torch.Tensor:
+        if dim is None or parts == 1:
+            return self._reader(None)
+        size = self.shape[dim] // parts
+        index = [slice(None)] * len(self.shape)
+        index[dim] = slice(rank * size, (rank + 1) * size)
+        return self._reader(tuple(index))
+
+    @staticmethod
+    def of(t: torch.Tensor) -> "LazyTensor":
+        return LazyTensor(t.shape, t.dtype, lambda ix: (t if ix is None else t[ix]).contiguous())
+
+
+def _open_safetensors(path: Path) -> dict[str, LazyTensor]:
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for k in f.keys():
+            sl = f.get_slice(k)
+            out[k] = LazyTensor(sl.get_shape(), _ST_DTYPES.get(sl.get_dtype(), torch.float32),
+                                lambda ix, k=k: _read_safetensors(path, k, ix))
+    return out
+
+
+def _read_safetensors(path: Path, key: str, index) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(key) if index is None else f.get_slice(key)[index].contiguous()
+
+
+def torch_load(path: Path):
+    """``torch.load(weights_only=True)``, memory-mapped when the file allows it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):  # legacy (non-zip) files cannot be memory-mapped; anything else is fatal
+            raise ConfigError(f"cannot read {path} with torch.load(weights_only=True): {e}") from e
+    except Exception as e:  # noqa: BLE001 - unpickling errors: report the file and the reason in one line
+        raise ConfigError(f"cannot read {path} with torch.load(weights_only=True): {e}") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"cannot read {path} with torch.load(weights_only=True): {e}") from e
+
+
+def open_weights(path: Path) -> tuple[dict[str, LazyTensor], list[Path]]:
+    """A weights file or directory -> lazy tensors (original keys) and the files read."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        index = sorted(path.glob("*.safetensors.index.json"))
+        if index:
+            return _open_sharded(index[0])
+        files = [path / f"{WEIGHTS_NAME}.safetensors"] if (path / f"{WEIGHTS_NAME}.safetensors").exists() else \
+            sorted(path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise ConfigError(f"{path}: expected one {WEIGHTS_NAME}.safetensors or a *.safetensors.index.json, "
+                              f"found {[f.name for f in files]}")
+        path = files[0]
+    if path.name.endswith(".index.json"):
+        return _open_sharded(path)
+    if path.suffix == ".safetensors":
+        return _open_safetensors(path), [path]
+    sd = torch_load(path)
+    if not isinstance(sd, dict):
+        raise ConfigError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
+    return _lazy_dict(sd), [path]
+
+
+def _lazy_dict(sd: dict) -> dict:
+    return {k: (LazyTensor.of(v) if isinstance(v, torch.Tensor) else _lazy_dict(v) if isinstance(v, dict) else v)
+            for k, v in sd.items()}
+
+
+def _open_sharded(index: Path) -> tuple[dict[str, LazyTensor], list[Path]]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{index}: not a safetensors index (needs a 'weight_map'): {e}") from e
+    out, files = {}, sorted({index.parent / f for f in weight_map.values()})
+    for f in files:
+        if not f.exists():
+            raise ConfigError(f"{index}: shard {f.name} is missing")
+        for k, t in _open_safetensors(f).items():
+            if weight_map.get(k) == f.name:
+                out[k] = t
+    absent = sorted(set(weight_map) - set(out))
+    if absent:
+        raise ConfigError(f"{index}: keys listed in weight_map but absent from their shard: {absent[:20]}")
+    return out, files
+
+
+# ------------------------------------------------------------------------------------------ model config
+# config.json field -> WanConfig field, per format
+WAN_FIELDS = {"dim": "hidden_size", "ffn_dim": "ffn_hidden_size", "num_heads": "num_attention_heads",
+              "num_layers": "num_layers", "in_dim": "in_channels", "out_dim": "out_channels", "freq_dim": "freq_dim",
+              "text_dim": "text_dim", "text_len": "text_len", "eps": "layernorm_epsilon", "patch_size": "patch_size"}
+DIFFUSERS_FIELDS = {"num_attention_heads": "num_attention_heads", "ffn_dim": "ffn_hidden_size",
+                    "num_layers": "num_layers", "in_channels": "in_channels", "out_channels": "out_channels",
+                    "freq_dim": "freq_dim", "text_dim": "text_dim", "eps": "layernorm_epsilon",
+                    "patch_size": "patch_size", "rope_max_seq_len": "rope_max_positions"}
+ARCH_FIELDS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_layers", "in_channels",
+               "out_channels", "freq_dim", "text_dim", "text_len", "layernorm_epsilon", "patch_size",
+               "rope_max_positions")
+# fields whose values we don't support (original Wan i2v/flf2v variants, other norms)
+_UNSUPPORTED = {"wan": {"model_type": ("t2v",), "qk_norm": (True,), "cross_attn_norm": (True,)},
+                "diffusers": {"qk_norm": ("rms_norm_across_heads",), "cross_attn_norm": (True,),
+                              "image_dim": (None,), "added_kv_proj_dim": (None,)}}
+
+
+def _preset_value(preset: str, name: str):
+    from kvpo_megatron.model.config import PRESETS, WanConfig
+
+    if name in PRESETS[preset]:
+        return PRESETS[preset][name]
+    f = {f.name: f for f in dataclasses.fields(WanConfig)}[name]
+    return f.default
+
+
+def arch_to_section(arch: dict) -> dict:
+    """WanConfig architecture fields -> ``{'preset', 'overrides'}`` using the closest named preset."""
+    from kvpo_megatron.model.config import PRESETS
+
+    def norm(v):
+        return list(v) if isinstance(v, tuple | list) else v
+
+    best = min(PRESETS, key=lambda p: sum(norm(_preset_value(p, k)) != norm(v) for k, v in arch.items()))
+    overrides = {k: norm(v) for k, v in arch.items() if norm(_preset_value(best, k)) != norm(v)}
+    return {"preset": best, "overrides": overrides}
+
+
+def section_arch(section: dict) -> dict:
+    """``{'preset', 'overrides'}`` -> every architecture field's value."""
+    return {k: section["overrides"].get(k, _preset_value(section["preset"], k)) for k in ARCH_FIELDS}
+
+
+def config_json_to_arch(cfg: dict, fmt: str, *, source_name: str) -> dict:
+    """A Wan or diffusers ``config.json`` -> WanConfig architecture fields."""
+    kind = "diffusers" if fmt == "diffusers" else "wan"
+    for key, allowed in _UNSUPPORTED[kind].items():
+        if key in cfg and cfg[key] not in allowed:
+            raise ConfigError(f"{source_name}: config field {key}={cfg[key]!r} is not supported "
+                              f"(supported: {list(allowed)})")
+    table = DIFFUSERS_FIELDS if kind == "diffusers" else WAN_FIELDS
+    arch = {ours: cfg[theirs] for theirs, ours in table.items() if theirs in cfg}
+    if kind == "diffusers" and "attention_head_dim" in cfg and "num_attention_heads" in cfg:
+        arch["hidden_size"] = cfg["attention_head_dim"] * cfg["num_attention_heads"]
+    if "patch_size" in arch:
+        arch["patch_size"] = tuple(arch["patch_size"])
+    return arch
+
+
+def infer_arch(shapes: dict[str, tuple], *, source_name: str) -> dict:
+    """Architecture fields readable from tensor shapes (our names); the head count is not among them."""
+    need = ("patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight",
+            "blocks.0.ffn_fc1.weight", "head.head.weight")
+    absent = [k for k in need if k not in shapes]
+    if absent:
+        raise ConfigError(f"{source_name}: cannot infer the model shape, missing keys {absent}")
+    pe = shapes["patch_embedding.weight"]
+    patch = tuple(pe[2:])
+    return {"hidden_size": pe[0], "in_channels": pe[1], "patch_size": patch,
+            "text_dim": shapes["text_embedding.0.weight"][1], "freq_dim": shapes["time_embedding.0.weight"][1],
+            "ffn_hidden_size": shapes["blocks.0.ffn_fc1.weight"][0],
+            "num_layers": 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))),
+            "out_channels": shapes["head.head.weight"][0] // math.prod(patch)}
+
+
+def heads_from_presets(arch: dict, *, source_name: str) -> int:
+    from kvpo_megatron.model.config import PRESETS
+
+    for name, p in PRESETS.items():
+        if p["hidden_size"] == arch["hidden_size"]:
+            return p["num_attention_heads"]
+    raise ConfigError(f"{source_name}: no config.json and no preset with hidden size {arch['hidden_size']}; "
+                      "pass --config CONFIG.json (a Wan config.json with num_heads)")
+
+
+def wan_config_json(section: dict) -> dict:
+    """Original Wan2.1 ``config.json`` for a model section."""
+    a = section_arch(section)
+    cfg = {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "model_type": "t2v"}
+    cfg.update({theirs: a[ours] for theirs, ours in WAN_FIELDS.items()})
+    cfg.update(patch_size=list(a["patch_size"]), qk_norm=True, cross_attn_norm=True, window_size=[-1, -1])
+    return cfg
+
+
+def diffusers_config_json(section: dict) -> dict:
+    """diffusers ``WanTransformer3DModel`` ``config.json`` for a model section."""
+    a = section_arch(section)
+    return {"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.33.0",
+            "patch_size": list(a["patch_size"]), "num_attention_heads": a["num_attention_heads"],
+            "attention_head_dim": a["hidden_size"] // a["num_attention_heads"], "in_channels": a["in_channels"],
+            "out_channels": a["out_channels"], "text_dim": a["text_dim"], "freq_dim": a["freq_dim"],
+            "ffn_dim": a["ffn_hidden_size"], "num_layers": a["num_layers"], "cross_attn_norm": True,
+            "qk_norm": "rms_norm_across_heads", "eps": a["layernorm_epsilon"], "image_dim": None,
+            "added_kv_proj_dim": None, "rope_max_seq_len": a["rope_max_positions"]}
+
+
+# ------------------------------------------------------------------------------------------ sources
+@dataclass(kw_only=True)
+class Source:
+    """A checkpoint read for import: lazy tensors in our names and the model it describes."""
+
+    tensors: dict[str, LazyTensor] = field(default_factory=dict)
+    """Our parameter name -> lazy tensor."""
+    section: dict = field(default_factory=dict)
+    """``{'preset': name, 'overrides': {...}}`` (a ``ModelSection`` without the checkpoint)."""
+    unknown: list[str] = field(default_factory=list)
+    """Source keys with no counterpart in our model (an error at validation)."""
+    files: list[Path] = field(default_factory=list)
+    """Files read."""
+    name: str = ""
+    """What to call the source in messages (its path)."""
+
+
+def clean_key(key: str) -> str:
+    for frag in _WRAPPER_FRAGMENTS:
+        key = key.replace(frag, "")
+    return key[len("model."):] if key.startswith("model.") else key
+
+
+def unwrap_training_dict(sd: dict, *, use_ema: bool, source_name: str) -> dict:
+    """Self-Forcing/LongLive/MemFlow: pick ``generator`` (or ``generator_ema``) or ``model``."""
+    order = ("generator_ema",) if use_ema else ("generator", "model")
+    for key in order:
+        if isinstance(sd.get(key), dict):
+            return sd[key]
+    if not use_ema and sd and all(isinstance(v, LazyTensor) for v in sd.values()):
+        return sd  # already a bare state dict
+    raise ConfigError(f"{source_name}: expected a dict with {' or '.join(repr(k) for k in order)} holding the "
+                      f"generator's weights; top-level keys are {sorted(sd)[:20]}")
+
+
+def read_source(fmt: str, path: str | Path, *, config_path: str | Path | None = None,
+                use_ema: bool = False) -> Source:
+    """Open a checkpoint of format ``fmt`` (see ``SOURCE_FORMATS``) lazily, in our names."""
+    if fmt not in SOURCE_FORMATS:
+        raise ConfigError(f"--from must be one of {list(SOURCE_FORMATS)}, got {fmt!r}")
+    path = Path(path)
+    if fmt == "diffusers" and (path / "transformer" / "config.json").exists():
+        path = path / "transformer"  # a pipeline directory
+    raw, files = open_weights(path)
+    name = str(path)
+    if fmt in TRAINING_FORMATS:
+        raw = unwrap_training_dict(raw, use_ema=use_ema, source_name=name)
+    nested = [k for k, v in raw.items() if not isinstance(v, LazyTensor)]
+    if nested:
+        raise ConfigError(f"{name}: expected a flat dict of tensors, found non-tensor entries {nested[:10]}")
+    key_fmt = "diffusers" if fmt == "diffusers" else "wan"
+    tensors, unknown = {}, []
+    for k, t in raw.items():
+        ours = rename(clean_key(k) if key_fmt == "wan" else k, key_fmt, "ours")
+        if ours is None:
+            unknown.append(k)
+        else:
+            tensors[ours] = t
+    cfg_file = Path(config_path) if config_path else (path / "config.json" if path.is_dir() else None)
+    if cfg_file is not None and cfg_file.exists():
+        try:
+            arch = config_json_to_arch(json.loads(cfg_file.read_text()), fmt, source_name=str(cfg_file))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{cfg_file}: not valid JSON: {e}") from e
+    elif config_path:
+        raise ConfigError(f"config not found: {config_path}")
+    else:
+        arch = infer_arch({k: t.shape for k, t in tensors.items()}, source_name=name)
+        arch["num_attention_heads"] = heads_from_presets(arch, source_name=name)
+    return Source(tensors=tensors, section=arch_to_section(arch), unknown=unknown, files=files, name=name)
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+@dataclass(kw_only=True)
+class LoraWeights:
+    """A LoRA read from a peft-style state dict: per target linear (our name) its full A [r, in] and B [out, r]."""
+
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """Our module name (``blocks.0.self_attn.q``) -> (lora_A, lora_B)."""
+    rank: int = 0
+    """LoRA rank r."""
+    name: str = ""
+    """The file it was read from (for messages)."""
+
+
+_PEFT = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
+
+
+def _peft_module_to_ours(mod: str) -> str | None:
+    for prefix in ("base_model.model.", "model."):
+        if mod.startswith(prefix):
+            mod = mod[len(prefix):]
+    mod = clean_key(mod)
+    for fmt in ("wan", "ours", "diffusers"):
+        ours = rename(mod + ".weight", fmt, "ours")
+        if ours is not None:
+            return ours[: -len(".weight")]
+    return None
+
+
+def parse_peft_state_dict(sd: dict, *, source_name: str) -> LoraWeights:
+    """peft keys (``base_model.model.<module>.lora_A[.default].weight``) -> ``LoraWeights`` in our names."""
+    a, b, bad = {}, {}, []
+    for k, v in sd.items():
+        m = _PEFT.match(k)
+        ours = _peft_module_to_ours(m["mod"]) if m else None
+        if ours is None or not isinstance(v, torch.Tensor) or v.dim() != 2:
+            bad.append(k)
+            continue
+        (a if m["ab"] == "A" else b)[ours] = v
+    unpaired = sorted(set(a) ^ set(b))
+    if bad or unpaired or not a:
+        raise ConfigError(f"{source_name}: not a LoRA state dict over the block linears: unknown keys {bad[:20]}, "
+                          f"modules without both lora_A and lora_B {unpaired[:20]}" + ("" if a else " (no LoRA keys)"))
+    ranks = {t.shape[0] for t in a.values()} | {t.shape[1] for t in b.values()}
+    if len(ranks) != 1:
+        raise ConfigError(f"{source_name}: LoRA ranks differ between modules: {sorted(ranks)}")
+    return LoraWeights(pairs={m: (a[m], b[m]) for m in sorted(a)}, rank=ranks.pop(), name=source_name)
+
+
+def read_lora(path: str | Path) -> LoraWeights:
+    """LongLive/MemFlow ``lora.pt`` (``generator_lora``) or a raw peft state dict, or a peft adapter dir."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "adapter_model.safetensors"
+    if not path.exists():
+        raise ConfigError(f"LoRA file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        sd = load_file(str(path))
+    else:
+        sd = torch_load(path)
+    if not isinstance(sd, dict):
+        raise ConfigError(f"{path}: expected a dict, got {type(sd).__name__}")
+    if isinstance(sd.get("generator_lora"), dict):
+        sd = sd["generator_lora"]
+    return parse_peft_state_dict({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in sd.items()},
+                                 source_name=str(path))
+
+
+# ------------------------------------------------------------------------------------------ writers
+def write_safetensors(sd: dict[str, torch.Tensor], out_dir: Path, *, base: str = WEIGHTS_NAME,
+                      max_shard_bytes: int = 10 << 30, metadata: dict | None = None) -> list[Path]:
+    """One ``<base>.safetensors``, or shards + ``<base>.safetensors.index.json`` (HF layout) when larger."""
+    from safetensors.torch import save_file
+
+    shards, cur, size = [], {}, 0
+    for k in sorted(sd):
+        n = sd[k].numel() * sd[k].element_size()
+        if cur and size + n > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k], size = sd[k].contiguous(), size + n
+    shards.append(cur)
+    meta = {"format": "pt", **(metadata or {})}
+    if len(shards) == 1:
+        p = out_dir / f"{base}.safetensors"
+        save_file(shards[0], str(p), metadata=meta)
+        return [p]
+    files, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        p = out_dir / f"{base}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(p), metadata=meta)
+        files.append(p)
+        weight_map.update({k: p.name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    index = out_dir / f"{base}.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return files + [index]

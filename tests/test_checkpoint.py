@@ -1,0 +1,468 @@
+"""Checkpoint import/export (every source format, LoRA), dist-checkpoint resharding, training checkpoints.
+
+References nobody here wrote: diffusers' ``WanTransformer3DModel`` (loads the sources and the exports; its
+forward is the parity target), peft's LoRA layers on it (the LoRA target), huggingface_hub's sharded writer.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvpo_megatron.checkpoint.convert import ImportSpec, export_checkpoint, export_lora, import_checkpoint
+from kvpo_megatron.checkpoint.formats import read_lora, read_source
+from kvpo_megatron.checkpoint.mappings import convert_state_dict, rename
+from kvpo_megatron.errors import ConfigError
+from tests.dist_utils import run_workers
+from tests.helpers import tiny_diffusers, tiny_full_state_dict
+
+RANK, ALPHA = 4, 8.0
+WAN_CONFIG = {"_class_name": "WanModel", "model_type": "t2v", "dim": 96, "ffn_dim": 192, "num_heads": 12,
+              "num_layers": 2, "in_dim": 4, "out_dim": 4, "freq_dim": 32, "text_dim": 32, "text_len": 16,
+              "eps": 1e-6, "patch_size": [1, 2, 2]}
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+def _wan_sd(ref) -> dict:
+    return {k: v.clone() for k, v in convert_state_dict(ref.state_dict(), "diffusers", "wan").items()}
+
+
+def _peft_lora(seed: int = 5) -> dict:
+    """A LongLive-style peft state dict (Wan names) over all 10 block linears of both blocks."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {f"self_attn.{x}": (96, 96) for x in "qkvo"} | {f"cross_attn.{x}": (96, 96) for x in "qkvo"}
+    shapes |= {"ffn.0": (192, 96), "ffn.2": (96, 192)}
+    sd = {}
+    for n in range(2):
+        for mod, (out, inp) in shapes.items():
+            sd[f"base_model.model.blocks.{n}.{mod}.lora_A.weight"] = torch.randn(RANK, inp, generator=g) * 0.1
+            sd[f"base_model.model.blocks.{n}.{mod}.lora_B.weight"] = torch.randn(out, RANK, generator=g) * 0.1
+    return sd
+
+
+def _peft_reference(ref, peft_sd):
+    """peft's LoRA (unmerged) on the diffusers reference, keys renamed Wan -> diffusers module names."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    model = copy.deepcopy(ref)
+    sd = {}
+    for k, v in peft_sd.items():
+        mod, half = k.removeprefix("base_model.model.").split(".lora_")
+        sd[f"{rename(mod + '.weight', 'wan', 'diffusers')[:-len('.weight')]}.lora_{half}"] = v
+    targets = r"blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|blocks\.\d+\.ffn\.net\.(0\.proj|2)"
+    inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets), model)
+    res = set_peft_model_state_dict(model, sd)
+    assert not res.unexpected_keys
+    return model.eval()
+
+
+def _write_sources(root: Path, ref, ema) -> dict:
+    """Every source format on disk; returns {case: (fmt, path, kwargs)}."""
+    from huggingface_hub import save_torch_state_dict
+    from safetensors.torch import save_file
+
+    wan = _wan_sd(ref)
+    ref.save_pretrained(root / "diffusers")
+    (root / "wan").mkdir()
+    (root / "wan" / "config.json").write_text(json.dumps(WAN_CONFIG))
+    save_file(wan, str(root / "wan" / "diffusion_pytorch_model.safetensors"))
+    (root / "wan_sharded").mkdir()
+    (root / "wan_sharded" / "config.json").write_text(json.dumps(WAN_CONFIG))
+    save_torch_state_dict(wan, root / "wan_sharded", filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                          max_shard_size=400_000)
+    gen = {"model." + k: v for k, v in wan.items()}
+    gen_ema = {"model." + k: v for k, v in _wan_sd(ema).items()}
+    torch.save({"generator": gen, "critic": {"model.x": torch.zeros(3)}}, root / "self_forcing.pt")
+    torch.save({"generator": gen_ema, "generator_ema": gen}, root / "longlive.pt")
+    torch.save({"model": gen}, root / "memflow_base.pt")
+    lora = _peft_lora()
+    torch.save({"generator_lora": lora}, root / "longlive_lora.pt")
+    torch.save({"generator_lora": lora, "critic_lora": {}, "step": 7}, root / "memflow_lora.pt")
+    torch.save(lora, root / "memflow_lora_raw.pt")
+    return {"diffusers": ("diffusers", root / "diffusers", {}), "wan": ("wan", root / "wan", {}),
+            "wan_sharded": ("wan", root / "wan_sharded", {}),
+            "self-forcing": ("self-forcing", root / "self_forcing.pt", {}),
+            "longlive": ("longlive", root / "longlive.pt", {"use_ema": True}),
+            "memflow": ("memflow", root / "memflow_base.pt", {})}
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 4, 3, 8, 8, generator=g), torch.tensor([937.5, 250.0]), torch.randn(2, 16, 32, generator=g)
+
+
+def _ours(pgs, ckpt, lora_cfg=None):
+    from kvpo_megatron.checkpoint.loading import load_model_weights
+    from kvpo_megatron.lora import apply_lora
+    from kvpo_megatron.model import CausalWanDiT, model_config
+
+    model = CausalWanDiT(model_config("tiny", sinusoid_fp64=False), None, pg_collection=pgs)
+    if lora_cfg is not None:
+        apply_lora(model, lora_cfg)
+    load_model_weights(model, ckpt)
+    return model.eval()
+
+
+def _max_err(model_a, model_b, ours: bool) -> float:
+    x, t, ctx = _inputs()
+    with torch.no_grad():
+        want = model_a(x, t, ctx, return_dict=False)[0]
+        got = model_b(x, t, text=model_b.encode_text(ctx)) if ours else model_b(x, t, ctx, return_dict=False)[0]
+    return (got - want).abs().max().item()
+
+
+# ------------------------------------------------------------------------------------------ import / export
+def test_import_export_round_trip_every_format(pgs, tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    ref, ema = tiny_diffusers(0), tiny_diffusers(1)
+    cases = _write_sources(tmp_path, ref, ema)
+    for case, (fmt, src, kw) in cases.items():
+        out = tmp_path / f"imp_{case}"
+        info = import_checkpoint(ImportSpec(fmt=fmt, src=str(src), out=str(out), progress=False, **kw))
+        assert info["model"] == {"preset": "tiny", "overrides": {}} and info["parameters"] == 309808, case
+        err = _max_err(ref, _ours(pgs, out), ours=True)
+        assert err <= 1e-5, (case, err)
+        exp = tmp_path / f"exp_{case}"
+        export_checkpoint(out, exp, to="diffusers")
+        assert _max_err(ref, WanTransformer3DModel.from_pretrained(exp).eval(), ours=False) <= 1e-5, case
+    # the EMA choice is honoured (longlive.pt's 'generator' holds the other model)
+    assert _max_err(ema, _ours(pgs, tmp_path / "imp_longlive"), ours=True) > 1e-3
+    # export to original Wan names: the same tensors and config as the source we wrote
+    export_checkpoint(tmp_path / "imp_wan_sharded", tmp_path / "wan_export", to="wan", max_shard_bytes=300_000)
+    back = read_source("wan", tmp_path / "wan_export")
+    assert len(back.files) > 1 and (tmp_path / "wan_export" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    wan = _wan_sd(ref)
+    assert {rename(k, "ours", "wan"): t.load() for k, t in back.tensors.items()}.keys() == wan.keys()
+    assert all(torch.equal(back.tensors[rename(k, "wan", "ours")].load(), v) for k, v in wan.items())
+    cfg = json.loads((tmp_path / "wan_export" / "config.json").read_text())
+    assert {k: cfg[k] for k in WAN_CONFIG} == WAN_CONFIG
+
+
+def test_import_with_lora_matches_peft_and_exports(pgs, tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    from kvpo_megatron.checkpoint.loading import checkpoint_lora_config
+    from kvpo_megatron.lora import LoRAConfig, apply_lora, load_adapter, lora_full_state_dict
+
+    ref = tiny_diffusers(0)
+    _write_sources(tmp_path, ref, ref)
+    peft_ref = _peft_reference(ref, _peft_lora())
+    assert _max_err(ref, peft_ref, ours=False) > 1e-3  # the LoRA changes the output
+    for name, base, lora_file in (("longlive", "longlive.pt", "longlive_lora.pt"),
+                                  ("memflow", "memflow_base.pt", "memflow_lora.pt"),
+                                  ("memflow_raw", "memflow_base.pt", "memflow_lora_raw.pt")):
+        out = tmp_path / f"imp_{name}"
+        fmt = name.split("_")[0]
+        import_checkpoint(ImportSpec(fmt=fmt, src=str(tmp_path / base), out=str(out), lora=str(tmp_path / lora_file),
+                                     lora_alpha=ALPHA, use_ema=fmt == "longlive", progress=False))
+        lcfg = checkpoint_lora_config(out)
+        assert (lcfg.rank, lcfg.alpha, set(lcfg.target_modules)) == (RANK, ALPHA, set(LoRAConfig().target_modules))
+        # a plain model gets the LoRA merged; a model with adapters gets it as its (trainable) adapter
+        assert _max_err(peft_ref, _ours(pgs, out), ours=True) <= 1e-5, name
+        adapted = _ours(pgs, out, lcfg)
+        assert _max_err(peft_ref, adapted, ours=True) <= 1e-5, name
+    lora_ours = lora_full_state_dict(adapted)
+    # export merged -> diffusers loads it and matches peft
+    export_checkpoint(out, tmp_path / "merged", to="diffusers", merge_lora=True)
+    assert _max_err(peft_ref, WanTransformer3DModel.from_pretrained(tmp_path / "merged").eval(), ours=False) <= 1e-5
+    # --lora-only: a peft adapter our loader reads back bitwise, and with Wan names the LongLive keys
+    export_lora(out, tmp_path / "adapter")
+    fresh = _ours(pgs, tmp_path / "imp_memflow", lcfg)
+    load_adapter(fresh, tmp_path / "adapter")
+    assert all(torch.equal(v, lora_full_state_dict(fresh)[k]) for k, v in lora_ours.items())
+    export_lora(out, tmp_path / "adapter_wan", names="wan")
+    from safetensors.torch import load_file
+    assert load_file(str(tmp_path / "adapter_wan" / "adapter_model.safetensors")).keys() == _peft_lora().keys()
+    raw, back = read_lora(tmp_path / "memflow_lora_raw.pt").pairs, read_lora(tmp_path / "adapter_wan").pairs
+    assert back.keys() == raw.keys() and all(torch.equal(back[k][i], raw[k][i]) for k in raw for i in (0, 1))
+
+
+def test_import_at_tp2_loads_at_tp1(pgs, tmp_path):
+    ref = tiny_diffusers(0)
+    cases = _write_sources(tmp_path, ref, ref)
+    out = tmp_path / "imp_tp2"
+    import_checkpoint(ImportSpec(fmt="wan", src=str(cases["wan_sharded"][1]), out=str(out), tp=2, progress=False,
+                                 lora=str(tmp_path / "longlive_lora.pt"), lora_alpha=ALPHA))
+    assert len(list(out.glob("*.distcp"))) == 2 and json.loads((out / "kvpo_checkpoint.json").read_text())["layout"]["tp"] == 2
+    assert _max_err(_peft_reference(ref, _peft_lora()), _ours(pgs, out), ours=True) <= 1e-5
+
+
+def _unchanged(path: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def test_bad_inputs_name_the_problem_and_leave_output_untouched(pgs, tmp_path):
+    from safetensors.torch import save_file
+
+    ref = tiny_diffusers(0)
+    cases = _write_sources(tmp_path, ref, ref)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    before = _unchanged(out)
+
+    def imp(src, fmt="wan", **kw):
+        return import_checkpoint(ImportSpec(fmt=fmt, src=str(src), out=str(out), progress=False, **kw))
+
+    with pytest.raises(ConfigError, match="exists; pass --force"):
+        imp(cases["wan"][1])
+    # unknown, missing and mismatched keys listed together, naming the file
+    bad = _wan_sd(ref)
+    bad["blocks.0.extra.weight"] = torch.zeros(2)
+    del bad["blocks.1.ffn.2.bias"]
+    bad["head.head.weight"] = torch.zeros(8, 96)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text(json.dumps(WAN_CONFIG))
+    save_file(bad, str(tmp_path / "bad" / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(ConfigError) as e:
+        imp(tmp_path / "bad", force=True)
+    msg = str(e.value)
+    for part in ("bad/diffusion_pytorch_model.safetensors", "unknown keys (1): ['blocks.0.extra.weight']",
+                 "missing keys (1): ['blocks.1.ffn_fc2.bias']", "head.head.weight: checkpoint (8, 96) vs model (16, 96)"):
+        assert part in msg, (part, msg)
+    # diffusers files read as Wan
+    with pytest.raises(ConfigError, match="diffusers/config.json: config field qk_norm='rms_norm_across_heads' is not"):
+        imp(cases["diffusers"][1], force=True)
+    with pytest.raises(ConfigError, match="safetensors does not match a tiny model with {}: 67 of its 69 keys have no name in the --from format"):
+        imp(cases["diffusers"][1] / "diffusion_pytorch_model.safetensors", config=str(cases["wan"][1] / "config.json"),
+            force=True)
+    with pytest.raises(ConfigError, match="--tp 5 does not divide num_attention_heads \\(12\\)"):
+        imp(cases["wan"][1], tp=5, force=True)
+    with pytest.raises(ConfigError, match="expected a dict with 'generator_ema'"):
+        imp(tmp_path / "self_forcing.pt", fmt="self-forcing", use_ema=True, force=True)
+    # a pickle that needs code to load is refused by weights_only=True
+    torch.save({"generator": {"model.x": torch.nn.Linear(2, 2)}}, tmp_path / "code.pt")
+    with pytest.raises(ConfigError, match="code.pt with torch.load\\(weights_only=True\\)"):
+        imp(tmp_path / "code.pt", fmt="self-forcing", force=True)
+    lora = _peft_lora()
+    lora["base_model.model.blocks.0.self_attn.q.lora_B.weight"] = torch.zeros(50, RANK)
+    torch.save(lora, tmp_path / "bad_lora.pt")
+    with pytest.raises(ConfigError, match="bad_lora.pt: LoRA does not fit the model: \\['blocks.0.self_attn.q: lora_A"):
+        imp(cases["wan"][1], lora=str(tmp_path / "bad_lora.pt"), force=True)
+    del lora["base_model.model.blocks.0.self_attn.q.lora_B.weight"]
+    torch.save(lora, tmp_path / "bad_lora.pt")
+    with pytest.raises(ConfigError, match="bad_lora.pt: .*without both lora_A and lora_B \\['blocks.0.self_attn.q'\\]"):
+        imp(cases["wan"][1], lora=str(tmp_path / "bad_lora.pt"), force=True)
+    # dry run validates and writes nothing, even with --force
+    info = imp(cases["diffusers"][1], fmt="diffusers", dry_run=True, force=True)
+    assert info["parameters"] == 309808
+    assert _unchanged(out) == before and not list(tmp_path.glob(".out.tmp*"))
+    # export refuses to overwrite, and needs a LoRA for --merge-lora / --lora-only
+    imp(cases["wan"][1], force=True)
+    assert not (out / "keep.txt").exists()
+    (tmp_path / "exp").mkdir()
+    with pytest.raises(ConfigError, match="exists; pass --force"):
+        export_checkpoint(out, tmp_path / "exp", to="diffusers")
+    with pytest.raises(ConfigError, match="holds no LoRA"):
+        export_checkpoint(out, tmp_path / "exp2", to="diffusers", merge_lora=True)
+    with pytest.raises(ConfigError, match="holds no LoRA"):
+        export_lora(out, tmp_path / "exp3")
+    assert not (tmp_path / "exp2").exists() and not (tmp_path / "exp3").exists()
+
+
+def test_cli_dry_run_and_error_exit(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", Path(__file__).parents[1] / "tools" / "convert_checkpoint.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    tiny_diffusers(0).save_pretrained(tmp_path / "d")
+    assert cli.main(["import", "--from", "diffusers", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
+    assert not (tmp_path / "o").exists()
+    assert cli.main(["import", "--from", "wan", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+
+
+# ------------------------------------------------------------------------------------------ dist resharding
+def _reshard_worker(rank, world, root, full):
+    from kvpo_megatron.checkpoint.dist import save_model_dist
+    from kvpo_megatron.checkpoint.loading import load_model_weights
+    from kvpo_megatron.checkpoint.sharding import gather_full_state_dict, load_full_state_dict
+    from kvpo_megatron.lora import (LoRAConfig, apply_lora, base_parameter_name, load_lora_full_state_dict,
+                                    lora_full_state_dict, lora_parameters)
+    from kvpo_megatron.model import CausalWanDiT, model_config
+    from kvpo_megatron.model.build import ModelSection, build_model
+    from kvpo_megatron.model.specs import local_spec
+    from kvpo_megatron.parallel.state import ParallelConfig, init_parallel
+
+    lcfg = LoRAConfig(rank=RANK, alpha=ALPHA)
+    g = torch.Generator().manual_seed(11)
+
+    def base_of(model):
+        lora = {n for n, _ in lora_parameters(model)}
+        return {base_parameter_name(k): v for k, v in gather_full_state_dict(model).items() if k not in lora}
+
+    # save at TP=2 (x DP=2), with a LoRA
+    pgs = init_parallel(ParallelConfig(tensor_model_parallel_size=2))
+    m = CausalWanDiT(model_config("tiny", tensor_model_parallel_size=2), local_spec(), pg_collection=pgs)
+    load_full_state_dict(m, full)
+    apply_lora(m, lcfg)
+    lora_ref = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in lora_full_state_dict(m).items()}
+    load_lora_full_state_dict(m, lora_ref, source_name="test")
+    save_model_dist(m, root, info={"model": {"preset": "tiny", "overrides": {}},
+                                   "lora": {"rank": RANK, "alpha": ALPHA, "target_modules": list(lcfg.target_modules)}})
+    for tp, cp, with_lora in ((1, 1, True), (4, 1, True), (2, 2, False)):
+        pgs = init_parallel(ParallelConfig(tensor_model_parallel_size=tp, context_parallel_size=cp))
+        torch.manual_seed(100 + tp)  # a different random init everywhere
+        m = build_model(ModelSection(preset="tiny"), pg_collection=pgs, tp=tp, cp=cp)
+        if with_lora:
+            apply_lora(m, lcfg)
+        load_model_weights(m, root)
+        got = base_of(m)
+        assert got.keys() == full.keys()
+        if with_lora:
+            assert all(torch.equal(got[k], full[k]) for k in full), (tp, cp)
+            lora = lora_full_state_dict(m)
+            assert all(torch.equal(lora[k], lora_ref[k]) for k in lora_ref), (tp, cp)
+        else:  # merged: W + alpha/r B A
+            for k in lora_ref:
+                if k.endswith("lora_A.weight"):
+                    mod = k[: -len(".lora_A.weight")]
+                    full[mod + ".weight"] = full[mod + ".weight"] + ALPHA / RANK * (lora_ref[mod + ".lora_B.weight"] @ lora_ref[k])
+            assert all(torch.allclose(got[k], full[k], atol=1e-6, rtol=0) for k in full), (tp, cp)
+
+
+def test_dist_checkpoint_saved_at_tp2_loads_at_tp1_tp4_and_tp2_cp2(tmp_path):
+    run_workers(_reshard_worker, 4, str(tmp_path / "ckpt"), tiny_full_state_dict(3))
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert sum(f.endswith(".distcp") for f in files) == 2  # only the two TP ranks of DP replica 0 write
+
+
+# ------------------------------------------------------------------------------------------ training
+def _train_step(model, opt, metrics):
+    import random
+
+    import numpy as np
+
+    x = torch.randn(1, 4, 3, 8, 8)
+    text = model.encode_text(torch.randn(1, 16, 32))
+    loss = model(x, torch.tensor([500.0]), text=text).pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    metrics.append((loss.item(), random.random(), float(np.random.rand())))
+
+
+class _Wrapper(torch.nn.Module):
+    """Stands for a DDP wrapper: parameters named ``module.*`` and no ``pg_collection`` attribute."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+def _training_worker(rank, world, root, full):
+    import random
+
+    import numpy as np
+
+    from kvpo_megatron.checkpoint.training import (CheckpointConfig, find_latest_checkpoint, load_training_checkpoint,
+                                                   save_training_checkpoint)
+    from kvpo_megatron.lora import LoRAConfig, apply_lora, lora_full_state_dict
+    from kvpo_megatron.model import CausalWanDiT, model_config
+    from kvpo_megatron.parallel.state import ParallelConfig, init_parallel
+
+    def build(tp, pgs):
+        from kvpo_megatron.checkpoint.sharding import load_full_state_dict
+        m = CausalWanDiT(model_config("tiny", tensor_model_parallel_size=tp), None, pg_collection=pgs)
+        load_full_state_dict(m, full)
+        apply_lora(m, LoRAConfig(rank=RANK, alpha=ALPHA, target_modules=("q", "ffn_fc2")))
+        with torch.no_grad():  # nonzero B so that both halves train
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+        return m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+
+    cfg = CheckpointConfig(dir=root, every=1, keep_last=2)
+    pgs = init_parallel(ParallelConfig(tensor_model_parallel_size=2))
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    model, opt = build(2, pgs)
+    metrics = []
+    for it in range(1, 5):
+        _train_step(model, opt, metrics)
+        save_training_checkpoint(cfg, it, model=model, optimizer=opt, scheduler_state={"lr": 1e-2 * it},
+                                 data_state={"cursor": it * 3}, extra={"metrics": list(metrics)}, pg_collection=pgs)
+    final = lora_full_state_dict(model)
+    assert sorted(p.name for p in Path(root).iterdir()) == ["iter_0000003", "iter_0000004", "latest"]
+    assert (Path(root) / "latest").read_text() == "iter_0000004"
+    assert find_latest_checkpoint(cfg).name == "iter_0000004"
+    # partial checkpoints are never picked or loaded
+    if rank == 0:
+        (Path(root) / "iter_0000009.tmp").mkdir()
+        (Path(root) / "iter_0000008").mkdir()
+    torch.distributed.barrier()
+    assert find_latest_checkpoint(cfg).name == "iter_0000004"
+    try:
+        load_training_checkpoint(Path(root) / "iter_0000008", model=model, optimizer=opt, pg_collection=pgs)
+        raise AssertionError("a partial checkpoint was loaded")
+    except ConfigError as e:
+        assert "not a complete training checkpoint" in str(e)
+    # resume from iteration 3 into a freshly built model/optimizer with scrambled RNGs
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)
+    model2, opt2 = build(2, pgs)
+    state = load_training_checkpoint(find_latest_checkpoint(CheckpointConfig(resume=str(Path(root) / "iter_0000003"))),
+                                     model=_Wrapper(model2), optimizer=opt2, pg_collection=pgs)  # DDP-style names
+    assert state == {"iteration": 3, "scheduler_state": {"lr": 1e-2 * 3}, "data_state": {"cursor": 9},
+                     "extra": {"metrics": metrics[:3]}}, state
+    resumed = metrics[:3]
+    _train_step(model2, opt2, resumed)
+    assert resumed == metrics, (resumed, metrics)  # loss and every RNG stream continue exactly
+    assert all(torch.equal(v, lora_full_state_dict(model2)[k]) for k, v in final.items())
+    # the same checkpoint at TP=1 (x DP=2): the LoRA and AdamW state reshard
+    exp_avg = {n: opt.state[p]["exp_avg"] for n, p in model.named_parameters() if p.requires_grad}
+    pgs1 = init_parallel(ParallelConfig(tensor_model_parallel_size=1))
+    model1, opt1 = build(1, pgs1)
+    load_training_checkpoint(Path(root) / "iter_0000004", model=model1, optimizer=opt1, pg_collection=pgs1)
+    assert all(torch.equal(v, lora_full_state_dict(model1)[k]) for k, v in final.items())
+    tp_rank = torch.distributed.get_rank(pgs.tp)
+    for n, p in model1.named_parameters():
+        if p.requires_grad:
+            full_avg = opt1.state[p]["exp_avg"]
+            local = exp_avg[n]
+            if local.shape != full_avg.shape:
+                dim = [i for i in range(local.dim()) if local.shape[i] != full_avg.shape[i]][0]
+                full_avg = full_avg.chunk(2, dim=dim)[tp_rank]
+            assert torch.equal(full_avg, local), n
+            assert opt1.state[p]["step"].item() == 4
+
+
+def test_training_checkpoint_resume_is_exact_and_reshards(tmp_path):
+    run_workers(_training_worker, 2, str(tmp_path / "train"), tiny_full_state_dict(0))
+
+
+def test_config_json_mapping_selects_presets():
+    from kvpo_megatron.checkpoint.formats import arch_to_section, config_json_to_arch
+
+    wan13 = {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": 1536, "eps": 1e-06, "ffn_dim": 8960,
+             "freq_dim": 256, "in_dim": 16, "model_type": "t2v", "num_heads": 12, "num_layers": 30, "out_dim": 16,
+             "text_len": 512}
+    wan14 = {**wan13, "dim": 5120, "ffn_dim": 13824, "num_heads": 40, "num_layers": 40}
+    diff13 = {"_class_name": "WanTransformer3DModel", "added_kv_proj_dim": None, "attention_head_dim": 128,
+              "cross_attn_norm": True, "eps": 1e-06, "ffn_dim": 8960, "freq_dim": 256, "image_dim": None,
+              "in_channels": 16, "num_attention_heads": 12, "num_layers": 30, "out_channels": 16,
+              "patch_size": [1, 2, 2], "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024, "text_dim": 4096}
+    for cfg, fmt, preset in ((wan13, "wan", "wan-1.3b"), (wan14, "wan", "wan-14b"), (diff13, "diffusers", "wan-1.3b")):
+        assert arch_to_section(config_json_to_arch(cfg, fmt, source_name="c")) == {"preset": preset, "overrides": {}}
+    odd = arch_to_section(config_json_to_arch({**wan13, "num_layers": 4}, "wan", source_name="c"))
+    assert odd == {"preset": "wan-1.3b", "overrides": {"num_layers": 4}}
+    with pytest.raises(ConfigError, match="c: config field model_type='i2v' is not supported"):
+        config_json_to_arch({**wan13, "model_type": "i2v"}, "wan", source_name="c")
+    with pytest.raises(ConfigError, match="image_dim=1280 is not supported"):
+        config_json_to_arch({**diff13, "image_dim": 1280}, "diffusers", source_name="c")
+
+
+def test_checkpoint_config_validation():
+    from kvpo_megatron.checkpoint.training import CheckpointConfig, find_latest_checkpoint
+
+    with pytest.raises(ConfigError, match="checkpoint.keep_last must be an integer >= 1, got 0"):
+        CheckpointConfig(keep_last=0)
+    with pytest.raises(ConfigError, match="checkpoint.every"):
+        CheckpointConfig(every=-1)
+    assert find_latest_checkpoint(CheckpointConfig(dir="/nonexistent", resume="never")) is None
+    assert find_latest_checkpoint(CheckpointConfig(dir=os.devnull + "_nope")) is None
+    with pytest.raises(ConfigError, match="no complete checkpoint there"):
+        find_latest_checkpoint(CheckpointConfig(resume="/nonexistent/iter_0000001"))
