@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from kvpo_megatron.conditioning.text_encoder import TextEncoderConfig
+from kvpo_megatron.conditioning.vae import DecoderConfig
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.model.build import ModelSection, build_model
 from kvpo_megatron.model.kv_cache import CacheConfig
@@ -33,10 +35,10 @@ class GenerateConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
-    text: dict = field(default_factory=lambda: {"kind": "hash"})
-    """Text encoder settings (see conditioning/text_encoder.py); ``hash`` needs no weights."""
-    decoder: dict | None = None
-    """VAE settings for an mp4 (see conditioning/vae.py); None writes latents only."""
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    """Text encoder (``hash`` needs no weights; text_len/text_dim follow the model)."""
+    decoder: DecoderConfig | None = None
+    """Decoder for an mp4 (``preview`` or the Wan VAE); None writes latents only."""
     prompts: list[str] = field(default_factory=lambda: ["a red fox running through snow"])
     """One prompt, or several for a multi-prompt video."""
     switch_frames: list[int] = field(default_factory=list)
@@ -56,19 +58,24 @@ def _prompt_schedule(cfg: GenerateConfig) -> list[tuple[int, str]]:
 
 
 def run_generation(cfg: GenerateConfig, *, progress: bool = True) -> torch.Tensor:
-    from kvpo_megatron.conditioning.text_encoder import build_text_encoder
+    import dataclasses
+
     from kvpo_megatron.checkpoint.loading import load_model_weights
+    from kvpo_megatron.conditioning.text_encoder import build_text_encoder
+    from kvpo_megatron.parallel.state import validate_tokens
 
     pgs = init_parallel(cfg.parallel)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, pg_collection=pgs, tp=cfg.parallel.tensor_model_parallel_size,
                         cp=cfg.parallel.context_parallel_size, cp_attention=cfg.parallel.cp_attention)
+    validate_tokens(model.config, cfg.parallel, cfg.video.latent_height, cfg.video.latent_width)
     if cfg.model.checkpoint:
         load_model_weights(model, cfg.model.checkpoint)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model.to(device).eval()
     schedule = _prompt_schedule(cfg)
-    encoder = build_text_encoder(cfg.text, text_len=model.config.text_len, text_dim=model.config.text_dim)
+    encoder = build_text_encoder(dataclasses.replace(cfg.text, text_len=model.config.text_len,
+                                                     text_dim=model.config.text_dim))
     gen = StreamingGenerator(model, FlowMatchSampler(cfg.sampler), cfg.cache, recache_on_switch=cfg.recache_on_switch)
     v = cfg.video
     g = torch.Generator().manual_seed(cfg.seed)
@@ -81,7 +88,8 @@ def run_generation(cfg: GenerateConfig, *, progress: bool = True) -> torch.Tenso
     out.mkdir(parents=True, exist_ok=True)
     torch.save(latents.cpu(), out / "latents.pt")
     if cfg.decoder:
-        from kvpo_megatron.conditioning.vae import build_decoder, write_mp4
+        from kvpo_megatron.conditioning.vae import build_decoder
+        from kvpo_megatron.conditioning.video_io import write_mp4
         frames = build_decoder(cfg.decoder).decode(latents.float().cpu())
         write_mp4(frames[0], out / "video.mp4")
     log.info("wrote %s (latents %s)", out, tuple(latents.shape))

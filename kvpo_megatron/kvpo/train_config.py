@@ -93,14 +93,17 @@ class KVPOTrainConfig:
                               f"current block ({self.cache.frames_per_block} frames)")
 
 
+# Why these values: a random tiny DiT barely depends on its attended context at megatron's default init
+# (std 0.02: branches differ by ~4e-5 relative), so the tiny default initialises linears with std 0.3
+# (~5e-3 relative divergence); 18 latent frames is the shortest video whose pivot (block 4, |R| = 9 > 6)
+# leaves a 2-block window; Adam at lr 1e-2 makes the brightness reward rise within ~15 iterations.
 TINY_DEFAULT: dict = {
-    "model": {"preset": "tiny", "overrides": {"init_method_std": 0.1}},
-    "video": {"num_frames": 24, "latent_height": 8, "latent_width": 8},
-    "cache": {"history_frames": 30},
+    "model": {"preset": "tiny", "overrides": {"init_method_std": 0.3}},
+    "video": {"num_frames": 18, "latent_height": 8, "latent_width": 8},
     "routing": {"window_blocks": 2},
     "rollout": {"num_branches": 4},
     "lora": {"rank": 8, "alpha": 8.0},
-    "optim": {"lr": 3e-3, "warmup_steps": 2},
+    "optim": {"lr": 1e-2, "warmup_steps": 2},
     "decoder": {"kind": "preview", "latent_channels": 4},
     "reward": {"components": [{"kind": "brightness", "weight": 1.0, "params": {"target": 1.0}}]},
     "train": {"iterations": 30, "out_dir": "runs/kvpo_tiny"},

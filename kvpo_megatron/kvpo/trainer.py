@@ -35,8 +35,8 @@ from kvpo_megatron.kvpo.rollout import PromptContext, Rollout, RolloutGroup
 from kvpo_megatron.kvpo.train_config import KVPOTrainConfig
 from kvpo_megatron.lora import adapters_disabled, apply_lora, lora_parameters, save_adapter
 from kvpo_megatron.model.build import build_model
-from kvpo_megatron.parallel.data_parallel import GradientReducer
-from kvpo_megatron.parallel.state import init_parallel
+from kvpo_megatron.parallel.data_parallel import wrap_data_parallel
+from kvpo_megatron.parallel.state import init_parallel, validate_tokens
 from kvpo_megatron.rewards.composite import build_reward, spans_from_switch_frames
 from kvpo_megatron.sampling import FlowMatchSampler, StreamingGenerator
 
@@ -77,14 +77,15 @@ class KVPOTrainer:
         if cfg.model.checkpoint:
             from kvpo_megatron.checkpoint.loading import load_model_weights
             load_model_weights(self.model, cfg.model.checkpoint)
+        validate_tokens(self.model.config, par, cfg.video.latent_height, cfg.video.latent_width)
         apply_lora(self.model, cfg.lora)
         self.model.to(self.device)
+        self.ddp = wrap_data_parallel(self.model, self.pgs)
         self.params = [p for _, p in lora_parameters(self.model)]
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / max(1, o.warmup_steps)))
-        self.reducer = GradientReducer(self.params, self.pgs.dp)
         mc = self.model.config
         text_cfg = dataclasses.replace(cfg.text, text_len=mc.text_len, text_dim=mc.text_dim)
         self.text_encoder = build_text_encoder(text_cfg)
@@ -177,14 +178,17 @@ class KVPOTrainer:
                 times[k] = times.get(k, 0.0) + v
         any_update = torch.tensor([float(any(r.passed_guard for r in results))], device=self.device)
         dist.all_reduce(any_update, group=self.pgs.dp)
-        self.optimizer.zero_grad(set_to_none=False)
-        scale = 1.0 / (len(results) * self.dp_size)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ddp.zero_grad_buffer()
+        scale = 1.0 / len(results)  # DDP averages over the data(-and-context)-parallel ranks
         with _timer(times, "time_replay"):
             for r in results:
                 if r.passed_guard:
                     replay_gradients(self.gen, r.group, r.coeffs, loss_scale=scale)
         with _timer(times, "time_update"):
-            self.reducer.all_reduce_sum()
+            self.ddp.finish_grad_sync()
+            for p in self.params:
+                p.grad = p.main_grad.to(p.dtype)
             finite = torch.tensor([float(all(torch.isfinite(p.grad).all() for p in self.params) and all(
                 torch.isfinite(r.total).all() and math.isfinite(r.anchor_total) and
                 torch.isfinite(r.terms.total) for r in results))], device=self.device)
@@ -209,7 +213,7 @@ class KVPOTrainer:
             "tve_mean": float(tve.mean()), "tve_spread": float(tve.max() - tve.min()),
             "entropy": sum(r.terms.entropy for r in results) / len(results),
             "clip_frac": sum(r.terms.clip_frac for r in results) / len(results),
-            "kl": sum(float(r.terms.kl) for r in results) / len(results),
+            "kl": sum(float(r.terms.kl.detach()) for r in results) / len(results),
             "skipped_by_guard": sum(not r.passed_guard for r in results) / len(results),
             **times,
         }
