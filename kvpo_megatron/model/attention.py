@@ -36,6 +36,9 @@ class TextKV:
     """Cross-attention K/V of one prompt for every layer: ``layers[i] = (k, v)``, each [b, Lt, h, d]."""
 
     layers: list[tuple[torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor | None = None
+    """[b, Lt] bool, True at real (unpadded) text tokens; None = all real. Cross-attention attends every
+    position as Wan does; the mask only keeps padding out of MemFlow's bank scores (model/memory_bank.py)."""
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -49,13 +49,24 @@ class CausalWanDiT(nn.Module):
         self.token_sharder = build_module(submodules.token_sharder, pg_collection=pg_collection)
 
     # ---- prompts -----------------------------------------------------------------------------
-    def encode_text(self, context: torch.Tensor) -> TextKV:
-        """Project a prompt ([b, Lt, text_dim], zero-padded) into every layer's cross-attention K/V, once."""
+    def encode_text(self, context: torch.Tensor, lengths: torch.Tensor | None = None) -> TextKV:
+        """Project a prompt ([b, Lt, text_dim], zero-padded) into every layer's cross-attention K/V, once.
+
+        ``lengths`` [b]: real tokens per prompt (the text encoders return them). Without it the padding is read
+        off the zero rows of ``context`` (encoders zero every position at and beyond the length). The result's
+        ``mask`` only matters to MemFlow's bank scores; cross-attention attends every position either way.
+        """
         if context.dim() != 3 or context.shape[-1] != self.config.text_dim:
             raise ConfigError(f"text context must be [batch, tokens, {self.config.text_dim}], "
                               f"got {tuple(context.shape)}")
+        if lengths is None:
+            mask = context.detach().abs().amax(-1) > 0
+        else:
+            if lengths.shape != context.shape[:1]:
+                raise ConfigError(f"text lengths must be [batch] = [{context.shape[0]}], got {tuple(lengths.shape)}")
+            mask = torch.arange(context.shape[1], device=context.device)[None] < lengths.to(context.device)[:, None]
         c = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
-        return TextKV(layers=[blk.cross_attn.project_text(c) for blk in self.blocks])
+        return TextKV(layers=[blk.cross_attn.project_text(c) for blk in self.blocks], mask=mask)
 
     def embed_time(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """timestep [b, F] -> e [b, F, dim] (head) and e0 [b, F, 6, dim] (blocks), both float32."""

@@ -10,6 +10,15 @@ frame positions, so any cached frame can be attended from anywhere.
 Slots: the first ``num_sink_frames`` frames are pinned to slots ``0..S-1``; every later frame ``f`` lives in
 the ring slot ``S + (f - S) % history_frames`` and evicts the frame ``history_frames`` older than it.
 
+Memory bank (MemFlow, ``cfg.memory_bank``; see ``model/memory_bank.py`` for the rules)
+------------------------------------------------------------------------------------------
+The buffers hold ``bank_size`` extra slots after the ring (``[sink | ring | bank]``). Bank slot ``j`` of layer
+``i`` holds, per sample, the frame ``bank_frames[i][b, j]``: a copy of a frame's committed K/V that outlives
+the frame's eviction from the ring. Layers (and samples) keep different frames; the number of entries is
+the same everywhere. Views place the bank right after the sink frames in ``read_slots``
+(``[sink ; bank ; rest]``), so every attention core reads it through the same gather and the buffers'
+version counter changes whenever the bank does. The bank is part of ``snapshot``/``restore``/``fork``.
+
 Views
 -----
 Attention does not read "the cache"; it reads an :class:`AttentionView`: an ordered list of resident frames
@@ -25,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvpo_megatron.errors import ConfigError
+from kvpo_megatron.model.memory_bank import MemoryBankConfig
 
 
 @dataclass(kw_only=True, slots=True)
@@ -39,6 +49,8 @@ class CacheConfig:
     """Local window attended by a block, *including* the block itself (span = sink + local = 12)."""
     history_frames: int = 30
     """Resident non-sink frames (routable history for CHR); older frames are dropped."""
+    memory_bank: MemoryBankConfig | None = None
+    """MemFlow's per-layer memory bank (None: none, LongLive)."""
 
     def __post_init__(self):
         if self.frames_per_block < 1:
@@ -72,6 +84,8 @@ class AttentionView:
     """Frames of the current input whose K/V are written (commit pass); empty otherwise."""
     write_slots: torch.Tensor | None = None
     """[F] slots receiving the current input's K/V."""
+    bank_entries: int = 0
+    """Memory-bank slots in ``read_slots``, right after the sink frames (frames differ per layer)."""
 
 
 class LayerKV:
@@ -100,6 +114,8 @@ class CacheSnapshot:
     v: list[torch.Tensor | None]
     frame_of_slot: list[int | None]
     extra: dict = field(default_factory=dict)
+    bank_frames: list[torch.Tensor | None] | None = None
+    """Per layer, the memory bank's frames [b, n] (None: no bank)."""
 
 
 class KVCache:
@@ -108,10 +124,12 @@ class KVCache:
     def __init__(self, cfg: CacheConfig, num_layers: int):
         self.cfg = cfg
         self.num_layers = num_layers
-        self.num_slots = cfg.num_sink_frames + cfg.history_frames
+        self.num_slots = cfg.num_sink_frames + cfg.history_frames  # frame table (sink + ring); bank slots follow
+        self.bank_size = 0 if cfg.memory_bank is None else cfg.memory_bank.bank_size
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
         self.frame_of_slot: list[int | None] = [None] * self.num_slots
+        self.bank_frames: list[torch.Tensor | None] = [None] * num_layers  # [b, n] long (CPU) per layer
 
     # ---- frame table -------------------------------------------------------------------------
     def slot_for(self, frame: int) -> int:
@@ -130,14 +148,16 @@ class KVCache:
             raise KeyError(f"frames {missing} are not resident in the KV cache (resident: {self.resident_frames()})")
         return [self.slot_for(f) for f in frames]
 
-    def view(self, read_frames, write_frames=(), device=None) -> AttentionView:
-        """Build a view. ``read_frames``: a list of frames, or a list of per-sample lists of equal length."""
+    def view(self, read_frames, write_frames=(), device=None, *, bank: bool = True) -> AttentionView:
+        """Build a view. ``read_frames``: a list of frames, or a list of per-sample lists of equal length.
+        ``bank``: also attend the memory bank's entries (after the sink frames), if there are any."""
         per_sample = len(read_frames) > 0 and isinstance(read_frames[0], (list, tuple))
+        n_bank = self.bank_len if bank else 0
         if per_sample:
-            slots = torch.tensor([self._slots(fr) for fr in read_frames], dtype=torch.long, device=device)
+            slots = torch.tensor([self._with_bank(fr, n_bank) for fr in read_frames], dtype=torch.long, device=device)
             frames = tuple(tuple(int(f) for f in fr) for fr in read_frames)
         else:
-            slots = torch.tensor(self._slots(read_frames), dtype=torch.long, device=device)
+            slots = torch.tensor(self._with_bank(read_frames, n_bank), dtype=torch.long, device=device)
             frames = tuple(int(f) for f in read_frames)
         write_slots = None
         if write_frames:
@@ -145,7 +165,22 @@ class KVCache:
             for f in write_frames:
                 self.frame_of_slot[self.slot_for(f)] = int(f)
         return AttentionView(read_frames=frames, read_slots=slots, write_frames=tuple(int(f) for f in write_frames),
-                             write_slots=write_slots)
+                             write_slots=write_slots, bank_entries=n_bank)
+
+    def _with_bank(self, frames, n_bank: int) -> list[int]:
+        """Slots of ``frames`` with ``n_bank`` bank slots inserted after the leading sink frames."""
+        slots = self._slots(frames)
+        n_sink = next((j for j, f in enumerate(frames) if f >= self.cfg.num_sink_frames), len(frames))
+        return slots[:n_sink] + list(range(self.num_slots, self.num_slots + n_bank)) + slots[n_sink:]
+
+    def attended_frames(self, layer: int, view: AttentionView) -> list[list[int]]:
+        """Per sample, the frames a view makes ``layer`` read now (bank slots resolved for that layer)."""
+        slots = view.read_slots if view.read_slots.dim() == 2 else view.read_slots[None].expand(self.batch_size, -1)
+        out = []
+        for row, row_slots in enumerate(slots.tolist()):
+            out.append([self.frame_of_slot[s] if s < self.num_slots
+                        else int(self.bank_frames[layer][row, s - self.num_slots]) for s in row_slots])
+        return out
 
     def layer(self, i: int, view: AttentionView) -> LayerKV:
         return LayerKV(self, i, view)
@@ -155,7 +190,7 @@ class KVCache:
         b, n_tok, h, d = k.shape
         t = n_tok // slots.numel()
         if self.k[layer] is None:
-            shape = (b, self.num_slots, t, h, d)
+            shape = (b, self.num_slots + self.bank_size, t, h, d)
             self.k[layer] = torch.zeros(shape, dtype=k.dtype, device=k.device)
             self.v[layer] = torch.zeros(shape, dtype=v.dtype, device=v.device)
         slots = slots.to(k.device)
@@ -180,13 +215,48 @@ class KVCache:
         slots = torch.tensor(self._slots(frames), dtype=torch.long, device=self.k[layer].device)
         return self.k[layer].index_select(1, slots), self.v[layer].index_select(1, slots)
 
+    # ---- memory bank (policy in model/memory_bank.py) ---------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return next((t.shape[0] for t in self.k if t is not None), 1)
+
+    @property
+    def bank_len(self) -> int:
+        """Entries in the bank (the same in every layer)."""
+        return 0 if self.bank_frames[0] is None else self.bank_frames[0].shape[1]
+
+    def bank_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of the bank's entries in ``layer``: [b, n, T, h, d] each."""
+        sl = slice(self.num_slots, self.num_slots + self.bank_len)
+        return self.k[layer][:, sl], self.v[layer][:, sl]
+
+    def set_bank(self, layer: int, frame: int, keep: torch.Tensor) -> None:
+        """Replace ``layer``'s bank by ``candidates[keep]`` per sample, where the candidates are the current entries
+        followed by the resident ``frame``; ``keep`` [b, m] (m <= bank_size) indexes them."""
+        if keep.shape[-1] > self.bank_size:
+            raise ValueError(f"memory bank of layer {layer}: cannot keep {keep.shape[-1]} entries "
+                             f"(bank_size {self.bank_size})")
+        n = 0 if self.bank_frames[layer] is None else self.bank_frames[layer].shape[1]
+        k, v = self.k[layer], self.v[layer]
+        b = k.shape[0]
+        cand = torch.tensor(list(range(self.num_slots, self.num_slots + n)) + self._slots([frame]), device=k.device)
+        rows, idx = torch.arange(b, device=k.device)[:, None], keep.to(k.device).expand(b, -1)
+        m = idx.shape[1]
+        new_k, new_v = k.index_select(1, cand)[rows, idx], v.index_select(1, cand)[rows, idx]  # [b, m, T, h, d]
+        k[:, self.num_slots:self.num_slots + m] = new_k
+        v[:, self.num_slots:self.num_slots + m] = new_v
+        old = self.bank_frames[layer] if self.bank_frames[layer] is not None else torch.zeros(b, 0, dtype=torch.long)
+        frames = torch.cat([old, torch.full((b, 1), int(frame), dtype=torch.long)], 1)
+        self.bank_frames[layer] = frames.gather(1, keep.cpu().long().expand(b, -1))
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
     # ---- fork / restore ----------------------------------------------------------------------
     def snapshot(self) -> CacheSnapshot:
         clone = lambda ts: [None if t is None else t.clone() for t in ts]  # noqa: E731
-        return CacheSnapshot(k=clone(self.k), v=clone(self.v), frame_of_slot=list(self.frame_of_slot))
+        return CacheSnapshot(k=clone(self.k), v=clone(self.v), frame_of_slot=list(self.frame_of_slot),
+                             bank_frames=clone(self.bank_frames))
 
     def restore(self, snap: CacheSnapshot) -> None:
         """Copy a snapshot back in place (buffers keep their storage)."""
@@ -199,6 +269,8 @@ class KVCache:
                 else:
                     dst[i].copy_(t)
         self.frame_of_slot = list(snap.frame_of_slot)
+        frames = snap.bank_frames if snap.bank_frames is not None else [None] * self.num_layers
+        self.bank_frames = [None if t is None else t.clone() for t in frames]
 
     def fork(self) -> "KVCache":
         """An independent copy (for a branch that writes its own frames)."""

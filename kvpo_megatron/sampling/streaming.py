@@ -5,8 +5,10 @@ For each block of ``frames_per_block`` latent frames:
      (default: sink + the local frames before it) -> velocity -> sampler step;
   2. commit: one forward of the clean block at ``context_noise`` that writes its K/V into the cache
      (skipping the output head).
-Callers that change what a block attends to (CHR routing, MemFlow's bank) pass ``read_frames_for_step``;
+Callers that change what a block attends to (CHR routing) pass ``read_frames_for_step``;
 callers that need the intermediate states (KVPO's replay tuples) pass ``on_step``.
+With ``cache.memory_bank`` set, every view also attends MemFlow's bank, and each commit records/compresses
+it (``model/memory_bank.py``) — so rollout, replay and plain generation keep the same bank.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from tqdm.auto import tqdm
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.model.attention import TextKV
 from kvpo_megatron.model.kv_cache import CacheConfig, KVCache
+from kvpo_megatron.model.memory_bank import ScoreReduction, update_after_commit
 from kvpo_megatron.sampling.flow_matching import FlowMatchSampler
 
 StepHook = Callable[[int, torch.Tensor, float, torch.Tensor], None]  # (step, x_t, timestep, velocity)
@@ -34,9 +37,13 @@ class PromptSwitch:
 
 
 class StreamingGenerator:
-    def __init__(self, model, sampler: FlowMatchSampler, cache_cfg: CacheConfig, *, recache_on_switch: bool = False):
+    def __init__(self, model, sampler: FlowMatchSampler, cache_cfg: CacheConfig, *, recache_on_switch: bool = False,
+                 bank_reduction: ScoreReduction | None = None):
+        """``bank_reduction``: completes MemFlow's bank scores over the ranks sharding the cache; None builds it
+        from the model's process groups (``parallel/bank_reduction.py``) on first use."""
         self.model, self.sampler, self.cache_cfg = model, sampler, cache_cfg
         self.recache_on_switch = recache_on_switch
+        self.bank_reduction = bank_reduction
         self.forward_count = 0  # model forwards issued (tests count them)
 
     def new_cache(self) -> KVCache:
@@ -63,8 +70,10 @@ class StreamingGenerator:
         return x
 
     def commit_block(self, cache: KVCache, x0: torch.Tensor, start: int, text: TextKV, *,
-                     read_frames: list[int] | None = None, generator: torch.Generator | None = None) -> None:
-        """Write the block's clean K/V (at ``context_noise``) into the cache."""
+                     read_frames: list[int] | None = None, generator: torch.Generator | None = None,
+                     record_bank: bool = True) -> None:
+        """Write the block's clean K/V (at ``context_noise``) into the cache; then update the memory bank
+        (scored against ``text``) unless ``record_bank`` is False (recomputing an earlier block)."""
         nf = x0.shape[2]
         frames = self.cache_cfg.default_read_frames(start, nf) if read_frames is None else read_frames
         x = x0
@@ -73,15 +82,21 @@ class StreamingGenerator:
             x = self.sampler.add_noise(x0, eps, self.sampler.context_sigma)
         view = cache.view(frames, write_frames=list(range(start, start + nf)), device=x0.device)
         self._forward(x, self.sampler.context_timestep(), start, text, cache, view, compute_output=False)
+        if record_bank and cache.cfg.memory_bank is not None:
+            if self.bank_reduction is None:
+                from kvpo_megatron.parallel.bank_reduction import score_reduction_for
+                self.bank_reduction = score_reduction_for(self.model)
+            update_after_commit(cache, start // cache.cfg.frames_per_block, text, self.bank_reduction)
 
     def recache(self, cache: KVCache, latents: torch.Tensor, start: int, text: TextKV) -> None:
         """LongLive-style prompt switch: recompute the K/V of the local frames before ``start`` (not the sink)
-        under the new prompt, block by block, from their clean latents ``latents`` [b, C, >=start, H, W]."""
+        under the new prompt, block by block, from their clean latents ``latents`` [b, C, >=start, H, W].
+        The memory bank is kept as it is (no entry is recorded again)."""
         fpb = self.cache_cfg.frames_per_block
         first = max(self.cache_cfg.num_sink_frames, start - (self.cache_cfg.local_attn_frames - fpb))
         first -= (first % fpb)
         for s in range(max(first, self.cache_cfg.num_sink_frames), start, fpb):
-            self.commit_block(cache, latents[:, :, s:s + fpb], s, text)
+            self.commit_block(cache, latents[:, :, s:s + fpb], s, text, record_bank=False)
 
     def check_video(self, noise: torch.Tensor) -> int:
         fpb = self.cache_cfg.frames_per_block
