@@ -36,6 +36,8 @@ class OptimConfig:
     warmup_steps: int = 5
     """Linear warmup steps."""
     betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    """AdamW epsilon."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -59,7 +59,10 @@ class GroupResult:
     anchor_total: float
     adv: torch.Tensor
     coeffs: torch.Tensor
+    """dLoss/dTVE of this rank's branches."""
     terms: object
+    tve: torch.Tensor
+    """TVE_old of all G branches."""
     passed_guard: bool
 
 
@@ -74,16 +77,14 @@ class KVPOTrainer:
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model, pg_collection=self.pgs, tp=par.tensor_model_parallel_size,
                                  cp=par.context_parallel_size, cp_attention=par.cp_attention)
-        if cfg.model.checkpoint:
-            from kvpo_megatron.checkpoint.loading import load_model_weights
-            load_model_weights(self.model, cfg.model.checkpoint)
         validate_tokens(self.model.config, par, cfg.video.latent_height, cfg.video.latent_width)
-        apply_lora(self.model, cfg.lora)
+        self._load_weights_and_lora()
         self.model.to(self.device)
         self.ddp = wrap_data_parallel(self.model, self.pgs)
         self.params = [p for _, p in lora_parameters(self.model)]
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas,
+                                           eps=o.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / max(1, o.warmup_steps)))
         mc = self.model.config
@@ -92,9 +93,19 @@ class KVPOTrainer:
         self.decoder = build_decoder(cfg.decoder)
         self.reward = build_reward(cfg.reward)
         self.weights = {c.name: c.weight for c in cfg.reward.components}
+        self.branch_ids = None
+        if par.branches_over_dp:
+            g = cfg.rollout.num_branches
+            if g % self.dp_size:
+                raise ConfigError(f"parallel.branches_over_dp needs rollout.num_branches ({g}) divisible by the "
+                                  f"data-parallel size ({self.dp_size})")
+            per = g // self.dp_size
+            self.branch_ids = list(range(self.dp_rank * per, (self.dp_rank + 1) * per))
         dataset = PromptDataset(cfg.data.prompts, num_frames=cfg.video.num_frames,
                                 num_segments=cfg.data.num_segments, switch_interval=cfg.data.switch_interval)
-        self.loader = PromptLoader(dataset, dp_rank=self.dp_rank, dp_size=self.dp_size, seed=cfg.train.seed,
+        # with branches over DP, every DP rank works on the same prompts (and a slice of their branches)
+        shard = (0, 1) if par.branches_over_dp else (self.dp_rank, self.dp_size)
+        self.loader = PromptLoader(dataset, dp_rank=shard[0], dp_size=shard[1], seed=cfg.train.seed,
                                    prompts_per_rank=cfg.data.prompts_per_rank)
         self.gen = StreamingGenerator(self.model, FlowMatchSampler(cfg.sampler), cfg.cache,
                                       recache_on_switch=cfg.recache_on_switch)
@@ -108,6 +119,24 @@ class KVPOTrainer:
         self.iteration = 0
         self.consecutive_skips = 0
         self._resume()
+
+    def _load_weights_and_lora(self):
+        """Base weights, then LoRA. A converted checkpoint directory's LoRA becomes the trainable adapter."""
+        from kvpo_megatron.checkpoint.loading import checkpoint_lora_config, load_model_weights
+
+        path = self.cfg.model.checkpoint
+        lora_in_ckpt = path is not None and Path(path).is_dir() and checkpoint_lora_config(path) is not None
+        if lora_in_ckpt:
+            ck = checkpoint_lora_config(path)
+            if (ck.rank, ck.alpha) != (self.cfg.lora.rank, self.cfg.lora.alpha):
+                raise ConfigError(f"checkpoint {path} holds a LoRA of rank {ck.rank}, alpha {ck.alpha}; set "
+                                  f"lora.rank/lora.alpha to match (got {self.cfg.lora.rank}, {self.cfg.lora.alpha})")
+            apply_lora(self.model, self.cfg.lora)
+            load_model_weights(self.model, path)
+            return
+        if path is not None:
+            load_model_weights(self.model, path)
+        apply_lora(self.model, self.cfg.lora)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _resume(self):
@@ -151,20 +180,31 @@ class KVPOTrainer:
                  self.cfg.video.latent_width)
         with _timer(times, "time_rollout"):
             group = self.rollout.run(self._contexts(sample), shape, iteration=self.iteration,
-                                     prompt_index=prompt_index, device=self.device)
+                                     prompt_index=prompt_index, branch_ids=self.branch_ids, device=self.device)
         with _timer(times, "time_reward"), torch.no_grad():
             rewards, anchor = self._score(group, sample)
+        tve_old = torch.tensor([b.tve_old for b in group.branches])
+        tve_ref = torch.tensor([b.tve_ref for b in group.branches])
+        if self.branch_ids is not None:  # the group's rewards and energies live on all DP ranks
+            rewards = {k: self._gather_dp(v) for k, v in rewards.items()}
+            tve_old, tve_ref = self._gather_dp(tve_old), self._gather_dp(tve_ref)
         total = sum(self.weights[k] * v for k, v in rewards.items())
         anchor_total = sum(self.weights[k] * v for k, v in anchor.items())
         adv = multi_advantages(rewards, anchor, self.weights, baseline=self.cfg.objective.baseline,
                                clip=self.cfg.objective.adv_clip)
-        tve_old = torch.tensor([b.tve_old for b in group.branches])
-        tve_ref = torch.tensor([b.tve_ref for b in group.branches])
         coeffs, terms = tve_coefficients(tve_old, tve_old, tve_ref, adv, self.cfg.objective)
         passed = guard_passes(total, anchor_total) or not self.cfg.objective.guard
+        if self.branch_ids is not None:
+            coeffs = coeffs[self.branch_ids]
         return GroupResult(group=group, rewards=rewards, anchor=anchor, total=total, anchor_total=anchor_total,
                            adv=adv, coeffs=coeffs if passed else torch.zeros_like(coeffs), terms=terms,
-                           passed_guard=passed), times
+                           tve=tve_old, passed_guard=passed), times
+
+    def _gather_dp(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate equal-length per-rank vectors over the DP group (in rank order)."""
+        parts = [torch.empty_like(x) for _ in range(self.dp_size)]
+        dist.all_gather(parts, x.contiguous(), group=self.pgs.dp)
+        return torch.cat(parts)
 
     # ---- one iteration -----------------------------------------------------------------------
     def step(self) -> dict:
@@ -180,7 +220,9 @@ class KVPOTrainer:
         dist.all_reduce(any_update, group=self.pgs.dp)
         self.optimizer.zero_grad(set_to_none=True)
         self.ddp.zero_grad_buffer()
-        scale = 1.0 / len(results)  # DDP averages over the data(-and-context)-parallel ranks
+        # DDP averages over the data(-and-context)-parallel ranks: prompts over DP want that mean; branches over
+        # DP hold disjoint parts of one sum, so they scale the average back up by the DP size.
+        scale = (self.dp_size if self.branch_ids is not None else 1.0) / len(results)
         with _timer(times, "time_replay"):
             for r in results:
                 if r.passed_guard:
@@ -199,12 +241,13 @@ class KVPOTrainer:
                 self.optimizer.step()
             self.scheduler.step()
         self.consecutive_skips = 0 if finite.item() > 0 else self.consecutive_skips + 1
+        self.last_results = results  # for inspection (tests, debugging)
         metrics = self._metrics(results, times, grad_norm, stepped, finite.item() > 0)
         self._archive(results)
         return metrics
 
     def _metrics(self, results, times, grad_norm, stepped, finite) -> dict:
-        tve = torch.cat([torch.tensor([b.tve_old for b in r.group.branches]) for r in results])
+        tve = torch.cat([r.tve for r in results])
         local = {
             "reward_mean": float(torch.cat([r.total for r in results]).mean()),
             "anchor_reward": sum(r.anchor_total for r in results) / len(results),
@@ -235,7 +278,7 @@ class KVPOTrainer:
         self.archive.write(self.iteration, {
             "anchor_latents": g.anchor.latents.cpu(), "branch_latents": torch.cat([b.latents for b in g.branches]).cpu(),
             **{f"reward_{k}": v for k, v in r.rewards.items()}, "advantages": r.adv,
-            "tve": torch.tensor([b.tve_old for b in g.branches]), "pivot": g.pivot,
+            "tve": r.tve, "pivot": g.pivot,
             "routes": torch.tensor([[g.branches[i].routes[b] for b in g.window] for i in range(len(g.branches))])})
 
     # ---- loop --------------------------------------------------------------------------------
