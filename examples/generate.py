@@ -2,6 +2,7 @@
 
     python examples/generate.py                                   # tiny random model on CPU, seconds
     python examples/generate.py --config examples/configs/generate_tiny.yaml video.num_frames=30
+    python examples/generate.py --preset memflow-1.3b --config examples/configs/generate_wan13b.yaml
     torchrun --nproc_per_node 2 examples/generate.py parallel.tensor_model_parallel_size=2
 """
 from kvpo_megatron.cli import parse_args, run_main
@@ -10,8 +11,11 @@ from kvpo_megatron.generation import GenerateConfig, run_generation
 
 
 def main() -> None:
+    from kvpo_megatron.model.memory_bank import generator_preset
+
     args = parse_args(__doc__)
-    run_generation(load_config(GenerateConfig, args.config, args.overrides))
+    base = generator_preset(args.preset, {"model", "cache", "recache_on_switch"}) if args.preset else None
+    run_generation(load_config(GenerateConfig, args.config, args.overrides, base=base))
 
 
 if __name__ == "__main__":

@@ -88,8 +88,9 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """YAML file (optional) + overrides -> ``cls``."""
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> T:
+    """``base`` tree (e.g. a named preset) <- YAML file (optional) <- overrides -> ``cls``."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -99,7 +100,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}")
-    return from_dict(cls, deep_merge(data, parse_overrides(overrides or [])))
+    return from_dict(cls, deep_merge(deep_merge(base or {}, data), parse_overrides(overrides or [])))
 
 
 def to_dict(obj) -> Any:

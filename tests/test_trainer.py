@@ -65,7 +65,7 @@ def test_nonfinite_rewards_skip_updates_then_stop(tmp_path):
 
 
 def _torchrun(out: Path, *overrides, iterations=4) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "examples" / "train_kvpo.py"), f"train.iterations={iterations}", f"train.out_dir={out}",
            f"checkpoint.dir={out / 'ckpt'}", "checkpoint.every=1", "train.progress=false", *overrides]
@@ -114,3 +114,23 @@ def test_torchrun_main_job_and_exact_resume_after_sigkill(tmp_path):
     assert _metrics(killed) [-4:] == _metrics(straight)[-4:] or _metrics(killed)[-4:] == _metrics(straight)
     a, b = _final_lora(straight), _final_lora(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tiny_default_with_memory_bank_and_rollout_archive(tmp_path):
+    """KVPO end to end with MemFlow's bank enabled; the rollout archive written during the run reads back."""
+    from kvpo_megatron.data.rollout_archive import read_archive
+
+    archive = tmp_path / "archive"
+    tr = KVPOTrainer(_cfg(tmp_path, "train.iterations=2", f"train.rollout_archive={archive}",
+                          "cache.memory_bank={bank_size: 2, record_interval: 1}", "objective.guard=false"))
+    hist = tr.train()
+    assert len(hist) == 2 and all(h["grad_norm"] > 0 for h in hist)
+    fork = tr.last_results[0].group.fork_state
+    assert fork.bank_frames is not None and fork.bank_frames[0] is not None  # the fork state carries the bank
+    assert fork.bank_frames[0].shape[1] == 2
+    reader = read_archive(archive)
+    assert reader.iterations() == [0, 1]
+    rec = reader.load(1)
+    assert rec["branch_latents"].shape == (4, 4, 18, 8, 8) and rec["anchor_latents"].shape == (1, 4, 18, 8, 8)
+    assert rec["routes"].shape == (4, 2, 6) and rec["tve"].shape == (4,)
+    assert {"reward_brightness", "advantages", "pivot"} <= set(rec)

@@ -202,9 +202,10 @@ class KVPOTrainer:
 
     def _gather_dp(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate equal-length per-rank vectors over the DP group (in rank order)."""
+        x = x.to(self.device)  # NCCL collectives need device tensors
         parts = [torch.empty_like(x) for _ in range(self.dp_size)]
         dist.all_gather(parts, x.contiguous(), group=self.pgs.dp)
-        return torch.cat(parts)
+        return torch.cat(parts).cpu()
 
     # ---- one iteration -----------------------------------------------------------------------
     def step(self) -> dict:
@@ -263,8 +264,9 @@ class KVPOTrainer:
         for name in results[0].rewards:
             local[f"reward/{name}"] = float(torch.cat([r.rewards[name] for r in results]).mean())
         keys = sorted(local)
-        vec = torch.tensor([local[k] for k in keys], dtype=torch.float64)
+        vec = torch.tensor([local[k] for k in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(vec, group=self.pgs.dp)
+        vec = vec.cpu()
         out = {k: float(v) / self.dp_size for k, v in zip(keys, vec)}
         out.update(grad_norm=grad_norm, stepped=float(stepped), nonfinite_skip=float(not finite),
                    lr=self.scheduler.get_last_lr()[0])

@@ -63,7 +63,8 @@ class WanBlock(nn.Module):
 
         y = self.self_attn(modulate(self.norm1, shift_msa, scale_msa), rope=rope, kv=kv, attn_mask=attn_mask)
         x = (per_frame(x) + per_frame(y) * gate_msa).view(b, n, d).type_as(x)
-        x = x + self.cross_attn(self.norm3(x.float()).type_as(x), text_kv)
+        n3 = F.layer_norm(x.float(), (d,), self.norm3.weight.float(), self.norm3.bias.float(), self.norm3.eps)
+        x = x + self.cross_attn(n3.type_as(x), text_kv)  # LayerNorm in fp32 whatever the parameter dtype
         h = F.gelu(self.ffn_fc1(modulate(self.norm2, shift_ffn, scale_ffn))[0], approximate="tanh")
         y = self.ffn_fc2(h)[0]
         return (per_frame(x) + per_frame(y) * gate_ffn).view(b, n, d).type_as(x)

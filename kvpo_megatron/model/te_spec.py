@@ -1,0 +1,280 @@
+"""TransformerEngine layer spec: TE linears, TE fused attention (bf16 or FP8) and TE RMSNorm for q/k.
+
+Pieces (``te_spec(cfg)`` wires them into the same ``WanBlock``/``WanSelfAttention`` modules as the local spec):
+
+* linears: megatron-core's ``TEColumnParallelLinear``/``TERowParallelLinear`` (parameter names ``weight``/``bias``,
+  so checkpoints and ``checkpoint/mappings.py`` are unchanged);
+* attention cores: TE ``DotProductAttention`` (``bshd``, no mask; cuDNN fused attention on Hopper) for the cached
+  self-attention (same contract as ``CachedSDPA``: read the view's frames, then write the commit pass's K/V,
+  attend to ``[cached; current]``) and for cross-attention;
+* q/k norm: TE ``RMSNorm`` over the full width when TP == 1 (under TP the statistics need the all-reduce of
+  ``FullDimRMSNorm``, which is kept).
+
+Precision, per module group, from config fields of megatron's ``TransformerConfig``:
+``fp8`` (``e4m3``/``hybrid``; None = everything bf16), ``fp8_recipe`` (``tensorwise`` = current scaling,
+``delayed``), ``fp8_dot_product_attention`` (FP8 fused attention, self and cross). Which linears run in FP8 is
+``te_spec(cfg, fp8_linears=...)`` (default: all groups when ``cfg.fp8`` is set and
+``fp8_dot_product_attention`` is off, none when it is on). FP8 linears lose at Wan-1.3B widths (1536) and win
+at 14B widths, hence the per-group choice.
+
+Delayed scaling normally updates its scales only when autograd is on; the FP8 wrappers here also update them in
+no-grad rollouts (the first call of a module then runs with scale 1, later calls with the previous amax).
+
+Fast path of the cached core: the gathered context ``[cached frames of the view; current tokens]`` lives in a
+per-layer buffer that is reused while the cache tensor, its version counter and the view's frames are unchanged
+(the 4 denoising steps and the commit pass of a block read the same frames): one gather per block instead of
+one gather plus one concatenation per step. With autograd on, the context is concatenated (no in-place reuse).
+TransformerEngine is imported lazily: without it this module imports, and ``te_spec`` raises ``ConfigError``.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from enum import StrEnum
+from functools import lru_cache
+
+import torch
+from megatron.core.transformer.spec_utils import ModuleSpec
+from torch import nn
+
+from kvpo_megatron.errors import ConfigError
+from kvpo_megatron.model.attention import AttentionSubmodules, WanCrossAttention, WanSelfAttention, sdpa
+from kvpo_megatron.model.block import WanBlock, WanBlockSubmodules
+from kvpo_megatron.model.kv_cache import LayerKV
+from kvpo_megatron.model.specs import CausalWanSubmodules, NoTokenSharding
+from kvpo_megatron.parallel.norms import FullDimRMSNorm
+
+
+class LinearGroup(StrEnum):
+    """Groups of linears whose precision is chosen together."""
+
+    self_attn = "self_attn"  # q, k, v, o of self-attention
+    cross_attn = "cross_attn"  # q, k, v, o of cross-attention (k, v run once per prompt)
+    ffn = "ffn"  # fc1, fc2
+
+
+def _te():
+    try:
+        import transformer_engine.pytorch as te
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ConfigError("model.spec=te needs TransformerEngine (pip install 'transformer-engine[pytorch]'); "
+                          "use model.spec=local without it") from e
+    return te
+
+
+def fp8_recipe(cfg, *, dpa: bool):
+    """TE recipe from ``cfg.fp8`` (format) and ``cfg.fp8_recipe`` (``tensorwise`` | ``delayed``)."""
+    from transformer_engine.common import recipe
+
+    formats = {"e4m3": recipe.Format.E4M3, "hybrid": recipe.Format.HYBRID}
+    if cfg.fp8 not in formats:
+        raise ConfigError(f"model.fp8 must be one of {sorted(formats)} for FP8 modules, got {cfg.fp8!r}")
+    fmt = formats[cfg.fp8]
+    if cfg.fp8_recipe == "delayed":
+        return recipe.DelayedScaling(fp8_format=fmt, amax_history_len=cfg.fp8_amax_history_len,
+                                     amax_compute_algo=cfg.fp8_amax_compute_algo, fp8_dpa=dpa)
+    if cfg.fp8_recipe == "tensorwise":
+        return recipe.Float8CurrentScaling(fp8_format=fmt, fp8_dpa=dpa)
+    raise ConfigError(f"model.fp8_recipe must be 'tensorwise' or 'delayed' for the te spec, got {cfg.fp8_recipe!r}")
+
+
+@contextlib.contextmanager
+def quantized(recipe):
+    """Run the enclosed TE module call in FP8 under ``recipe`` (no-op for None).
+
+    Delayed-scaling amax/scale updates happen at the exit of TE's autocast only with grad enabled; in no-grad
+    calls grad mode is switched on around the autocast and off again inside it, so rollouts update them too."""
+    if recipe is None:
+        yield
+        return
+    te = _te()
+    if torch.is_grad_enabled():
+        with te.autocast(enabled=True, recipe=recipe):
+            yield
+    else:
+        with torch.enable_grad(), te.autocast(enabled=True, recipe=recipe), torch.no_grad():
+            yield
+
+
+def _tp_size(tp_group) -> int:
+    from megatron.core.utils import get_pg_size
+
+    return 1 if tp_group is None else get_pg_size(tp_group)
+
+
+@lru_cache(maxsize=None)
+def _te_classes():
+    """TE-backed module classes (built on first use so that importing this file never needs TE)."""
+    te = _te()
+    from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
+
+    class TEColumnLinear(TEColumnParallelLinear):
+        """Column-parallel TE linear with the local spec's call signature; optional FP8 recipe."""
+
+        def __init__(self, input_size, output_size, *, config, init_method, bias, gather_output=False,
+                     tp_group=None, fp8_recipe=None):
+            super().__init__(input_size, output_size, config=config, init_method=init_method,
+                             gather_output=gather_output, bias=bias, skip_bias_add=False, is_expert=False,
+                             tp_group=tp_group)
+            self.fp8_recipe = fp8_recipe
+            self.disable_parameter_transpose_cache = True  # weights may change between calls (LoRA, training)
+            self.gather_output = gather_output  # megatron ColumnParallelLinear's attribute (LoRA layers read it)
+
+        @torch.compiler.disable
+        def forward(self, x):
+            with quantized(self.fp8_recipe):
+                return super().forward(x)
+
+    class TERowLinear(TERowParallelLinear):
+        """Row-parallel TE linear with the local spec's call signature; optional FP8 recipe."""
+
+        def __init__(self, input_size, output_size, *, config, init_method, bias, input_is_parallel=True,
+                     skip_bias_add=False, tp_group=None, fp8_recipe=None):
+            super().__init__(input_size, output_size, config=config, init_method=init_method, bias=bias,
+                             input_is_parallel=input_is_parallel, skip_bias_add=skip_bias_add, is_expert=False,
+                             tp_group=tp_group)
+            self.fp8_recipe = fp8_recipe
+            self.disable_parameter_transpose_cache = True
+            self.input_is_parallel = input_is_parallel  # megatron RowParallelLinear's attribute
+
+        @torch.compiler.disable
+        def forward(self, x):
+            with quantized(self.fp8_recipe):
+                return super().forward(x)
+
+    class TEQKRMSNorm(te.RMSNorm):
+        """TE RMSNorm over the full width (TP == 1 only; ``te_spec`` picks ``FullDimRMSNorm`` under TP)."""
+
+        def __init__(self, hidden_size, eps, *, tp_group=None, device="cpu", dtype=torch.float32):
+            if _tp_size(tp_group) != 1:
+                raise ConfigError("TE q/k RMSNorm needs tensor_model_parallel_size == 1")
+            super().__init__(hidden_size, eps=eps, device=device, dtype=dtype)
+
+        @torch.compiler.disable
+        def forward(self, x):
+            return super().forward(x)
+
+    return TEColumnLinear, TERowLinear, TEQKRMSNorm
+
+
+def _dpa(config, pg_collection):
+    heads = config.num_attention_heads // _tp_size(getattr(pg_collection, "tp", None))
+    return _te().DotProductAttention(heads, config.head_dim, attention_dropout=0.0, qkv_format="bshd",
+                                     attn_mask_type="no_mask", attention_type="cross")
+
+
+class TECachedAttention(nn.Module):
+    """Cached self-attention core on TE fused attention (contract of ``CachedSDPA``)."""
+
+    def __init__(self, config, pg_collection=None, fp8_recipe=None):
+        super().__init__()
+        self.attn = _dpa(config, pg_collection)
+        self.fp8_recipe = fp8_recipe
+        self._ctx_key = None
+        self._ctx_src = None  # weakref to the cache tensor the context was gathered from
+        self._ctx = None  # (k, v) buffers [b, n*T + L, h, d]; the first n*T rows hold the gathered frames
+        self._graph_buffers: list = []
+
+    def forward(self, q, k, v, *, kv: LayerKV | None = None, attn_mask=None):
+        """q, k, v: [b, L, h, d] -> [b, L, h, d]."""
+        if attn_mask is not None:  # full-sequence mode with a mask: torch SDPA (TE arbitrary masks are slower)
+            if kv is not None and kv.view.read_slots.numel():
+                raise ValueError("attn_mask is only supported without a KV cache (full-sequence mode)")
+            if kv is not None:
+                kv.write(k, v)
+            return sdpa(q, k, v, attn_mask)
+        if kv is not None:
+            k, v = self._with_context(kv, k, v)
+        with quantized(self.fp8_recipe):
+            out = self.attn(q, k, v)
+        return out.view(q.shape)
+
+    forward = torch.compiler.disable(forward)  # TE calls and the context cache stay eager under torch.compile
+
+    def _with_context(self, kv: LayerKV, k, v):
+        """Read (before write) the view's cached frames and return [cached; current] K and V."""
+        if kv.view.read_slots.numel() == 0:
+            kv.write(k, v)
+            return k, v
+        src = kv.cache.k[kv.layer]
+        key = (src._version, kv.cache.v[kv.layer]._version, kv.view.read_frames, k.shape, k.dtype)
+        capturing = k.is_cuda and torch.cuda.is_current_stream_capturing()  # a CUDA graph must gather every replay
+        hit = not capturing and self._ctx_key == key and self._ctx_src is not None and self._ctx_src() is src
+        if not hit:
+            ck, cv = kv.read()
+            n = ck.shape[1]
+            shape = (k.shape[0], n + k.shape[1], *k.shape[2:])
+            if self._ctx is None or self._ctx[0].shape != shape or self._ctx[0].device != k.device:
+                self._ctx = (k.new_empty(shape), v.new_empty(shape))
+            self._ctx[0][:, :n].copy_(ck)
+            self._ctx[1][:, :n].copy_(cv)
+            self._ctx_key, self._ctx_src = (None, None) if capturing else (key, weakref.ref(src))
+        if capturing:  # keep the buffers a captured graph writes alive even if _ctx is replaced later
+            self._graph_buffers.append(self._ctx)
+        kv.write(k, v)  # after the read: a commit may overwrite a slot this view reads
+        kb, vb = self._ctx
+        n = kb.shape[1] - k.shape[1]
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            return torch.cat([kb[:, :n], k], 1), torch.cat([vb[:, :n], v], 1)
+        kb[:, n:].copy_(k)
+        vb[:, n:].copy_(v)
+        return kb, vb
+
+
+class TETextAttention(nn.Module):
+    """Cross-attention core on TE fused attention: video queries against the prompt's K/V."""
+
+    def __init__(self, config, pg_collection=None, fp8_recipe=None):
+        super().__init__()
+        self.attn = _dpa(config, pg_collection)
+        self.fp8_recipe = fp8_recipe
+
+    def forward(self, q, k, v):
+        with quantized(self.fp8_recipe):
+            out = self.attn(q, k.contiguous(), v.contiguous())
+        return out.view(q.shape)
+
+    forward = torch.compiler.disable(forward)
+
+
+def default_fp8_linears(cfg) -> tuple[LinearGroup, ...]:
+    """All linear groups in FP8 when ``cfg.fp8`` is set without FP8 attention; none otherwise."""
+    if cfg.fp8 is None or cfg.fp8_dot_product_attention:
+        return ()
+    return tuple(LinearGroup)
+
+
+def te_spec(cfg, *, fp8_linears=None) -> CausalWanSubmodules:
+    """The TE spec for ``cfg`` (TP via megatron's TE linears; no context parallelism).
+
+    Args:
+        cfg: the ``WanConfig``; ``fp8``/``fp8_recipe``/``fp8_dot_product_attention`` select FP8 (module doc).
+        fp8_linears: linear groups (``LinearGroup`` names) run in FP8; None = ``default_fp8_linears(cfg)``.
+    """
+    column, row, te_norm = _te_classes()
+    groups = default_fp8_linears(cfg) if fp8_linears is None else tuple(LinearGroup(g) for g in fp8_linears)
+    if (groups or cfg.fp8_dot_product_attention) and cfg.fp8 is None:
+        raise ConfigError("FP8 linears or model.fp8_dot_product_attention need model.fp8 (e4m3 | hybrid)")
+    lin_recipe = fp8_recipe(cfg, dpa=False) if groups else None
+    dpa_recipe = fp8_recipe(cfg, dpa=True) if cfg.fp8_dot_product_attention else None
+
+    def lin(cls, group):
+        return ModuleSpec(module=cls, params={"fp8_recipe": lin_recipe if group in groups else None})
+
+    if cfg.tensor_model_parallel_size == 1:
+        device = "cpu" if cfg.use_cpu_initialization else torch.cuda.current_device()
+        qk_norm = ModuleSpec(module=te_norm, params={"device": device, "dtype": cfg.params_dtype})
+    else:
+        qk_norm = FullDimRMSNorm
+
+    def attn(module, core, group):
+        return ModuleSpec(module=module, submodules=AttentionSubmodules(
+            linear_q=lin(column, group), linear_k=lin(column, group), linear_v=lin(column, group),
+            linear_o=lin(row, group), q_norm=qk_norm, k_norm=qk_norm,
+            core_attention=ModuleSpec(module=core, params={"fp8_recipe": dpa_recipe})))
+
+    block = ModuleSpec(module=WanBlock, submodules=WanBlockSubmodules(
+        self_attention=attn(WanSelfAttention, TECachedAttention, LinearGroup.self_attn),
+        cross_attention=attn(WanCrossAttention, TETextAttention, LinearGroup.cross_attn),
+        linear_fc1=lin(column, LinearGroup.ffn), linear_fc2=lin(row, LinearGroup.ffn)))
+    return CausalWanSubmodules(block=block, token_sharder=NoTokenSharding)

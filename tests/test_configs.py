@@ -1,0 +1,52 @@
+"""Every shipped example config parses into its config tree; bad keys/values name the field."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvpo_megatron.config import load_config
+from kvpo_megatron.errors import ConfigError
+from kvpo_megatron.generation import GenerateConfig
+from kvpo_megatron.kvpo.train_config import KVPOTrainConfig
+
+CONFIGS = Path(__file__).resolve().parent.parent / "examples" / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_parse(path):
+    cls = KVPOTrainConfig if path.name.startswith("kvpo_") else GenerateConfig
+    cfg = load_config(cls, path)
+    assert cfg.model.preset in ("tiny", "wan-1.3b", "wan-14b")
+
+
+def test_memflow_config_has_bank_and_longlive_routes_4_slots():
+    mem = load_config(KVPOTrainConfig, CONFIGS / "kvpo_memflow_1.3b.yaml")
+    assert mem.cache.memory_bank is not None and mem.cache.memory_bank.bank_size == 3
+    assert load_config(KVPOTrainConfig, CONFIGS / "kvpo_longlive_1.3b.yaml").routing.num_routed == 5
+
+
+def test_bad_config_values_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key\\(s\\) in routing: window"):
+        load_config(KVPOTrainConfig, None, ["routing.window=3"])
+    with pytest.raises(ConfigError, match="optim.lr must be a number"):
+        load_config(KVPOTrainConfig, None, ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match="routing.sampler must be one of"):
+        load_config(KVPOTrainConfig, None, ["routing.sampler=greedy"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(KVPOTrainConfig, tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="routing.num_local_slots \\(8\\) must equal cache.local_attn_frames"):
+        load_config(KVPOTrainConfig, None, ["routing.num_local_slots=8"])
+
+
+def test_cli_bad_override_exits_2_with_one_line():
+    root = CONFIGS.parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}  # this checkout, whatever the editable install points at
+    p = subprocess.run([sys.executable, str(root / "examples" / "generate.py"), "video.num_frames=10"],
+                       cwd=root, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 2
+    err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert err == ["error: number of latent frames (10) is not a multiple of frames_per_block (3)"], p.stderr[-2000:]
