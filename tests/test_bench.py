@@ -1,0 +1,86 @@
+"""Benchmarks on CPU: bench_rollout on ``tiny`` prints one JSON line; FLOP formula vs torch's FLOP counter;
+the plain reference model equals ours; the TE spec fails cleanly without TransformerEngine."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+import bench_common  # noqa: E402
+import bench_rollout  # noqa: E402
+
+from kvpo_megatron.errors import ConfigError  # noqa: E402
+from kvpo_megatron.model import CacheConfig, model_config  # noqa: E402
+from tests.helpers import tiny_model  # noqa: E402
+
+
+def test_bench_rollout_tiny_cpu_prints_one_json_line(pgs, capsys):
+    res = bench_rollout.main(["--config", "tiny", "--latent-h", "8", "--latent-w", "8", "--frames", "12",
+                              "--steps", "2", "--device", "cpu", "--dtype", "fp32"])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    assert out == json.loads(json.dumps(res))
+    assert out["sec_per_block"] > 0 and out["peak_mem_gb"] > 0
+    assert out["video_fps"] == pytest.approx(12 / out["sec_per_block"])  # 3 latent frames x 4 video frames
+    cfg = model_config("tiny")
+    f = dict(batch=1, frames=3, tokens_per_frame=16, cached_frames=9)
+    want = 2 * bench_common.forward_flops(cfg, **f)["total"] + bench_common.forward_flops(cfg, head=False, **f)["total"]
+    assert out["tflop_per_block"] == pytest.approx(want / 1e12)
+    assert out["mfu"] is None  # no known peak on CPU
+    assert out["rel_err_vs_reference"] < 1e-5  # same weights, same function, float32
+    assert out["speedup_vs_reference"] > 0
+
+
+def test_forward_flops_match_torch_flop_counter(pgs):
+    """Formula vs torch.utils.flop_counter on a streaming forward (9 cached frames + head) and a commit pass."""
+    model = tiny_model(pgs).eval()
+    cfg, cc = model.config, CacheConfig(history_frames=9)
+    from kvpo_megatron.model import KVCache
+
+    cache = KVCache(cc, cfg.num_layers)
+    text = model.encode_text(torch.randn(1, cfg.text_len, cfg.text_dim))
+    with torch.no_grad():
+        for s in range(0, 12, 3):  # commits frames 0..11; frames 3..11 + sink resident
+            cache_view = cache.view(cc.default_read_frames(s), write_frames=range(s, s + 3))
+            model(torch.randn(1, 4, 3, 8, 8), torch.tensor([0.0]), text=text, frame_offset=s, cache=cache,
+                  view=cache_view, compute_output=False)
+        for head in (True, False):
+            with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
+                view = cache.view(cc.default_read_frames(12))
+                model(torch.randn(1, 4, 3, 8, 8), torch.tensor([500.0]), text=text, frame_offset=12, cache=cache,
+                      view=view, compute_output=head)
+            want = bench_common.forward_flops(cfg, batch=1, frames=3, tokens_per_frame=16,
+                                              cached_frames=len(view.read_frames), head=head)["total"]
+            assert len(view.read_frames) == 9
+            assert fc.get_total_flops() == pytest.approx(want, rel=1e-9)
+
+
+def test_replay_flops_formula():
+    cfg = model_config("wan-1.3b")
+    f = dict(batch=1, frames=3, tokens_per_frame=1560, cached_frames=9)
+    fwd = bench_common.forward_flops(cfg, **f)
+    assert 27e12 < fwd["total"] < 30e12 and 0.55 < fwd["attention"] / fwd["total"] < 0.62  # ~28 TFLOP, ~59% attn
+    r0 = bench_common.replay_flops(cfg, lora_rank=0, **f)
+    assert r0 == pytest.approx(2 * fwd["linear"] + 3 * fwd["attention"])
+    assert bench_common.replay_flops(cfg, lora_rank=256, **f) > r0
+
+
+def test_te_spec_without_transformer_engine():
+    from kvpo_megatron.model.te_spec import LinearGroup, te_spec
+
+    cfg = model_config("tiny", spec="te")
+    if importlib.util.find_spec("transformer_engine") is None:
+        with pytest.raises(ConfigError, match="TransformerEngine"):
+            te_spec(cfg)
+    else:  # with TE installed: the spec builds and names the TE modules
+        spec = te_spec(cfg)
+        assert "TECachedAttention" in repr(spec.block.submodules.self_attention.submodules.core_attention)
+    assert {g.value for g in LinearGroup} == {"self_attn", "cross_attn", "ffn"}

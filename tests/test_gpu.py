@@ -1,0 +1,130 @@
+"""TE spec vs local spec on the GPU (skipped without CUDA; run on the GPU machine with TransformerEngine).
+
+Model: Wan-1.3B widths (1536 wide, 12 heads x 128) cut to 2 layers, latents 16x32 (128 tokens per frame),
+a 15-frame streaming rollout (5 blocks, 4 steps + commit; the window rolls). Errors are ||a - b|| / ||b|| of
+the generated latents against the local spec in float32 ("truth"):
+* bf16 TE: within 1.5x the local bf16 error + 1e-3, and within 2e-2 of local bf16;
+* FP8 (TE linears in FP8 with current scaling, or FP8 fused attention with delayed scaling): within 0.1.
+Measured errors are appended as JSON lines to ``$KVPO_GPU_REPORT`` when set.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+BF16_REL_TOL = 2e-2
+FP8_REL_TOL = 0.1
+
+
+def _report(**kw):
+    path = os.environ.get("KVPO_GPU_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(kw) + "\n")
+
+
+def _model(pgs, spec_kind: str, sd, dtype, **ov):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    from bench_common import cast_model
+
+    from kvpo_megatron.checkpoint.sharding import load_full_state_dict
+    from kvpo_megatron.model import CausalWanDiT, model_config
+    from kvpo_megatron.model.specs import local_spec
+
+    if spec_kind == "te":
+        ov["use_cpu_initialization"] = False  # TE modules initialise on the GPU
+    cfg = model_config("wan-1.3b", num_layers=2, spec=spec_kind, **{k: v for k, v in ov.items() if k != "fp8_linears"})
+    if spec_kind == "te":
+        from kvpo_megatron.model.te_spec import te_spec
+        spec = te_spec(cfg, fp8_linears=ov.get("fp8_linears", ()))
+    else:
+        spec = local_spec()
+    m = CausalWanDiT(cfg, spec, pg_collection=pgs)
+    if sd is not None:
+        load_full_state_dict(m, sd)
+    return cast_model(m.cuda(), dtype).eval()
+
+
+def _rollout(model, ctx, noise):
+    from kvpo_megatron.model import CacheConfig
+    from kvpo_megatron.sampling import FlowMatchSampler, SamplerConfig, StreamingGenerator
+    from kvpo_megatron.sampling.streaming import PromptSwitch
+
+    gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), CacheConfig(history_frames=9))
+    with torch.no_grad():
+        text = model.encode_text(ctx)
+        gen.generate(noise, [PromptSwitch(0, text)])  # warm-up (delayed FP8 scales)
+        return gen.generate(noise, [PromptSwitch(0, text)]).float()
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.fixture(scope="module")
+def setup(pgs):
+    from kvpo_megatron.checkpoint.sharding import gather_full_state_dict
+
+    torch.manual_seed(0)
+    truth_model = _model(pgs, "local", None, torch.float32)
+    sd = gather_full_state_dict(truth_model)
+    g = torch.Generator().manual_seed(1)
+    ctx = torch.randn(1, 512, 4096, generator=g).cuda()
+    noise = torch.randn(1, 16, 15, 16, 32, generator=g).cuda()
+    truth = _rollout(truth_model, ctx, noise)
+    local_bf16 = _rollout(_model(pgs, "local", sd, torch.bfloat16), ctx, noise)
+    return dict(sd=sd, ctx=ctx, noise=noise, truth=truth, local_bf16=local_bf16)
+
+
+def test_te_bf16_matches_local(pgs, setup):
+    te_out = _rollout(_model(pgs, "te", setup["sd"], torch.bfloat16), setup["ctx"], setup["noise"])
+    e_te, e_local = _rel(te_out, setup["truth"]), _rel(setup["local_bf16"], setup["truth"])
+    e_pair = _rel(te_out, setup["local_bf16"])
+    _report(test="te_bf16", err_te_vs_fp32=e_te, err_local_bf16_vs_fp32=e_local, err_te_vs_local_bf16=e_pair)
+    assert torch.isfinite(te_out).all()
+    assert e_te <= 1.5 * e_local + 1e-3
+    assert e_pair <= BF16_REL_TOL
+
+
+@pytest.mark.parametrize("mode", ["fp8_linears", "fp8_dpa"])
+def test_te_fp8_within_tolerance(pgs, setup, mode):
+    ov = (dict(fp8="hybrid", fp8_recipe="tensorwise", fp8_linears=("self_attn", "cross_attn", "ffn"))
+          if mode == "fp8_linears" else dict(fp8="hybrid", fp8_recipe="delayed", fp8_dot_product_attention=True))
+    out = _rollout(_model(pgs, "te", setup["sd"], torch.bfloat16, **ov), setup["ctx"], setup["noise"])
+    err = _rel(out, setup["truth"])
+    _report(test=mode, err_vs_fp32=err, err_local_bf16_vs_fp32=_rel(setup["local_bf16"], setup["truth"]))
+    assert torch.isfinite(out).all()
+    assert err <= FP8_REL_TOL
+
+
+def test_te_grads_match_local_under_cache(pgs, setup):
+    """Replay-style forward with autograd under a filled cache: weight grads of TE == local (bf16 tol)."""
+    from kvpo_megatron.model import CacheConfig
+    from kvpo_megatron.sampling import FlowMatchSampler, SamplerConfig, StreamingGenerator
+
+    grads = {}
+    for kind in ("local", "te"):
+        m = _model(pgs, kind, setup["sd"], torch.bfloat16)
+        gen = StreamingGenerator(m, FlowMatchSampler(SamplerConfig()), CacheConfig(history_frames=9))
+        cache = gen.new_cache()
+        with torch.no_grad():
+            text = m.encode_text(setup["ctx"])
+            for s in range(0, 9, 3):
+                gen.commit_block(cache, setup["noise"][:, :, s:s + 3], s, text)
+        view = cache.view(CacheConfig().default_read_frames(9))
+        x = setup["noise"][:, :, 9:12]
+        out = m(x, torch.tensor([500.0], device="cuda"), text=text, frame_offset=9, cache=cache, view=view)
+        (out.float() * setup["noise"][:, :, 12:15]).sum().backward()
+        grads[kind] = {n: p.grad.float().clone() for n, p in m.named_parameters()
+                       if p.grad is not None and "blocks.0" in n and n.endswith("weight")}
+    errs = {n: _rel(grads["te"][n], g) for n, g in grads["local"].items()}
+    _report(test="grads", max_rel=max(errs.values()), worst=max(errs, key=errs.get))
+    assert set(grads["te"]) == set(grads["local"])
+    assert max(errs.values()) <= 5e-2
