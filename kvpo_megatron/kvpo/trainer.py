@@ -35,7 +35,7 @@ from kvpo_megatron.kvpo.rollout import PromptContext, Rollout, RolloutGroup
 from kvpo_megatron.kvpo.train_config import KVPOTrainConfig
 from kvpo_megatron.lora import adapters_disabled, apply_lora, lora_parameters, save_adapter
 from kvpo_megatron.model.build import build_model
-from kvpo_megatron.parallel.data_parallel import wrap_data_parallel
+from kvpo_megatron.parallel.data_parallel import clip_grad_norm, wrap_data_parallel
 from kvpo_megatron.parallel.state import init_parallel, validate_tokens
 from kvpo_megatron.rewards.composite import build_reward, spans_from_switch_frames
 from kvpo_megatron.sampling import FlowMatchSampler, StreamingGenerator
@@ -236,7 +236,7 @@ class KVPOTrainer:
                 torch.isfinite(r.total).all() and math.isfinite(r.anchor_total) and
                 torch.isfinite(r.terms.total) for r in results))], device=self.device)
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip))
+            grad_norm = clip_grad_norm(self.params, self.cfg.optim.grad_clip, self.pgs.mp)
             stepped = bool(any_update.item() > 0 and finite.item() > 0)
             if stepped:
                 self.optimizer.step()

@@ -47,6 +47,8 @@ class CausalWanDiT(nn.Module):
                                                   pg_collection=pg_collection) for i in range(config.num_layers)])
         self.head = Head(config)
         self.token_sharder = build_module(submodules.token_sharder, pg_collection=pg_collection)
+        if config.params_dtype != torch.float32:  # megatron's linears already are; the plain modules follow
+            self.to(config.params_dtype)  # (norms, modulation and RoPE still compute in fp32 internally)
 
     # ---- prompts -----------------------------------------------------------------------------
     def encode_text(self, context: torch.Tensor, lengths: torch.Tensor | None = None) -> TextKV:

@@ -50,4 +50,4 @@ class FullDimRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         ss = all_reduce_sum(xf.pow(2).sum(-1, keepdim=True), self.tp_group)
-        return (xf * torch.rsqrt(ss / self.hidden_size + self.eps)).type_as(x) * self.weight
+        return (xf * torch.rsqrt(ss / self.hidden_size + self.eps)).type_as(x) * self.weight.to(x.dtype)
