@@ -56,7 +56,7 @@ def partition_dim(p: torch.Tensor) -> int | None:
     if not getattr(p, "tensor_model_parallel", False):
         return None
     if getattr(p, "partition_stride", 1) != 1:
-        raise NotImplementedError("strided TP partitions are not used by this model")
+        raise ValueError("strided TP partitions are not supported (this model has none)")
     return int(p.partition_dim)
 
 

@@ -22,8 +22,8 @@ Contents of one checkpoint (all ranks call save/load together):
 Parameter names are the model's, without DDP's ``module.`` prefixes (a checkpoint saved through a wrapper
 loads into the bare model and back). ``dir`` must be a filesystem all ranks share.
 
-Saving writes ``iter_XXXXXXX.tmp``, then rank 0 writes ``complete.json`` into it, renames it to
-``iter_XXXXXXX``, rewrites ``latest`` and deletes all but the last ``keep_last`` complete checkpoints.
+Saving writes ``iter_NNNNNNN.tmp``, then rank 0 writes ``complete.json`` into it, renames it to
+``iter_NNNNNNN``, rewrites ``latest`` and deletes all but the last ``keep_last`` complete checkpoints.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class CheckpointConfig:
     """Training checkpoints: where, how often, how many, and whether to resume."""
 
     dir: str | None = None
-    """Directory holding ``iter_XXXXXXX`` checkpoints; None disables saving."""
+    """Directory holding ``iter_NNNNNNN`` checkpoints; None disables saving."""
     every: int = 0
     """Save every this many iterations; 0 saves only the final iteration."""
     keep_last: int = 3
