@@ -8,6 +8,15 @@ the trainer is built (the trainer itself keeps float32 parameters).
     python tools/bench_iteration.py --preset wan-1.3b --frames 147 --branches 8 --window 5
     python tools/bench_iteration.py --preset tiny --frames 18 --latent-h 8 --latent-w 8 --branches 4 --window 2 \
         --lora-rank 8 --device cpu --dtype fp32
+
+Pipeline overlap (``train.overlap``, kvpo/pipeline.py): ``--overlap`` times one pipelined step;
+``--compare-overlap`` times sequential and pipelined steps alternately in the same process on identical work
+(lr 0 so the weights stay put, the same prompts and iteration every time) after ``--warmup`` steps, and
+prints their walls, the speedup, the pipeline's phase sums and ``time_overlap_saved``, the largest
+difference between the two modes' losses/TVEs/rewards/LoRA gradients, and the last pipelined timeline.
+
+    python tools/bench_iteration.py --preset tiny --frames 18 --latent-h 8 --latent-w 8 --branches 4 --window 2 \
+        --lora-rank 8 --device cpu --dtype fp32 --prompts-per-rank 3 --compare-overlap --repeats 3
 """
 from __future__ import annotations
 
@@ -36,6 +45,14 @@ def parse_args(argv=None):
     p.add_argument("--lora-rank", type=int, default=256)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--prompts-per-rank", type=int, default=1, help="prompt groups per iteration")
+    p.add_argument("--overlap", action="store_true", help="time one pipelined step (train.overlap=true)")
+    p.add_argument("--compare-overlap", action="store_true",
+                   help="sequential vs pipelined steps on identical work, alternately, same process")
+    p.add_argument("--repeats", type=int, default=2, help="--compare-overlap: timed steps per mode")
+    p.add_argument("--warmup", type=int, default=1, help="--compare-overlap: untimed sequential steps first")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--json-out", default=None, help="also write the JSON line(s) to this file")
     return p.parse_args(argv)
 
 
@@ -47,16 +64,22 @@ def main(argv=None) -> dict:
 
     if args.device == "cpu" and torch.cuda.is_available():
         raise SystemExit("--device cpu with CUDA present is not supported by the trainer")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = tempfile.mkdtemp(prefix="bench_iteration_")
+    overlap = args.overlap or args.compare_overlap
     cfg = from_dict(KVPOTrainConfig, {
         "model": {"preset": args.preset},
         "video": {"num_frames": args.frames, "latent_height": args.latent_h, "latent_width": args.latent_w},
         "routing": {"window_blocks": args.window},
         "rollout": {"num_branches": args.branches},
         "lora": {"rank": args.lora_rank, "alpha": float(args.lora_rank)},
+        "data": {"prompts_per_rank": args.prompts_per_rank},
+        "optim": {"lr": 0.0} if args.compare_overlap else {},
+        "objective": {"guard": False} if args.compare_overlap else {},
         "decoder": {"kind": "preview", "latent_channels": 16 if args.preset != "tiny" else 4},
         "reward": {"components": [{"kind": "brightness", "weight": 1.0, "params": {"target": 1.0}}]},
-        "train": {"iterations": 1, "out_dir": out, "progress": False},
+        "train": {"iterations": 1, "out_dir": out, "progress": False, "overlap": overlap},
     })
     t0 = time.perf_counter()
     trainer = KVPOTrainer(cfg)
@@ -66,10 +89,13 @@ def main(argv=None) -> dict:
     captured: dict = {}
 
     def phase_times(results, times, grad_norm, stepped, finite):  # the trainer's _metrics, minus its all-reduce
+        captured.clear()
         captured.update(times, grad_norm=grad_norm, stepped=float(stepped))
         return dict(captured)
 
     trainer._metrics = phase_times  # bench-side: only the phase timers are needed here
+    if args.compare_overlap:
+        return compare_overlap(args, trainer, build_s)
     reset_peak(device)
     t0 = time.perf_counter()
     metrics = trainer.step()
@@ -78,11 +104,72 @@ def main(argv=None) -> dict:
     phases = {k: v for k, v in metrics.items() if k.startswith("time_")}
     res = dict(bench="iteration", preset=args.preset, frames=args.frames, branches=args.branches,
                window=args.window, lora_rank=args.lora_rank, dtype=args.dtype,
+               prompts_per_rank=args.prompts_per_rank, overlap=args.overlap,
                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                latent=[args.latent_h, args.latent_w], sec_per_iteration=total, build_s=build_s, **phases,
-               time_other=total - sum(phases.values()), peak_mem_gb=peak_memory_gb(device),
+               time_other=total - (phases["time_pipeline"] + phases.get("time_update", 0.0) if args.overlap
+                                   else sum(phases.values())),  # pipelined phases overlap: use its wall
+               peak_mem_gb=peak_memory_gb(device),
                reward_stand_in="brightness + preview decoder (fixed, near-zero cost; time_reward)")
+    emit(args, res)
+    return res
+
+
+def emit(args, res: dict) -> None:
     print(json.dumps(res), flush=True)
+    if args.json_out:
+        with open(args.json_out, "a") as f:
+            f.write(json.dumps(res) + "\n")
+
+
+def _fingerprint(trainer) -> dict[str, torch.Tensor]:
+    """What both modes must agree on: per-group rollout/objective values and the accumulated LoRA gradient."""
+    rs = trainer.last_results
+    f = lambda xs: torch.stack([torch.as_tensor(x, dtype=torch.float64).cpu() for x in xs])  # noqa: E731
+    return {"tve": torch.cat([r.tve.double() for r in rs]), "reward": torch.cat([r.total.double() for r in rs]),
+            "loss": f([float(r.terms.total.detach()) for r in rs]),
+            "coeffs": torch.cat([r.coeffs.double() for r in rs]),
+            "anchor_latents": torch.cat([r.group.anchor.latents.double().cpu().flatten() for r in rs]),
+            "branch_latents": torch.cat([b.latents.double().cpu().flatten() for r in rs for b in r.group.branches]),
+            "lora_grad": torch.cat([p.grad.double().cpu().flatten() for p in trainer.params])}
+
+
+def compare_overlap(args, trainer, build_s: float) -> dict:
+    """Sequential and pipelined steps alternately on identical work (same prompts, iteration 0, lr 0)."""
+    device = trainer.device
+    cursor = trainer.loader.cursor
+
+    def one(overlap: bool) -> tuple[float, dict]:
+        trainer.cfg.train.overlap = overlap
+        trainer.loader.cursor = cursor  # the same prompts every time
+        sync(device)
+        t0 = time.perf_counter()
+        m = trainer.step()  # trainer.iteration stays 0: the same pivots and routes every time
+        sync(device)
+        return time.perf_counter() - t0, m
+
+    for _ in range(args.warmup):
+        one(False)
+    reset_peak(device)
+    walls: dict[str, list[float]] = {"sequential": [], "pipelined": []}
+    phases: dict[str, dict] = {}
+    prints: dict[str, dict] = {}
+    for _ in range(args.repeats):
+        for mode in ("sequential", "pipelined"):
+            wall, m = one(mode == "pipelined")
+            walls[mode].append(wall)
+            phases[mode] = {k: v for k, v in m.items() if k.startswith("time_")}
+            prints[mode] = _fingerprint(trainer)
+    diff = {k: float((prints["sequential"][k] - prints["pipelined"][k]).abs().max()) for k in prints["sequential"]}
+    seq, pip = min(walls["sequential"]), min(walls["pipelined"])
+    res = dict(bench="iteration_overlap", preset=args.preset, frames=args.frames, branches=args.branches,
+               window=args.window, lora_rank=args.lora_rank, dtype=args.dtype,
+               prompts_per_rank=args.prompts_per_rank, threads=torch.get_num_threads(),
+               device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               latent=[args.latent_h, args.latent_w], build_s=build_s, walls=walls, sequential_s=seq,
+               pipelined_s=pip, speedup=seq / pip, phases=phases, max_abs_diff=diff,
+               peak_mem_gb=peak_memory_gb(device), timeline=trainer.last_timeline.to_dict()["spans"])
+    emit(args, res)
     return res
 
 

@@ -132,8 +132,8 @@ class Rollout:
         fpb = self.cache_cfg.frames_per_block
         nblocks = shape[2] // fpb
         prompts = encode_prompts(self.gen.model, contexts)
-        with self.reference():
-            self.ref_prompts = encode_prompts(self.gen.model, contexts)
+        with self.reference():  # per call (not instance state): rollouts may run on several threads
+            ref_prompts = encode_prompts(self.gen.model, contexts)
         if pivot is None:
             pivot = chr.sample_pivot(self.cache_cfg, self.routing, nblocks, seed=self.seed, iteration=iteration,
                                      prompt=prompt_index)
@@ -156,7 +156,7 @@ class Rollout:
                 self.noise(shape, iteration=iteration, prompt=prompt_index, branch=g).to(device)
             cache.restore(fork)
             branches.append(self._branch(cache, driver, prefix.clone(), bnoise, g, pivot, window, nblocks,
-                                         iteration=iteration, prompt_index=prompt_index))
+                                         iteration=iteration, prompt_index=prompt_index, ref_prompts=ref_prompts))
         return RolloutGroup(iteration=iteration, prompt_index=prompt_index, pivot=pivot, window=window,
                             contexts=contexts, prompts=prompts, anchor=anchor, branches=branches, fork_state=fork,
                             forwards=self.gen.forward_count - count0)
@@ -168,7 +168,7 @@ class Rollout:
         driver.commit(cache, latents, b, None)
 
     def _branch(self, cache: KVCache, driver: BlockDriver, latents, noise, g, pivot, window, nblocks, *,
-                iteration, prompt_index) -> BranchRollout:
+                iteration, prompt_index, ref_prompts: list[PromptSwitch]) -> BranchRollout:
         out = BranchRollout(branch=g, latents=latents)
         fpb, n_steps = driver.fpb, self.gen.sampler.num_steps
         for b in range(pivot, nblocks):
@@ -197,7 +197,7 @@ class Rollout:
             block_tuples = [t for t in out.tuples if t.block == b]
             out.tve_old += float(score_tuples(self.gen, cache, block_tuples, text).sum())
             with self.reference():
-                ref_text = text_at(self.ref_prompts, s)
+                ref_text = text_at(ref_prompts, s)
                 out.tve_ref += float(score_tuples(self.gen, cache, block_tuples, ref_text).sum())
             commit = routed_view if self.routing.commit_pass == CommitPass.routed else default_view
             out.commit_frames[b] = commit

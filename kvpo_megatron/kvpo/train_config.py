@@ -63,6 +63,10 @@ class TrainLoopConfig:
     progress: bool = True
     rollout_archive: str | None = None
     """Optional zarr directory receiving every iteration's latents, rewards, advantages, TVEs and routes."""
+    overlap: bool = False
+    """Pipeline the prompt groups of an iteration: rollout of group j+1 overlaps reward, coefficients and replay
+    of group j (separate CUDA stream / worker thread; exact, see kvpo/pipeline.py). Needs TP=CP=1, the local
+    spec and sampler.context_noise=0; per-phase spans go to out_dir/timeline.jsonl."""
 
 
 @dataclass(kw_only=True)

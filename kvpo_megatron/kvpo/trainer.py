@@ -8,6 +8,8 @@ route identically because routes are a pure function of (seed, iteration, prompt
   3. objective: per-component advantages, guard, c_k = dLoss/dTVE_k;
   4. replay: gradients of sum_k c_k TVE_k, one tuple's activations at a time;
   5. update: DP gradient reduction, non-finite check, grad-norm clip, AdamW step, LR schedule.
+
+With ``train.overlap`` the rollout of group j+1 overlaps steps 2-4 of group j (``kvpo/pipeline.py``; exact).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from kvpo_megatron.data.prompts import PromptDataset, PromptLoader, PromptSample
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.kvpo.metrics import MetricsLogger
 from kvpo_megatron.kvpo.objective import guard_passes, multi_advantages, tve_coefficients
+from kvpo_megatron.kvpo.pipeline import ModelGuard, Timeline, check_overlap_supported, replay_generator, run_overlapped
 from kvpo_megatron.kvpo.replay import replay_gradients
 from kvpo_megatron.kvpo.rollout import PromptContext, Rollout, RolloutGroup
 from kvpo_megatron.kvpo.train_config import KVPOTrainConfig
@@ -111,6 +114,14 @@ class KVPOTrainer:
                                       recache_on_switch=cfg.recache_on_switch)
         self.rollout = Rollout(self.gen, cfg.routing, cfg.rollout, seed=cfg.train.seed,
                                reference=lambda: adapters_disabled(self.model))
+        self.replay_gen = self.gen
+        if cfg.train.overlap:  # the pipeline's worker replays on its own generator; pi_ref under a lock
+            check_overlap_supported(tp=par.tensor_model_parallel_size, cp=par.context_parallel_size,
+                                    te_spec=self.model.config.spec == "te", context_noise=cfg.sampler.context_noise)
+            guard = ModelGuard(self.model, adapters_disabled)
+            self.rollout.reference = guard.reference
+            self.replay_gen = replay_generator(self.gen, guard)
+        self.last_timeline: Timeline | None = None
         self.metrics = MetricsLogger(cfg.train.out_dir, enabled=self.rank == 0)
         self.archive = None
         if cfg.train.rollout_archive and self.rank == 0:
@@ -176,13 +187,21 @@ class KVPOTrainer:
 
     def _group(self, sample: PromptSample, prompt_index: int) -> tuple[GroupResult, dict]:
         times: dict = {}
-        shape = (1, self.model.config.in_channels, self.cfg.video.num_frames, self.cfg.video.latent_height,
-                 self.cfg.video.latent_width)
         with _timer(times, "time_rollout"):
-            group = self.rollout.run(self._contexts(sample), shape, iteration=self.iteration,
-                                     prompt_index=prompt_index, branch_ids=self.branch_ids, device=self.device)
+            group = self._rollout_group(sample, prompt_index)
         with _timer(times, "time_reward"), torch.no_grad():
             rewards, anchor = self._score(group, sample)
+        return self._coefficients(group, rewards, anchor), times
+
+    def _rollout_group(self, sample: PromptSample, prompt_index: int) -> RolloutGroup:
+        shape = (1, self.model.config.in_channels, self.cfg.video.num_frames, self.cfg.video.latent_height,
+                 self.cfg.video.latent_width)
+        return self.rollout.run(self._contexts(sample), shape, iteration=self.iteration,
+                                prompt_index=prompt_index, branch_ids=self.branch_ids, device=self.device)
+
+    def _coefficients(self, group: RolloutGroup, rewards: dict[str, torch.Tensor],
+                      anchor: dict[str, float]) -> GroupResult:
+        """Advantages, guard and c_k = dLoss/dTVE_k of one scored group."""
         tve_old = torch.tensor([b.tve_old for b in group.branches])
         tve_ref = torch.tensor([b.tve_ref for b in group.branches])
         if self.branch_ids is not None:  # the group's rewards and energies live on all DP ranks
@@ -198,7 +217,7 @@ class KVPOTrainer:
             coeffs = coeffs[self.branch_ids]
         return GroupResult(group=group, rewards=rewards, anchor=anchor, total=total, anchor_total=anchor_total,
                            adv=adv, coeffs=coeffs if passed else torch.zeros_like(coeffs), terms=terms,
-                           tve=tve_old, passed_guard=passed), times
+                           tve=tve_old, passed_guard=passed)
 
     def _gather_dp(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate equal-length per-rank vectors over the DP group (in rank order)."""
@@ -208,26 +227,59 @@ class KVPOTrainer:
         return torch.cat(parts).cpu()
 
     # ---- one iteration -----------------------------------------------------------------------
-    def step(self) -> dict:
-        samples = self.loader.next()
-        times: dict = {}
-        results = []
-        for j, sample in enumerate(samples):
-            res, t = self._group(sample, prompt_index=sample.index)
-            results.append(res)
-            for k, v in t.items():
-                times[k] = times.get(k, 0.0) + v
-        any_update = torch.tensor([float(any(r.passed_guard for r in results))], device=self.device)
-        dist.all_reduce(any_update, group=self.pgs.dp)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.ddp.zero_grad_buffer()
+    def _replay_scale(self, num_groups: int) -> float:
         # DDP averages over the data(-and-context)-parallel ranks: prompts over DP want that mean; branches over
         # DP hold disjoint parts of one sum, so they scale the average back up by the DP size.
-        scale = (self.dp_size if self.branch_ids is not None else 1.0) / len(results)
-        with _timer(times, "time_replay"):
-            for r in results:
-                if r.passed_guard:
-                    replay_gradients(self.gen, r.group, r.coeffs, loss_scale=scale)
+        return (self.dp_size if self.branch_ids is not None else 1.0) / num_groups
+
+    def _pipelined_groups(self, samples: list[PromptSample]) -> tuple[list[GroupResult], dict]:
+        """Zero the gradients, then rollout(j+1) || reward, coefficients and replay of group j (exact)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ddp.zero_grad_buffer()
+        scale = self._replay_scale(len(samples))
+        tl = Timeline(self.device)
+
+        def produce(j: int) -> RolloutGroup:
+            with tl.phase("rollout", j):
+                return self._rollout_group(samples[j], samples[j].index)
+
+        def consume(j: int, group: RolloutGroup) -> GroupResult:
+            with tl.phase("reward", j), torch.no_grad():
+                rewards, anchor = self._score(group, samples[j])
+            with tl.phase("coefficients", j):
+                res = self._coefficients(group, rewards, anchor)
+            if res.passed_guard:
+                with tl.phase("replay", j):
+                    replay_gradients(self.replay_gen, group, res.coeffs, loss_scale=scale)
+            return res
+
+        results = run_overlapped(len(samples), produce, consume, device=self.device, timeline=tl)
+        self.last_timeline = tl
+        return results, tl.metrics()
+
+    def step(self) -> dict:
+        samples = self.loader.next()
+        if self.cfg.train.overlap:
+            results, times = self._pipelined_groups(samples)
+            any_update = torch.tensor([float(any(r.passed_guard for r in results))], device=self.device)
+            dist.all_reduce(any_update, group=self.pgs.dp)
+        else:
+            times = {}
+            results = []
+            for j, sample in enumerate(samples):
+                res, t = self._group(sample, prompt_index=sample.index)
+                results.append(res)
+                for k, v in t.items():
+                    times[k] = times.get(k, 0.0) + v
+            any_update = torch.tensor([float(any(r.passed_guard for r in results))], device=self.device)
+            dist.all_reduce(any_update, group=self.pgs.dp)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.ddp.zero_grad_buffer()
+            scale = self._replay_scale(len(results))
+            with _timer(times, "time_replay"):
+                for r in results:
+                    if r.passed_guard:
+                        replay_gradients(self.gen, r.group, r.coeffs, loss_scale=scale)
         with _timer(times, "time_update"):
             self.ddp.finish_grad_sync()
             for p in self.params:
@@ -244,6 +296,8 @@ class KVPOTrainer:
         self.consecutive_skips = 0 if finite.item() > 0 else self.consecutive_skips + 1
         self.last_results = results  # for inspection (tests, debugging)
         metrics = self._metrics(results, times, grad_norm, stepped, finite.item() > 0)
+        if self.cfg.train.overlap and self.rank == 0:
+            self.last_timeline.append_jsonl(Path(self.cfg.train.out_dir) / "timeline.jsonl", iteration=self.iteration)
         self._archive(results)
         return metrics
 

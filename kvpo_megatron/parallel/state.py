@@ -39,18 +39,25 @@ class ParallelConfig:
             raise ConfigError(f"parallel.cp_attention must be auto|ulysses|allgather, got {self.cp_attention!r}")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_distributed() -> tuple[int, int]:
     """Initialise torch.distributed once; returns (rank, world_size)."""
     apply_cpu_shims()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
+        if "RANK" in os.environ:  # torchrun (env:// rendezvous)
+            dist.init_process_group(backend)
+        else:  # a plain single process; the environment is left untouched for child processes
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     return dist.get_rank(), dist.get_world_size()
 
 
