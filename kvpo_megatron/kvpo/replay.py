@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 
 from kvpo_megatron.kvpo.objective import tve_term
-from kvpo_megatron.kvpo.rollout import (BlockDriver, BranchRollout, RolloutGroup, encode_prompts, replay_velocity,
-                                        text_at)
+from kvpo_megatron.kvpo.rollout import BlockDriver, BranchRollout, RolloutGroup, active_at, replay_velocity
 from kvpo_megatron.sampling import StreamingGenerator
 
 
@@ -34,7 +33,7 @@ def replay_branch(gen: StreamingGenerator, group: RolloutGroup, branch: BranchRo
         for tup in (t for t in branch.tuples if t.block == b):
             with torch.enable_grad():
                 # the prompt's K/V depend on the cross-attention adapters: re-encode with grad per tuple
-                text = text_at(encode_prompts(gen.model, group.contexts), tup.start)
+                text = gen.model.encode_text(active_at(group.contexts, tup.start).context)
                 term = tve_term(tup.v_target, replay_velocity(gen, cache, tup, text)).sum()
                 (term * (coeff * loss_scale)).backward()
             tve += float(term.detach())

@@ -82,16 +82,20 @@ class RolloutGroup:
     forwards: int
     """Model forwards issued by the rollout (prefix once + anchor + branches + scoring)."""
 
-    def text_at(self, frame: int):
-        return text_at(self.prompts, frame)
+
+
+def active_at(schedule: list, frame: int):
+    """The entry of a prompt schedule (``PromptSwitch`` or ``PromptContext``, sorted by ``start_frame``) in force
+    at latent frame ``frame``."""
+    cur = schedule[0]
+    for p in schedule:
+        if p.start_frame <= frame:
+            cur = p
+    return cur
 
 
 def text_at(prompts: list[PromptSwitch], frame: int):
-    cur = prompts[0].text
-    for p in prompts:
-        if p.start_frame <= frame:
-            cur = p.text
-    return cur
+    return active_at(prompts, frame).text
 
 
 class BlockDriver:
