@@ -391,6 +391,7 @@ def _training_worker(rank, world, root, full):
     assert (Path(root) / "latest").read_text() == "iter_0000004"
     assert find_latest_checkpoint(cfg).name == "iter_0000004"
     # partial checkpoints are never picked or loaded
+    torch.distributed.barrier()  # every rank has listed the directory before rank 0 adds partial ones
     if rank == 0:
         (Path(root) / "iter_0000009.tmp").mkdir()
         (Path(root) / "iter_0000008").mkdir()
