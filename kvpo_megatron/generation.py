@@ -70,7 +70,7 @@ def run_generation(cfg: GenerateConfig, *, progress: bool = True) -> torch.Tenso
                         cp=cfg.parallel.context_parallel_size, cp_attention=cfg.parallel.cp_attention)
     validate_tokens(model.config, cfg.parallel, cfg.video.latent_height, cfg.video.latent_width)
     if cfg.model.checkpoint:
-        load_model_weights(model, cfg.model.checkpoint)
+        load_model_weights(model, cfg.model.checkpoint, use_ema=cfg.model.use_ema)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model.to(device).eval()
     schedule = _prompt_schedule(cfg)

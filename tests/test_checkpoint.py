@@ -132,6 +132,14 @@ def test_import_export_round_trip_every_format(pgs, tmp_path):
         assert _max_err(ref, WanTransformer3DModel.from_pretrained(exp).eval(), ours=False) <= 1e-5, case
     # the EMA choice is honoured (longlive.pt's 'generator' holds the other model)
     assert _max_err(ema, _ours(pgs, tmp_path / "imp_longlive"), ours=True) > 1e-3
+    # loading the training file directly unwraps it as the converter does: 'generator', or 'generator_ema'
+    from kvpo_megatron.checkpoint.loading import load_model_weights
+    direct = _ours(pgs, tmp_path / "self_forcing.pt")
+    assert _max_err(ref, direct, ours=True) <= 1e-5
+    load_model_weights(direct, tmp_path / "longlive.pt")
+    assert _max_err(ema, direct, ours=True) <= 1e-5
+    load_model_weights(direct, tmp_path / "longlive.pt", use_ema=True)
+    assert _max_err(ref, direct, ours=True) <= 1e-5
     # export to original Wan names: the same tensors and config as the source we wrote
     export_checkpoint(tmp_path / "imp_wan_sharded", tmp_path / "wan_export", to="wan", max_shard_bytes=300_000)
     back = read_source("wan", tmp_path / "wan_export")

@@ -128,3 +128,38 @@ def test_te_grads_match_local_under_cache(pgs, setup):
     _report(test="grads", max_rel=max(errs.values()), worst=max(errs, key=errs.get))
     assert set(grads["te"]) == set(grads["local"])
     assert max(errs.values()) <= 5e-2
+
+
+def test_te_core_sparse_activation_matches_local_core(pgs):
+    """MemFlow's sparse memory activation in the TE core: the frames it reads follow the queries of each call
+    (no stale context reuse) and its output matches the torch SDPA core on the same cache (bf16 tol)."""
+    from kvpo_megatron.model import CacheConfig, KVCache, model_config
+    from kvpo_megatron.model.attention import CachedSDPA
+    from kvpo_megatron.model.memory_bank import MemoryBankConfig
+    from kvpo_megatron.model.te_spec import TECachedAttention
+
+    cfg = model_config("wan-1.3b", num_layers=1, spec="te", use_cpu_initialization=False)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    cache = KVCache(CacheConfig(history_frames=12, memory_bank=MemoryBankConfig(sma=True, sma_top_k=2)), 1)
+    for f in range(12):
+        k = rnd(1, 128, 12, 128) + 3 * rnd(1, 1, 12, 128)  # a per-frame mean direction
+        cache.layer(0, cache.view([], write_frames=[f])).write(k, rnd(1, 128, 12, 128))
+    for f, keep in ((3, [[0]]), (6, [[0, 1]]), (9, [[0, 1, 2]])):
+        cache.set_bank(0, f, torch.tensor(keep))
+    view = cache.view(cache.cfg.default_read_frames(12), device="cuda")
+    assert view.sparse_candidates == 6
+    te_core, local_core = TECachedAttention(cfg, pgs), CachedSDPA(cfg, pgs)
+    cache.sparse_log, picks = [], []
+    with torch.no_grad():
+        for seed in range(4):
+            q = rnd(1, 384, 12, 128) + 3 * rnd(1, 1, 12, 128)
+            k, v = rnd(1, 384, 12, 128), rnd(1, 384, 12, 128)
+            out_te = te_core(q, k, v, kv=cache.layer(0, view))
+            out_local = local_core(q, k, v, kv=cache.layer(0, view))
+            err = _rel(out_te.float(), out_local.float())
+            _report(test="te_sma", call=seed, err_te_vs_local=err, picks=cache.sparse_log[-1][1][0][:2])
+            assert cache.sparse_log[-1] == cache.sparse_log[-2]  # both cores read the same frames
+            picks.append(tuple(cache.sparse_log[-1][1][0][:2]))
+            assert err <= BF16_REL_TOL
+    assert len(set(picks)) > 1, picks  # the choice changed with the queries and the TE core followed it

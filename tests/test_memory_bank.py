@@ -225,8 +225,8 @@ def test_config_and_presets():
 
     with pytest.raises(ConfigError, match="bank_size must be >= 1, got 0"):
         MemoryBankConfig(bank_size=0)
-    with pytest.raises(ConfigError, match="sma=True is not supported"):
-        MemoryBankConfig(sma=True)
+    with pytest.raises(ConfigError, match="sma_top_k must be >= 1, got 0"):
+        MemoryBankConfig(sma=True, sma_top_k=0)
     with pytest.raises(ValueError):
         MemoryBankConfig(bank_score="max")
     mem = from_dict(KVPOTrainConfig, generator_preset("memflow-1.3b"))
@@ -241,6 +241,97 @@ def test_config_and_presets():
         generator_preset("memflow")
 
 
+# ---- (2b) sparse memory activation (sma) on hand-built tensors -------------------------------------------
+def _sparse_cache(top_k: int, sma: bool = True) -> KVCache:
+    """Frames 0..11 resident, keys per head h: a_h(f) * u + an alternating +-10 e_0 that cancels in the token mean.
+    Bank (every layer) = frames 3, 6, 9. a_0 / a_1 per frame below; values are arbitrary, chosen by hand."""
+    cc = CacheConfig(history_frames=12, memory_bank=MemoryBankConfig(sma=sma, sma_top_k=top_k))
+    cache = KVCache(cc, num_layers=1)
+    a = {0: (1, 0), 1: (-2, 0), 2: (3, 0), 3: (5, 0), 4: (0, 0), 5: (0, 0), 6: (1, 2), 7: (0, 0), 8: (0, 0),
+         9: (-4, 0), 10: (0, 0), 11: (0, 0)}
+    wiggle = torch.zeros(T_TOK, 1, HDIM)
+    wiggle[:, 0, 0] = torch.tensor([10.0, -10.0] * (T_TOK // 2))
+    for f in range(12):
+        k = torch.stack([a[f][h] * U[h] for h in range(HEADS)])[None] + wiggle  # [T, H, d]
+        view = cache.view([], write_frames=[f])
+        cache.layer(0, view).write(k[None], -k[None])
+    for f, keep in ((3, [[0]]), (6, [[0, 1]]), (9, [[0, 1, 2]])):
+        cache.set_bank(0, f, torch.tensor(keep))
+    return cache
+
+
+def _queries(c0: float, c1: float) -> torch.Tensor:
+    """[1, 2T, H, d] queries whose token mean is c_h * u_h in head h (tokens vary around it)."""
+    q = torch.stack([c0 * U[0], c1 * U[1]])[None].expand(2 * T_TOK, -1, -1).clone()
+    q[::2, :, 1] += 7
+    q[1::2, :, 1] -= 7
+    return q[None]
+
+
+@pytest.mark.parametrize("c, chosen", [
+    ((1, 0), [2, 3]),  # head 0 only: scores = a_0 -> frame 3 (5), then frames 2 and 6 tie at 3: the older slot
+    ((-1, 0), [1, 9]),  # -a_0 -> frames 9 (4) and 1 (2), in view order
+    ((1, 1), [2, 3]),  # heads are summed: frame 6 scores 1 + 2 = 3, a tie with frame 2 again (older wins) ...
+    ((1, 1.5), [3, 6]),  # ... and 1 + 3 = 4 > 3 when head 1's query is 1.5 u
+])
+def test_sparse_activation_picks_top_k_by_hand(c, chosen):
+    cache = _sparse_cache(top_k=2)
+    cache.sparse_log = []
+    read = cache.cfg.default_read_frames(12)
+    assert read == [0, 1, 2, 6, 7, 8, 9, 10, 11]
+    view = cache.view(read)
+    assert (view.bank_entries, view.sparse_candidates, view.sparse_top_k) == (3, 6, 2)
+    k, v = cache.layer(0, view).read(_queries(*c))
+    local = [6, 7, 8, 9, 10, 11]
+    bank_pos = {3: 0, 6: 1, 9: 2}
+    parts = [cache.frame_kv(0, [f])[0] if f < 3 or f not in bank_pos else cache.bank_kv(0)[0][:, [bank_pos[f]]]
+             for f in chosen]
+    want = torch.cat(parts + [cache.frame_kv(0, local)[0]], 1).flatten(1, 2)
+    assert torch.equal(k, want) and torch.equal(v, -want)
+    assert cache.sparse_log == [(0, [chosen + local])]
+
+
+def test_sparse_activation_off_small_and_missing_queries():
+    read = [0, 1, 2, 6, 7, 8, 9, 10, 11]
+    full = _sparse_cache(top_k=2, sma=False)
+    assert full.view(read).sparse_candidates == 0
+    assert full.layer(0, full.view(read)).read(_queries(1, 0))[0].shape[1] == 12 * T_TOK  # sink 3 + bank 3 + 6
+    few = _sparse_cache(top_k=6)  # 6 candidates, keep 6: nothing to choose
+    assert few.view(read).sparse_candidates == 0
+    early = _sparse_cache(top_k=2)  # a view without bank slots (bank=False) never selects
+    assert early.view(read, bank=False).sparse_candidates == 0
+    some = _sparse_cache(top_k=2)
+    with pytest.raises(ValueError, match="did not pass its queries"):
+        some.layer(0, some.view(read)).read()
+    per_sample = _sparse_cache(top_k=5)  # per-sample views keep their own rows
+    view = per_sample.view([read, [0, 1, 2, 3, 4, 5, 9, 10, 11]])
+    assert view.sparse_candidates == 6 and view.read_slots.shape == (2, 12)
+
+
+def test_real_model_sparse_activation_attends_top_k_plus_local(pgs):
+    model = tiny_model(pgs).eval()
+    noise = torch.randn(1, 4, 30, 8, 8, generator=torch.Generator().manual_seed(1))
+    text = model.encode_text(torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(2)))
+    out, logs = {}, {}
+    for sma in (False, True):
+        cc = CacheConfig(history_frames=12, memory_bank=MemoryBankConfig(bank_size=2, record_interval=1, sma=sma,
+                                                                        sma_top_k=2))
+        gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cc)
+        cache = gen.new_cache()
+        cache.sparse_log = []
+        with torch.no_grad():
+            out[sma] = gen.generate(noise, [PromptSwitch(0, text)], cache=cache)
+        logs[sma] = cache.sparse_log
+    assert logs[False] == [] and logs[True]
+    for layer, (frames,) in logs[True]:  # 2 of sink (0-2) + bank, then the local window (frames >= 3, ascending)
+        assert len(frames) >= 3 and all(f < 3 or f % 3 == 0 for f in frames[:2])
+        local = frames[2:]
+        assert local == list(range(local[0], local[0] + len(local))) and local[0] >= 3
+    picks = {tuple(f[:2]) for _, (f,) in logs[True]}
+    assert len(picks) > 2, picks  # the choice follows the queries (layers, steps, blocks)
+    assert (out[True] - out[False]).abs().max() > 1e-3  # and changes the video
+
+
 class SpyKV(LayerKV):
     """A LayerKV that hands what it read to a check."""
 
@@ -250,8 +341,8 @@ class SpyKV(LayerKV):
         super().__init__(cache, layer, view)
         self.check = check
 
-    def read(self):
-        got = super().read()
+    def read(self, q=None):
+        got = super().read(q)
         self.check(got)
         return got
 
@@ -328,9 +419,10 @@ def _replayed_tves(gen, grp, fork) -> list[float]:
     return out
 
 
-def test_kvpo_rollout_and_replay_with_bank(pgs):
+@pytest.mark.parametrize("sma", [False, True])
+def test_kvpo_rollout_and_replay_with_bank(pgs, sma):
     model = tiny_model(pgs).eval()
-    cc = CacheConfig(memory_bank=MemoryBankConfig(bank_size=2, record_interval=1))
+    cc = CacheConfig(memory_bank=MemoryBankConfig(bank_size=2, record_interval=1, sma=sma, sma_top_k=2))
     gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cc, recache_on_switch=True)
     ro = Rollout(gen, RoutingConfig(window_blocks=2), RolloutConfig(num_branches=3), seed=3)
     g = torch.Generator().manual_seed(5)
@@ -386,6 +478,7 @@ def test_kvpo_rollout_and_replay_with_bank(pgs):
 LATENT_HW = (8, 12)  # 24 tokens per frame: CP 2 divides them
 LAYOUTS = ((2, 1, "auto"), (1, 2, "ulysses"), (1, 2, "allgather"))
 TOL = 1e-5
+MODES = ("dot", "softmax", "dot+sma")  # bank score, and whether sparse memory activation is on
 
 
 def _bank_scenario(model, mode: str | None) -> dict:
@@ -395,10 +488,12 @@ def _bank_scenario(model, mode: str | None) -> dict:
     ctx1, ctx2 = torch.randn(2, 16, 32, generator=g), torch.randn(2, 16, 32, generator=g)
     ctx1[0, 9:], ctx1[1, 13:], ctx2[0, 5:] = 0, 0, 0  # per-sample padding
     noise = torch.randn(2, 4, 30, h, w, generator=g)
-    bank = None if mode is None else MemoryBankConfig(bank_size=2, record_interval=1, bank_score=mode)
+    bank = None if mode is None else MemoryBankConfig(bank_size=2, record_interval=1, bank_score=mode.split("+")[0],
+                                                      sma=mode.endswith("+sma"), sma_top_k=2)
     cc = CacheConfig(history_frames=12, memory_bank=bank)
     gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cc, recache_on_switch=True)
     cache = gen.new_cache()
+    cache.sparse_log = []
     scores, orig = [], memory_bank.bank_scores
 
     def spy(*args, **kw):  # every compression's scores [L, b, n]
@@ -412,7 +507,7 @@ def _bank_scenario(model, mode: str | None) -> dict:
     finally:
         memory_bank.bank_scores = orig
     return dict(latents=latents, bank=[None if t is None else t.clone() for t in cache.bank_frames],
-                scores=torch.stack(scores) if scores else None)
+                scores=torch.stack(scores) if scores else None, sparse=cache.sparse_log)
 
 
 def _bank_worker(rank, world, sd, outdir):
@@ -427,10 +522,10 @@ def _bank_worker(rank, world, sd, outdir):
                                            cp_attention=kind), num_heads=12)
         model = build_model(ModelSection(preset="tiny"), pg_collection=pgs, tp=tp, cp=cp, cp_attention=kind)
         load_full_state_dict(model, sd)
-        for mode in ("dot", "softmax"):
+        for mode in MODES:
             res = _bank_scenario(model, mode)
             everyone = [None] * world
-            dist.all_gather_object(everyone, [t.tolist() for t in res["bank"]])
+            dist.all_gather_object(everyone, ([t.tolist() for t in res["bank"]], res["sparse"]))
             res["ranks_agree"] = all(e == everyone[0] for e in everyone)
             torch.save(res, os.path.join(outdir, f"{tp}x{cp}-{kind}-{mode}-rank{rank}.pt"))
 
@@ -438,20 +533,23 @@ def _bank_worker(rank, world, sd, outdir):
 def test_bank_under_tp2_and_cp2_equals_single_process(pgs, tmp_path):
     sd = tiny_full_state_dict()
     model = tiny_model(pgs, sd=sd).eval()
-    ref = {mode: _bank_scenario(model, mode) for mode in ("dot", "softmax")}
+    ref = {mode: _bank_scenario(model, mode) for mode in MODES}
     finals = {(m, i, s): tuple(r["bank"][i][s].tolist()) for m, r in ref.items() for i in range(2) for s in range(2)}
     assert set(finals.values()) != {(24, 27)}, finals  # some compression kept an older frame
     plain = _bank_scenario(model, None)["latents"]
     for r in ref.values():  # the bank changes the video
         assert (r["latents"] - plain).abs().max() > 1e-3
+    assert (ref["dot+sma"]["latents"] - ref["dot"]["latents"]).abs().max() > 1e-3  # and so does sparse activation
+    assert ref["dot+sma"]["sparse"] and not ref["dot"]["sparse"]
     run_workers(_bank_worker, 2, sd, str(tmp_path))
     for tp, cp, kind in LAYOUTS:
-        for mode in ("dot", "softmax"):
+        for mode in MODES:
             for rank in range(2):
                 got = torch.load(tmp_path / f"{tp}x{cp}-{kind}-{mode}-rank{rank}.pt", weights_only=False)
                 tag = (tp, cp, kind, mode, rank)
                 assert got["ranks_agree"], tag
                 assert all(torch.equal(a, b) for a, b in zip(got["bank"], ref[mode]["bank"])), tag
+                assert got["sparse"] == ref[mode]["sparse"], tag  # every layer/step/sample picked the same frames
                 err = (got["latents"] - ref[mode]["latents"]).abs().max().item()
                 assert err <= TOL, (tag, err)
                 want = ref[mode]["scores"]  # [compressions, L, b, n]: the reductions, not only the decisions

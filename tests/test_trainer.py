@@ -117,12 +117,13 @@ def test_torchrun_main_job_and_exact_resume_after_sigkill(tmp_path):
 
 
 def test_tiny_default_with_memory_bank_and_rollout_archive(tmp_path):
-    """KVPO end to end with MemFlow's bank enabled; the rollout archive written during the run reads back."""
+    """KVPO end to end with MemFlow's bank and sparse memory activation; the rollout archive reads back."""
     from kvpo_megatron.data.rollout_archive import read_archive
 
     archive = tmp_path / "archive"
     tr = KVPOTrainer(_cfg(tmp_path, "train.iterations=2", f"train.rollout_archive={archive}",
-                          "cache.memory_bank={bank_size: 2, record_interval: 1}", "objective.guard=false"))
+                          "cache.memory_bank={bank_size: 2, record_interval: 1, sma: true, sma_top_k: 2}",
+                          "objective.guard=false"))
     hist = tr.train()
     assert len(hist) == 2 and all(h["grad_norm"] > 0 for h in hist)
     fork = tr.last_results[0].group.fork_state

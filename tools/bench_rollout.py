@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--profile", default=None, help="write a per-kernel table of one steady block here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory-bank", action="store_true", help="MemFlow's bank (memflow-1.3b preset; eager path)")
+    p.add_argument("--sma", action="store_true",
+                   help="with --memory-bank: sparse memory activation (each layer attends 3 of sink + bank)")
     return p.parse_args(argv)
 
 
@@ -81,7 +83,7 @@ def build(args, device: torch.device):
 
 
 def rollout_ours(model, text, noise, steps: int, times: list[float], profile_block: int | None = None,
-                 memory_bank: bool = False):
+                 memory_bank: bool = False, sma: bool = False):
     """Generate ``noise``'s frames block by block; per-block wall times appended to ``times``.
     ``memory_bank``: MemFlow's bank (3 entries, recorded every 3 blocks), as in the memflow-1.3b preset."""
     from kvpo_megatron.model import CacheConfig
@@ -89,7 +91,7 @@ def rollout_ours(model, text, noise, steps: int, times: list[float], profile_blo
     from kvpo_megatron.sampling import FlowMatchSampler, SamplerConfig, StreamingGenerator
 
     sampler = FlowMatchSampler(SamplerConfig(timesteps=tuple(1000.0 - 250.0 * i for i in range(steps))))
-    bank = MemoryBankConfig(bank_size=3, record_interval=3) if memory_bank else None
+    bank = MemoryBankConfig(bank_size=3, record_interval=3, sma=sma) if memory_bank else None
     gen = StreamingGenerator(model, sampler, CacheConfig(history_frames=9, memory_bank=bank))
     cache, fpb, out, dev = gen.new_cache(), 3, torch.empty_like(noise), noise.device
     for s in range(0, noise.shape[2], fpb):
@@ -270,8 +272,11 @@ def main(argv=None) -> dict:
         graphs: dict = {}
         if args.cuda_graphs and args.memory_bank:
             raise SystemExit("--memory-bank runs on the eager path; drop --cuda-graphs")
+        if args.sma and not args.memory_bank:
+            raise SystemExit("--sma selects among sink + bank frames; add --memory-bank")
         roll = (lambda tm: rollout_graphed(model, text, noise, args.steps, tm, graphs)) if args.cuda_graphs else \
-            (lambda tm: rollout_ours(model, text, noise, args.steps, tm, memory_bank=args.memory_bank))
+            (lambda tm: rollout_ours(model, text, noise, args.steps, tm, memory_bank=args.memory_bank,
+                                       sma=args.sma))
         roll([])  # warm-up (kernels, cuDNN plans, FP8 scales, graph capture)
         reset_peak(device)
         times: list[float] = []
@@ -286,7 +291,7 @@ def main(argv=None) -> dict:
     flops = args.steps * fwd["total"] + commit["total"]
     peak_tf = device_peak_tflops(device)
     res = dict(bench="rollout", config=args.config, spec=args.spec, dtype=args.dtype, compile=args.compile,
-               cuda_graphs=args.cuda_graphs, memory_bank=args.memory_bank, fp8=args.fp8,
+               cuda_graphs=args.cuda_graphs, memory_bank=args.memory_bank, sma=args.sma, fp8=args.fp8,
                fp8_recipe=args.fp8_recipe if args.fp8 else None, fp8_linears=args.fp8_linears or None,
                fp8_dpa=args.fp8_dpa, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                latent=[args.latent_h, args.latent_w], tokens_per_frame=T, frames_per_block=3, span_frames=12,

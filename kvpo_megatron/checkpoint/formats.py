@@ -276,7 +276,7 @@ def unwrap_training_dict(sd: dict, *, use_ema: bool, source_name: str) -> dict:
     for key in order:
         if isinstance(sd.get(key), dict):
             return sd[key]
-    if not use_ema and sd and all(isinstance(v, LazyTensor) for v in sd.values()):
+    if not use_ema and sd and all(isinstance(v, (LazyTensor, torch.Tensor)) for v in sd.values()):
         return sd  # already a bare state dict
     raise ConfigError(f"{source_name}: expected a dict with {' or '.join(repr(k) for k in order)} holding the "
                       f"generator's weights; top-level keys are {sorted(sd)[:20]}")

@@ -54,20 +54,21 @@ def checkpoint_lora_config(path: str | Path):
     return LoRAConfig(rank=int(lora["rank"]), alpha=float(lora["alpha"]), target_modules=tuple(lora["target_modules"]))
 
 
-def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
+def load_model_weights(model: torch.nn.Module, path: str | Path, *, use_ema: bool = False) -> None:
     """Load weights into a possibly TP/CP-sharded model: a checkpoint directory written by
     ``tools/convert_checkpoint.py import`` (any TP/CP; see ``checkpoint/dist.py`` for its LoRA), or a full state
-    dict file (any supported naming)."""
+    dict file (any supported naming; a Self-Forcing/LongLive/MemFlow training dict is unwrapped as the converter
+    does: ``generator`` or ``model``, ``generator_ema`` with ``use_ema``)."""
+    from kvpo_megatron.checkpoint.formats import unwrap_training_dict
+
     p = Path(path)
     if p.is_dir():
         from kvpo_megatron.checkpoint.dist import load_model_dist
         load_model_dist(model, p)
         return
     sd = read_state_dict(p)
-    for key in ("generator_ema", "generator", "model"):
-        if isinstance(sd.get(key), dict):
-            sd = sd[key]
-            break
+    if use_ema or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        sd = unwrap_training_dict(sd, use_ema=use_ema, source_name=str(p))
     sd = strip_prefix(sd)
     fmt = detect_format(sd)
     load_full_state_dict(model, convert_state_dict(sd, fmt, "ours", source_name=str(p)), source_name=str(p))

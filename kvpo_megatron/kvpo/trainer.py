@@ -143,10 +143,10 @@ class KVPOTrainer:
                 raise ConfigError(f"checkpoint {path} holds a LoRA of rank {ck.rank}, alpha {ck.alpha}; set "
                                   f"lora.rank/lora.alpha to match (got {self.cfg.lora.rank}, {self.cfg.lora.alpha})")
             apply_lora(self.model, self.cfg.lora)
-            load_model_weights(self.model, path)
+            load_model_weights(self.model, path, use_ema=self.cfg.model.use_ema)
             return
         if path is not None:
-            load_model_weights(self.model, path)
+            load_model_weights(self.model, path, use_ema=self.cfg.model.use_ema)
         apply_lora(self.model, self.cfg.lora)
 
     # ---- checkpoints -------------------------------------------------------------------------

@@ -55,7 +55,7 @@ class CachedSDPA(nn.Module):
 
     def forward(self, q, k, v, *, kv: LayerKV | None = None, attn_mask=None):
         if kv is not None:
-            ctx = kv.read()  # read before write: a commit may overwrite a slot this view reads
+            ctx = kv.read(q)  # read before write: a commit may overwrite a slot this view reads
             kv.write(k, v)
             if ctx is not None:
                 k, v = torch.cat([ctx[0].to(k.dtype), k], 1), torch.cat([ctx[1].to(v.dtype), v], 1)

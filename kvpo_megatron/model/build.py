@@ -18,6 +18,8 @@ class ModelSection:
     """WanConfig field overrides (e.g. ``params_dtype``); unknown fields raise."""
     checkpoint: str | None = None
     """Weights to load (see tools/convert_checkpoint.py); random init when None."""
+    use_ema: bool = False
+    """``checkpoint`` is a Self-Forcing/LongLive training file: load its ``generator_ema`` (else ``generator``)."""
 
 
 def cp_attention_kind(cfg: WanConfig, requested: str) -> str:

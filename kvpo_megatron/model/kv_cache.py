@@ -18,6 +18,8 @@ the frame's eviction from the ring. Layers (and samples) keep different frames; 
 the same everywhere. Views place the bank right after the sink frames in ``read_slots``
 (``[sink ; bank ; rest]``), so every attention core reads it through the same gather and the buffers'
 version counter changes whenever the bank does. The bank is part of ``snapshot``/``restore``/``fork``.
+With sparse memory activation (``memory_bank.sma``) a view marks its sink + bank slots as candidates and
+``LayerKV.read(q)`` keeps the ``sma_top_k`` of them that the layer's queries pick (a per-sample gather).
 
 Views
 -----
@@ -34,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvpo_megatron.errors import ConfigError
-from kvpo_megatron.model.memory_bank import MemoryBankConfig
+from kvpo_megatron.model.memory_bank import LOCAL, MemoryBankConfig, ScoreReduction, sparse_select
 
 
 @dataclass(kw_only=True, slots=True)
@@ -86,6 +88,10 @@ class AttentionView:
     """[F] slots receiving the current input's K/V."""
     bank_entries: int = 0
     """Memory-bank slots in ``read_slots``, right after the sink frames (frames differ per layer)."""
+    sparse_candidates: int = 0
+    """MemFlow's sparse memory activation: the leading slots (sink + bank) among which each layer attends only
+    ``sparse_top_k``, chosen from its queries (``LayerKV.read(q)``); 0 = off or nothing to choose."""
+    sparse_top_k: int = 0
 
 
 class LayerKV:
@@ -96,9 +102,33 @@ class LayerKV:
     def __init__(self, cache: "KVCache", layer: int, view: AttentionView):
         self.cache, self.layer, self.view = cache, layer, view
 
-    def read(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Cached K, V of the view's frames: [b, n*T, h, d] each (None if the view reads nothing)."""
-        return self.cache.gather(self.layer, self.view.read_slots)
+    def read(self, q: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Cached K, V of the view's frames: [b, n*T, h, d] each (None if the view reads nothing).
+
+        ``q``: the current forward's queries as the core holds them ([b, L, h, d], this rank's shard). A view
+        with sparse memory activation needs them: it reads only the chosen sink/bank frames
+        (``memory_bank.sparse_select``) and then the rest of the view."""
+        return self.cache.gather(self.layer, self.slots_for(q))
+
+    def slots_for(self, q: torch.Tensor | None) -> torch.Tensor:
+        """The slots this layer reads: ``view.read_slots``, or [b, top_k + rest] under sparse activation."""
+        view, slots = self.view, self.view.read_slots
+        c = view.sparse_candidates
+        if c == 0:
+            return slots
+        if q is None:
+            raise ValueError("this view uses MemFlow's sparse memory activation (cache.memory_bank.sma) but the "
+                             "attention core did not pass its queries to LayerKV.read(q)")
+        cache = self.cache
+        slots = slots.to(cache.k[self.layer].device)
+        rows = slots if slots.dim() == 2 else slots[None].expand(q.shape[0], -1)
+        cand = rows[:, :c]
+        b = torch.arange(rows.shape[0], device=rows.device)[:, None]
+        keep = sparse_select(q, cache.k[self.layer][b, cand], view.sparse_top_k, cache.reduction)
+        chosen = torch.cat([cand.gather(1, keep.to(cand.device)), rows[:, c:]], 1)
+        if cache.sparse_log is not None:
+            cache.sparse_log.append((self.layer, cache.frames_of(self.layer, chosen)))
+        return chosen
 
     def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the current input's K/V ([b, F*T, h, d]) if the view commits."""
@@ -121,8 +151,13 @@ class CacheSnapshot:
 class KVCache:
     """Frame-slot KV cache of all layers. Nothing outside this class indexes its tensors."""
 
-    def __init__(self, cfg: CacheConfig, num_layers: int):
+    def __init__(self, cfg: CacheConfig, num_layers: int, *, reduction: ScoreReduction = LOCAL):
+        """``reduction``: completes MemFlow's bank and sparse-activation scores over the ranks that shard this
+        cache (``parallel.bank_reduction.score_reduction_for(model)``; the identity in one process)."""
         self.cfg = cfg
+        self.reduction = reduction
+        self.sparse_log: list | None = None
+        """Set to a list to record ``(layer, attended frames per sample)`` of every sparse read (tests)."""
         self.num_layers = num_layers
         self.num_slots = cfg.num_sink_frames + cfg.history_frames  # frame table (sink + ring); bank slots follow
         self.bank_size = 0 if cfg.memory_bank is None else cfg.memory_bank.bank_size
@@ -164,18 +199,31 @@ class KVCache:
             write_slots = torch.tensor([self.slot_for(f) for f in write_frames], dtype=torch.long, device=device)
             for f in write_frames:
                 self.frame_of_slot[self.slot_for(f)] = int(f)
+        mb = self.cfg.memory_bank
+        n_cand = n_bank + self._n_sink(frames[0] if per_sample else frames)
+        sparse = mb is not None and mb.sma and n_bank > 0 and n_cand > mb.sma_top_k
         return AttentionView(read_frames=frames, read_slots=slots, write_frames=tuple(int(f) for f in write_frames),
-                             write_slots=write_slots, bank_entries=n_bank)
+                             write_slots=write_slots, bank_entries=n_bank, sparse_candidates=n_cand if sparse else 0,
+                             sparse_top_k=mb.sma_top_k if sparse else 0)
+
+    def _n_sink(self, frames) -> int:
+        """Leading sink frames of a view's frame list."""
+        return next((j for j, f in enumerate(frames) if f >= self.cfg.num_sink_frames), len(frames))
 
     def _with_bank(self, frames, n_bank: int) -> list[int]:
         """Slots of ``frames`` with ``n_bank`` bank slots inserted after the leading sink frames."""
         slots = self._slots(frames)
-        n_sink = next((j for j, f in enumerate(frames) if f >= self.cfg.num_sink_frames), len(frames))
+        n_sink = self._n_sink(frames)
         return slots[:n_sink] + list(range(self.num_slots, self.num_slots + n_bank)) + slots[n_sink:]
 
     def attended_frames(self, layer: int, view: AttentionView) -> list[list[int]]:
-        """Per sample, the frames a view makes ``layer`` read now (bank slots resolved for that layer)."""
-        slots = view.read_slots if view.read_slots.dim() == 2 else view.read_slots[None].expand(self.batch_size, -1)
+        """Per sample, the frames a view makes ``layer`` read now (bank slots resolved for that layer; before
+        sparse memory activation, which also depends on the queries: see ``sparse_log``)."""
+        return self.frames_of(layer, view.read_slots)
+
+    def frames_of(self, layer: int, slots: torch.Tensor) -> list[list[int]]:
+        """Per sample, the frames held by ``slots`` ([n] or [b, n]) in ``layer``."""
+        slots = slots if slots.dim() == 2 else slots[None].expand(self.batch_size, -1)
         out = []
         for row, row_slots in enumerate(slots.tolist()):
             out.append([self.frame_of_slot[s] if s < self.num_slots
@@ -274,6 +322,6 @@ class KVCache:
 
     def fork(self) -> "KVCache":
         """An independent copy (for a branch that writes its own frames)."""
-        other = KVCache(self.cfg, self.num_layers)
+        other = KVCache(self.cfg, self.num_layers, reduction=self.reduction)
         other.restore(self.snapshot())
         return other

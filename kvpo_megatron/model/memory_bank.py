@@ -21,6 +21,14 @@ Rules (``MemoryBankConfig``; block ``b`` starts at frame ``s = b * frames_per_bl
 4. Prompt switch: the bank is kept. Scoring uses the text K of the prompt passed to the commit (the new
    prompt from the switch block on), which the caller encoded before; an empty prompt (every text
    position masked) or an all-zero text K raises instead of scoring.
+5. Sparse memory activation (``sma``, default off): the sink and bank frames of a view are candidates; each
+   forward of each layer scores candidate ``j`` by ``mean_t q[t] . mean_u k_j[u] / sqrt(head_dim)`` summed over
+   heads (``q``: the current tokens' queries after RoPE; ``k_j``: the candidate's cached keys) and attends
+   only the ``sma_top_k`` best (ties: the older slot; all of them when there are no more than ``sma_top_k``),
+   in view order, followed by the local window. The choice differs per layer, per sample, per solver step,
+   and is not differentiated (an index). Sharded caches complete the means and head sums through the same
+   :class:`ScoreReduction`; its results are bitwise identical on every rank, so every rank picks the same
+   frames without a broadcast.
 
 Score of entry ``i`` (per layer, per sample); ``z[l,h,t] = <k_text[l,h], k_i[t,h]> / sqrt(head_dim)`` over
 valid (unpadded) text positions ``l``, heads ``h`` and the entry's tokens ``t``:
@@ -69,7 +77,10 @@ class MemoryBankConfig:
     bank_score: BankScore = BankScore.dot
     """Relevance score used to compress a full bank: ``dot`` or ``softmax``."""
     sma: bool = False
-    """MemFlow's sparse memory activation (top-k chunk routing over sink + bank); not supported yet."""
+    """MemFlow's sparse memory activation: each forward of each layer attends only the ``sma_top_k`` sink/bank
+    frames most relevant to its queries (rule 5); the local window is always attended."""
+    sma_top_k: int = 3
+    """Sink + bank frames kept by ``sma`` (with sink 3 and bank 3: half of the long-range frames)."""
 
     def __post_init__(self):
         self.bank_score = BankScore(self.bank_score)
@@ -77,9 +88,8 @@ class MemoryBankConfig:
             raise ConfigError(f"cache.memory_bank.bank_size must be >= 1, got {self.bank_size}")
         if self.record_interval < 1:
             raise ConfigError(f"cache.memory_bank.record_interval must be >= 1, got {self.record_interval}")
-        if self.sma:
-            raise ConfigError("cache.memory_bank.sma=True is not supported: top-k routing over sink + bank needs "
-                              "the block's queries inside the attention core (kv.read(q)); use sma: false")
+        if self.sma_top_k < 1:
+            raise ConfigError(f"cache.memory_bank.sma_top_k must be >= 1, got {self.sma_top_k}")
 
 
 # ---- sharded reductions (injected) --------------------------------------------------------------------------
@@ -169,6 +179,27 @@ def bank_scores(text_ks: list[torch.Tensor], mask: torch.Tensor | None, entry_ks
     return total / (count * m.sum(1)[None, :, None])
 
 
+def sparse_select(q: torch.Tensor, cand_k: torch.Tensor, top_k: int,
+                  reduction: ScoreReduction = LOCAL) -> torch.Tensor:
+    """Rule 5: indices ``[b, top_k]`` (ascending) of the candidates to attend.
+
+    Args:
+        q: this rank's queries of the current forward ``[b, L, h, d]``.
+        cand_k: the candidates' cached keys ``[b, c, T, h, d]`` (this rank's shard), ``c > top_k``.
+    """
+    with torch.no_grad():
+        b, c, t, h, d = cand_k.shape
+        sums = torch.cat([q.detach().float().sum(1).flatten(), cand_k.float().sum(2).flatten(),
+                          q.new_tensor([q.shape[1], t], dtype=torch.float32)])
+        sums = reduction.sum_tokens(sums)  # complete token sums under a token-sharded cache
+        nq = b * h * d
+        qm = sums[:nq].view(b, h, d) / sums[-2]
+        km = sums[nq:-2].view(b, c, h, d) / sums[-1]
+        part = torch.einsum("bhd,bchd->bc", qm, km) / math.sqrt(d)
+        scores = reduction.sum_heads(part)  # heads held by other ranks
+        return keep_indices(scores, top_k)
+
+
 def keep_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices (ascending) of the ``keep`` best entries along the last dim; ties keep the older entry."""
     order = torch.sort(-scores, dim=-1, stable=True).indices[..., :keep]
@@ -218,7 +249,8 @@ GENERATOR_PRESETS: dict[str, dict] = {
     "memflow-1.3b": {
         "model": {"preset": "wan-1.3b"},
         "cache": {"frames_per_block": 3, "num_sink_frames": 3, "local_attn_frames": 9, "history_frames": 30,
-                  "memory_bank": {"bank_size": 3, "record_interval": 3, "bank_score": "dot", "sma": False}},
+                  "memory_bank": {"bank_size": 3, "record_interval": 3, "bank_score": "dot", "sma": False,
+                                  "sma_top_k": 3}},
         "routing": {"num_local_slots": 9, "num_recent_fixed": 3},
         "recache_on_switch": True,
     },

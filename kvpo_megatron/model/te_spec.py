@@ -184,14 +184,14 @@ class TECachedAttention(nn.Module):
                 kv.write(k, v)
             return sdpa(q, k, v, attn_mask)
         if kv is not None:
-            k, v = self._with_context(kv, k, v)
+            k, v = self._with_context(kv, q, k, v)
         with quantized(self.fp8_recipe):
             out = self.attn(q, k, v)
         return out.view(q.shape)
 
     forward = torch.compiler.disable(forward)  # TE calls and the context cache stay eager under torch.compile
 
-    def _with_context(self, kv: LayerKV, k, v):
+    def _with_context(self, kv: LayerKV, q, k, v):
         """Read (before write) the view's cached frames and return [cached; current] K and V."""
         if kv.view.read_slots.numel() == 0:
             kv.write(k, v)
@@ -199,9 +199,9 @@ class TECachedAttention(nn.Module):
         src = kv.cache.k[kv.layer]
         key = (src._version, kv.cache.v[kv.layer]._version, kv.view.read_frames, k.shape, k.dtype)
         capturing = k.is_cuda and torch.cuda.is_current_stream_capturing()  # a CUDA graph must gather every replay
-        hit = not capturing and self._ctx_key == key and self._ctx_src is not None and self._ctx_src() is src
+        hit = not capturing and not kv.view.sparse_candidates and self._ctx_key == key and self._ctx_src is not None and self._ctx_src() is src
         if not hit:
-            ck, cv = kv.read()
+            ck, cv = kv.read(q)  # sparse memory activation picks frames per forward: no reuse
             n = ck.shape[1]
             shape = (k.shape[0], n + k.shape[1], *k.shape[2:])
             if self._ctx is None or self._ctx[0].shape != shape or self._ctx[0].device != k.device:

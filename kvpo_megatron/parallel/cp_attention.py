@@ -138,7 +138,7 @@ class UlyssesCachedAttention(nn.Module):
         _no_mask(attn_mask)
         qh, kh, vh = self._seq_to_heads(torch.stack([q, k, v])).unbind(0)  # [b, F*T, h/(TP*CP), d] each
         if kv is not None:
-            ctx = kv.read()  # read before write
+            ctx = kv.read(qh)  # read before write
             if kv.view.write_slots is not None:
                 nf = kv.view.write_slots.numel()
                 kv.write(self._frame_major(kh, nf), self._frame_major(vh, nf))
@@ -167,7 +167,7 @@ class AllGatherCachedAttention(nn.Module):
         _no_mask(attn_mask)
         ctx = None
         if kv is not None:
-            ctx = kv.read()  # this rank's token shard of the view's frames (read before write)
+            ctx = kv.read(q)  # this rank's token shard of the view's frames (read before write)
             kv.write(k, v)  # this rank's token shard of the current frames
         cur = torch.stack([k, v])  # [2, b, L, h, d]
         needs_grad = torch.is_grad_enabled() and cur.requires_grad

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.model.attention import TextKV
 from kvpo_megatron.model.kv_cache import CacheConfig, KVCache
-from kvpo_megatron.model.memory_bank import ScoreReduction, update_after_commit
+from kvpo_megatron.model.memory_bank import LOCAL, ScoreReduction, update_after_commit
 from kvpo_megatron.sampling.flow_matching import FlowMatchSampler
 
 StepHook = Callable[[int, torch.Tensor, float, torch.Tensor], None]  # (step, x_t, timestep, velocity)
@@ -47,7 +47,15 @@ class StreamingGenerator:
         self.forward_count = 0  # model forwards issued (tests count them)
 
     def new_cache(self) -> KVCache:
-        return KVCache(self.cache_cfg, self.model.config.num_layers)
+        return KVCache(self.cache_cfg, self.model.config.num_layers, reduction=self._reduction())
+
+    def _reduction(self) -> ScoreReduction:
+        if self.cache_cfg.memory_bank is None:
+            return LOCAL
+        if self.bank_reduction is None:
+            from kvpo_megatron.parallel.bank_reduction import score_reduction_for
+            self.bank_reduction = score_reduction_for(self.model)
+        return self.bank_reduction
 
     def _forward(self, x, t: float, start: int, text: TextKV, cache: KVCache, view, compute_output=True):
         self.forward_count += 1
@@ -83,10 +91,7 @@ class StreamingGenerator:
         view = cache.view(frames, write_frames=list(range(start, start + nf)), device=x0.device)
         self._forward(x, self.sampler.context_timestep(), start, text, cache, view, compute_output=False)
         if record_bank and cache.cfg.memory_bank is not None:
-            if self.bank_reduction is None:
-                from kvpo_megatron.parallel.bank_reduction import score_reduction_for
-                self.bank_reduction = score_reduction_for(self.model)
-            update_after_commit(cache, start // cache.cfg.frames_per_block, text, self.bank_reduction)
+            update_after_commit(cache, start // cache.cfg.frames_per_block, text, self._reduction())
 
     def recache(self, cache: KVCache, latents: torch.Tensor, start: int, text: TextKV) -> None:
         """LongLive-style prompt switch: recompute the K/V of the local frames before ``start`` (not the sink)
