@@ -232,6 +232,8 @@ def save_model_dist(model: torch.nn.Module, path: str | Path, *, dtype: torch.dt
     save_sharded(sd, path)
     if info is not None and global_rank() == 0:
         (Path(path) / INFO_FILE).write_text(json.dumps(info, indent=2))
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # the checkpoint, info file included, is complete on every rank's return
 
 
 def _merge_lora_into_base(model, lora: dict[str, torch.Tensor], scaling: float) -> None:
