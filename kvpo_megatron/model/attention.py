@@ -85,8 +85,8 @@ def _linears(cfg: WanConfig, sub: AttentionSubmodules, tp_group, kv_in: int):
     return q, k, v, o
 
 
-class WanSelfAttention(nn.Module):
-    """q,k,v,o linears; RMSNorm over the full width on q and k; 3D RoPE; cached attention core."""
+class _WanAttention(nn.Module):
+    """q, k, v, o linears, full-width RMSNorm on q and k, and an attention core, all named by the spec."""
 
     def __init__(self, config: WanConfig, submodules: AttentionSubmodules, pg_collection=None):
         super().__init__()
@@ -96,6 +96,10 @@ class WanSelfAttention(nn.Module):
         self.norm_k = build_module(submodules.k_norm, config.hidden_size, config.layernorm_epsilon, tp_group=tp_group)
         self.core = build_module(submodules.core_attention, config=config, pg_collection=pg_collection)
         self.head_dim = config.head_dim
+
+
+class WanSelfAttention(_WanAttention):
+    """q,k,v,o linears; RMSNorm over the full width on q and k; 3D RoPE; cached attention core."""
 
     def forward(self, x: torch.Tensor, *, rope: tuple[torch.Tensor, torch.Tensor], kv: LayerKV | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -109,17 +113,8 @@ class WanSelfAttention(nn.Module):
         return self.o(out.flatten(2))[0]
 
 
-class WanCrossAttention(nn.Module):
+class WanCrossAttention(_WanAttention):
     """Attention from the video tokens to the prompt's tokens; the prompt side is projected once."""
-
-    def __init__(self, config: WanConfig, submodules: AttentionSubmodules, pg_collection=None):
-        super().__init__()
-        tp_group = getattr(pg_collection, "tp", None)
-        self.q, self.k, self.v, self.o = _linears(config, submodules, tp_group, config.hidden_size)
-        self.norm_q = build_module(submodules.q_norm, config.hidden_size, config.layernorm_epsilon, tp_group=tp_group)
-        self.norm_k = build_module(submodules.k_norm, config.hidden_size, config.layernorm_epsilon, tp_group=tp_group)
-        self.core = build_module(submodules.core_attention, config=config, pg_collection=pg_collection)
-        self.head_dim = config.head_dim
 
     def project_text(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """text: [b, Lt, dim] (after the text embedding) -> (k, v) [b, Lt, h_local, d]."""
