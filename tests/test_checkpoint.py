@@ -140,6 +140,14 @@ def test_import_export_round_trip_every_format(pgs, tmp_path):
     assert _max_err(ema, direct, ours=True) <= 1e-5
     load_model_weights(direct, tmp_path / "longlive.pt", use_ema=True)
     assert _max_err(ref, direct, ours=True) <= 1e-5
+    # ... also into a model that already has LoRA (base weights under .base_layer.; adapters untouched)
+    from kvpo_megatron.lora import LoRAConfig, lora_full_state_dict
+    adapted = _ours(pgs, tmp_path / "memflow_base.pt", LoRAConfig(rank=RANK, alpha=ALPHA))
+    before = lora_full_state_dict(adapted)
+    assert _max_err(ref, adapted, ours=True) <= 1e-5  # LoRA B starts at zero
+    load_model_weights(adapted, tmp_path / "longlive.pt")
+    assert _max_err(ema, adapted, ours=True) <= 1e-5
+    assert all(torch.equal(v, lora_full_state_dict(adapted)[k]) for k, v in before.items())
     # export to original Wan names: the same tensors and config as the source we wrote
     export_checkpoint(tmp_path / "imp_wan_sharded", tmp_path / "wan_export", to="wan", max_shard_bytes=300_000)
     back = read_source("wan", tmp_path / "wan_export")

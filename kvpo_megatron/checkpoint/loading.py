@@ -71,4 +71,10 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, *, use_ema: boo
         sd = unwrap_training_dict(sd, use_ema=use_ema, source_name=str(p))
     sd = strip_prefix(sd)
     fmt = detect_format(sd)
-    load_full_state_dict(model, convert_state_dict(sd, fmt, "ours", source_name=str(p)), source_name=str(p))
+    full = convert_state_dict(sd, fmt, "ours", source_name=str(p))
+    # a model with LoRA injected holds its base weights under ``.base_layer.`` names; its adapters stay as they are
+    from kvpo_megatron.checkpoint.dist import base_name, is_lora_name
+    for name, _ in model.named_parameters():
+        if name != base_name(name) and base_name(name) in full:
+            full[name] = full.pop(base_name(name))
+    load_full_state_dict(model, full, source_name=str(p), skip=is_lora_name)

@@ -24,10 +24,11 @@ def is_sharded(p: torch.Tensor) -> bool:
 
 
 def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor], *, strict: bool = True,
-                         source_name: str = "state dict") -> None:
-    """Copy full tensors into the (possibly TP-sharded) parameters of ``model``."""
+                         source_name: str = "state dict", skip=None) -> None:
+    """Copy full tensors into the (possibly TP-sharded) parameters of ``model``; ``skip(name)`` True leaves a
+    parameter alone and out of the missing-key check (e.g. LoRA adapters when loading base weights)."""
     _, rank, world = _tp(model)
-    params = dict(model.named_parameters())
+    params = {n: p for n, p in model.named_parameters() if skip is None or not skip(n)}
     missing = [k for k in params if k not in full]
     unknown = [k for k in full if k not in params]
     mismatched = []
