@@ -163,3 +163,8 @@ def test_te_core_sparse_activation_matches_local_core(pgs):
             picks.append(tuple(cache.sparse_log[-1][1][0][:2]))
             assert err <= BF16_REL_TOL
     assert len(set(picks)) > 1, picks  # the choice changed with the queries and the TE core followed it
+    # the same frames without the bank right after a sparse read: the TE core must not reuse that context
+    plain = cache.view(cache.cfg.default_read_frames(12), device="cuda", bank=False)
+    with torch.no_grad():
+        out_te = te_core(q, k, v, kv=cache.layer(0, plain))
+        assert _rel(out_te.float(), local_core(q, k, v, kv=cache.layer(0, plain)).float()) <= BF16_REL_TOL

@@ -283,7 +283,8 @@ def main(argv=None) -> dict:
         ours = roll(times)
         peak = peak_memory_gb(device)
         if args.profile:  # a third rollout, profiling one steady block (not part of the timings)
-            rollout_ours(model, text, noise, args.steps, [], profile_block=steady[0])
+            rollout_ours(model, text, noise, args.steps, [], profile_block=steady[0], memory_bank=args.memory_bank,
+                         sma=args.sma)
     sec = sum(times[i] for i in steady) / len(steady)
     cached = 3 + 9 - 3
     fwd = forward_flops(cfg, batch=args.batch, frames=3, tokens_per_frame=T, cached_frames=cached)

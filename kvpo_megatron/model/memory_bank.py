@@ -189,8 +189,9 @@ def sparse_select(q: torch.Tensor, cand_k: torch.Tensor, top_k: int,
     """
     with torch.no_grad():
         b, c, t, h, d = cand_k.shape
+        one = q.new_ones((), dtype=torch.float32)  # counts on the device without a host copy (graph capture)
         sums = torch.cat([q.detach().float().sum(1).flatten(), cand_k.float().sum(2).flatten(),
-                          q.new_tensor([q.shape[1], t], dtype=torch.float32)])
+                          torch.stack([one * q.shape[1], one * t])])
         sums = reduction.sum_tokens(sums)  # complete token sums under a token-sharded cache
         nq = b * h * d
         qm = sums[:nq].view(b, h, d) / sums[-2]

@@ -197,9 +197,12 @@ class TECachedAttention(nn.Module):
             kv.write(k, v)
             return k, v
         src = kv.cache.k[kv.layer]
-        key = (src._version, kv.cache.v[kv.layer]._version, kv.view.read_frames, k.shape, k.dtype)
+        key = (src._version, kv.cache.v[kv.layer]._version, kv.view.read_frames, kv.view.bank_entries, k.shape,
+               k.dtype)
+        sparse = bool(kv.view.sparse_candidates)  # the frames read depend on q: never reuse, never reused
         capturing = k.is_cuda and torch.cuda.is_current_stream_capturing()  # a CUDA graph must gather every replay
-        hit = not capturing and not kv.view.sparse_candidates and self._ctx_key == key and self._ctx_src is not None and self._ctx_src() is src
+        hit = (not capturing and not sparse and self._ctx_key == key and self._ctx_src is not None
+               and self._ctx_src() is src)
         if not hit:
             ck, cv = kv.read(q)  # sparse memory activation picks frames per forward: no reuse
             n = ck.shape[1]
@@ -208,7 +211,7 @@ class TECachedAttention(nn.Module):
                 self._ctx = (k.new_empty(shape), v.new_empty(shape))
             self._ctx[0][:, :n].copy_(ck)
             self._ctx[1][:, :n].copy_(cv)
-            self._ctx_key, self._ctx_src = (None, None) if capturing else (key, weakref.ref(src))
+            self._ctx_key, self._ctx_src = (None, None) if capturing or sparse else (key, weakref.ref(src))
         if capturing:  # keep the buffers a captured graph writes alive even if _ctx is replaced later
             self._graph_buffers.append(self._ctx)
         kv.write(k, v)  # after the read: a commit may overwrite a slot this view reads

@@ -125,6 +125,8 @@ class StreamingGenerator:
                 raise ConfigError(f"prompt switch at frame {p.start_frame} must be block aligned "
                                   f"(multiple of {fpb}) and inside the video ({noise.shape[2]} frames)")
         cache = cache or self.new_cache()
+        if cache.cfg.memory_bank is not None:  # a cache built elsewhere scores like this model's layout
+            cache.reduction = self._reduction()
         out = torch.empty_like(noise)
         switches = {p.start_frame: p.text for p in prompts}
         text = prompts[0].text
