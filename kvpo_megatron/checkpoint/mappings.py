@@ -31,25 +31,35 @@ for _ours, _diff in (("self_attn", "attn1"), ("cross_attn", "attn2")):
         TABLE.append((f"blocks.{{n}}.{_ours}.{_a}.{{p}}", f"blocks.{{n}}.{_ours}.{_a}.{{p}}",
                       f"blocks.{{n}}.{_diff}.{_b}.{{p}}"))
 
-FORMATS = {"ours": 0, "wan": 1, "diffusers": 2}
-
-
 def _regex(pattern: str) -> re.Pattern:
     rx = re.escape(pattern).replace(r"\{n\}", r"(?P<n>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
     return re.compile(rx + "$")
 
 
-_COMPILED = {fmt: [(_regex(row[i]), row) for row in TABLE] for fmt, i in FORMATS.items()}
+class NameTable:
+    """Name templates, one column per format; ``{n}`` is a block index, ``{p}`` a leaf (``weight``/``bias``).
+    Every direction between the columns comes from the same rows."""
+
+    def __init__(self, rows, formats: tuple[str, ...]):
+        self.formats = {f: i for i, f in enumerate(formats)}
+        self._compiled = {f: [(_regex(row[i]), row) for row in rows] for f, i in self.formats.items()}
+
+    def rename(self, key: str, src: str, dst: str) -> str | None:
+        """Map one key from format ``src`` to ``dst``; None if no row matches."""
+        for rx, row in self._compiled[src]:
+            m = rx.match(key)
+            if m:
+                out = row[self.formats[dst]]
+                return out.replace("{n}", m.groupdict().get("n") or "").replace("{p}", m.groupdict().get("p") or "")
+        return None
+
+
+WAN_NAMES = NameTable(TABLE, ("ours", "wan", "diffusers"))
 
 
 def rename(key: str, src: str, dst: str) -> str | None:
     """Map one key from format ``src`` to ``dst`` (``ours``/``wan``/``diffusers``); None if unknown."""
-    for rx, row in _COMPILED[src]:
-        m = rx.match(key)
-        if m:
-            out = row[FORMATS[dst]]
-            return out.replace("{n}", m.groupdict().get("n") or "").replace("{p}", m.groupdict().get("p") or "")
-    return None
+    return WAN_NAMES.rename(key, src, dst)
 
 
 def convert_state_dict(sd: dict, src: str, dst: str, *, source_name: str = "state dict") -> dict:

@@ -2,7 +2,7 @@
 
 Expected files (paths come from the YAML config):
 - weights, either Wan's ``models_t5_umt5-xxl-enc-bf16.pth`` (original ``T5Encoder`` keys, converted by
-  ``wan_key_maps.UMT5_WAN_TO_HF``; the architecture is read off the tensor shapes) or a Hugging Face folder
+  ``wan_key_maps.UMT5_NAMES``; the architecture is read off the tensor shapes) or a Hugging Face folder
   with ``config.json`` + weights (e.g. ``google/umt5-xxl``; decoder weights, if present, are ignored);
 - tokenizer ``spiece.model``: given explicitly, else looked up next to the weights
   (``<dir>/spiece.model``, ``<dir>/google/umt5-xxl/spiece.model`` as in Wan's release folders).

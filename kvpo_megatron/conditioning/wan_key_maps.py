@@ -14,68 +14,51 @@ import re
 
 import torch
 
+from kvpo_megatron.checkpoint.mappings import NameTable
 from kvpo_megatron.errors import ConfigError
 
-# (Wan original regex, HF UMT5EncoderModel replacement)
-UMT5_WAN_TO_HF: tuple[tuple[str, str], ...] = (
-    (r"^token_embedding\.weight$", "shared.weight"),
-    (r"^blocks\.(\d+)\.norm1\.weight$", r"encoder.block.\1.layer.0.layer_norm.weight"),
-    (r"^blocks\.(\d+)\.attn\.(q|k|v|o)\.weight$", r"encoder.block.\1.layer.0.SelfAttention.\2.weight"),
-    (
-        r"^blocks\.(\d+)\.pos_embedding\.embedding\.weight$",
-        r"encoder.block.\1.layer.0.SelfAttention.relative_attention_bias.weight",
-    ),
-    (r"^blocks\.(\d+)\.norm2\.weight$", r"encoder.block.\1.layer.1.layer_norm.weight"),
-    (r"^blocks\.(\d+)\.ffn\.gate\.0\.weight$", r"encoder.block.\1.layer.1.DenseReluDense.wi_0.weight"),
-    (r"^blocks\.(\d+)\.ffn\.fc1\.weight$", r"encoder.block.\1.layer.1.DenseReluDense.wi_1.weight"),
-    (r"^blocks\.(\d+)\.ffn\.fc2\.weight$", r"encoder.block.\1.layer.1.DenseReluDense.wo.weight"),
-    (r"^norm\.weight$", "encoder.final_layer_norm.weight"),
-)
+# (Wan original, HF UMT5EncoderModel); {n} is the block index. Both directions come from these rows.
+_UMT5_ROWS = [
+    ("token_embedding.weight", "shared.weight"),
+    ("blocks.{n}.norm1.weight", "encoder.block.{n}.layer.0.layer_norm.weight"),
+    *[(f"blocks.{{n}}.attn.{x}.weight", f"encoder.block.{{n}}.layer.0.SelfAttention.{x}.weight") for x in "qkvo"],
+    ("blocks.{n}.pos_embedding.embedding.weight",
+     "encoder.block.{n}.layer.0.SelfAttention.relative_attention_bias.weight"),
+    ("blocks.{n}.norm2.weight", "encoder.block.{n}.layer.1.layer_norm.weight"),
+    ("blocks.{n}.ffn.gate.0.weight", "encoder.block.{n}.layer.1.DenseReluDense.wi_0.weight"),
+    ("blocks.{n}.ffn.fc1.weight", "encoder.block.{n}.layer.1.DenseReluDense.wi_1.weight"),
+    ("blocks.{n}.ffn.fc2.weight", "encoder.block.{n}.layer.1.DenseReluDense.wo.weight"),
+    ("norm.weight", "encoder.final_layer_norm.weight"),
+]
+UMT5_NAMES = NameTable(_UMT5_ROWS, ("wan", "hf"))
+_TIED_EMBEDDING = "encoder.embed_tokens.weight"
 
 
-# (HF regex, Wan original replacement): the inverse table, spelled out.
-UMT5_HF_TO_WAN: tuple[tuple[str, str], ...] = (
-    (r"^shared\.weight$", "token_embedding.weight"),
-    (r"^encoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight$", r"blocks.\1.norm1.weight"),
-    (r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.(q|k|v|o)\.weight$", r"blocks.\1.attn.\2.weight"),
-    (
-        r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.weight$",
-        r"blocks.\1.pos_embedding.embedding.weight",
-    ),
-    (r"^encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight$", r"blocks.\1.norm2.weight"),
-    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_0\.weight$", r"blocks.\1.ffn.gate.0.weight"),
-    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_1\.weight$", r"blocks.\1.ffn.fc1.weight"),
-    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wo\.weight$", r"blocks.\1.ffn.fc2.weight"),
-    (r"^encoder\.final_layer_norm\.weight$", "norm.weight"),
-)
-
-
-def _rename(state: dict[str, torch.Tensor], table, *, source: str, skip=()) -> dict[str, torch.Tensor]:
+def _rename(state: dict[str, torch.Tensor], src: str, dst: str, *, source: str,
+            skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        if any(re.match(s, key) for s in skip):
+        if key in skip:
             continue
-        for pattern, repl in table:
-            if re.match(pattern, key):
-                out[re.sub(pattern, repl, key)] = value
-                break
-        else:
+        new = UMT5_NAMES.rename(key, src, dst)
+        if new is None:
             raise ConfigError(f"{source}: unexpected key {key!r} (not in the umT5 key table)")
+        out[new] = value
     return out
 
 
 def umt5_wan_to_hf(state: dict[str, torch.Tensor], *, source: str = "umT5 checkpoint") -> dict[str, torch.Tensor]:
     """Rename a Wan ``T5Encoder`` state dict to ``UMT5EncoderModel`` keys (embedding tied to encoder.embed_tokens)."""
-    out = _rename(state, UMT5_WAN_TO_HF, source=source)
+    out = _rename(state, "wan", "hf", source=source)
     if "shared.weight" not in out:
         raise ConfigError(f"{source}: no 'token_embedding.weight'; is this Wan's umT5 encoder checkpoint?")
-    out["encoder.embed_tokens.weight"] = out["shared.weight"]
+    out[_TIED_EMBEDDING] = out["shared.weight"]
     return out
 
 
 def umt5_hf_to_wan(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inverse of :func:`umt5_wan_to_hf` (drops the tied ``encoder.embed_tokens.weight``)."""
-    return _rename(state, UMT5_HF_TO_WAN, source="UMT5EncoderModel", skip=(r"^encoder\.embed_tokens\.weight$",))
+    return _rename(state, "hf", "wan", source="UMT5EncoderModel", skip=(_TIED_EMBEDDING,))
 
 
 def umt5_config_from_wan(state: dict[str, torch.Tensor]) -> dict[str, int | float | str]:
