@@ -33,14 +33,23 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def run_main(fn: Callable[[], None]) -> None:
-    """Run ``fn``; bad input becomes one clear line on stderr and exit code 2."""
-    setup_logging()
+def exit_code(fn: Callable[[], None]) -> int:
+    """Run ``fn``: 0, or 2 with one ``error: ...`` line on stderr for bad input (``ConfigError``)."""
     try:
         fn()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+def run_main(fn: Callable[[], None]) -> None:
+    """Run ``fn``; bad input becomes one clear line on stderr and exit code 2."""
+    setup_logging()
+    try:
+        code = exit_code(fn)
+        if code:
+            sys.exit(code)
     finally:
         import torch.distributed as dist
         if dist.is_initialized():

@@ -22,9 +22,9 @@ import warnings
 
 from kvpo_megatron.checkpoint.convert import ImportSpec, export_checkpoint, export_lora, import_checkpoint
 from kvpo_megatron.checkpoint.formats import SOURCE_FORMATS
+from kvpo_megatron.cli import exit_code
 from kvpo_megatron.errors import ConfigError
 
-log = logging.getLogger("convert_checkpoint")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -78,12 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     for noisy in ("megatron", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        run(argv)
-    except ConfigError as e:
-        log.error("error: %s", e)
-        return 2
-    return 0
+    return exit_code(lambda: run(argv))
 
 
 if __name__ == "__main__":

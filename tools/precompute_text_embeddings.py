@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from kvpo_megatron.cli import exit_code
 from kvpo_megatron.conditioning.text_encoder import HashTextEncoder
 from kvpo_megatron.data.embedding_store import EmbeddingStore
 from kvpo_megatron.data.prompts import read_prompt_file, unique_prompts
@@ -88,12 +89,7 @@ def run(args: argparse.Namespace) -> EmbeddingStore:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run(parse_args(argv))
-    except ConfigError as e:
-        logger.error("%s", e)
-        return 2
-    return 0
+    return exit_code(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":
