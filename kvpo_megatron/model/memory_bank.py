@@ -215,8 +215,10 @@ def records(cache_cfg, block: int) -> bool:
             and block * cache_cfg.frames_per_block >= cache_cfg.num_sink_frames)
 
 
-def update_after_commit(cache: "KVCache", block: int, text: "TextKV", reduction: ScoreReduction = LOCAL) -> bool:
-    """Rules 1-2 after the commit pass of ``block`` wrote its K/V; returns whether an entry was recorded."""
+def update_after_commit(cache: "KVCache", block: int, text: "TextKV") -> bool:
+    """Rules 1-2 after the commit pass of ``block`` wrote its K/V; returns whether an entry was recorded.
+    Scores are completed over the ranks sharding the cache by ``cache.reduction``."""
+    reduction = cache.reduction
     if not records(cache.cfg, block):
         return False
     cfg = cache.cfg.memory_bank

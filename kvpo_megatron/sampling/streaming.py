@@ -59,6 +59,8 @@ class StreamingGenerator:
 
     def _forward(self, x, t: float, start: int, text: TextKV, cache: KVCache, view, compute_output=True):
         self.forward_count += 1
+        if cache.cfg.memory_bank is not None:  # any cache this generator drives scores like its model's layout
+            cache.reduction = self._reduction()
         ts = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
         return self.model(x, ts, text=text, frame_offset=start, cache=cache, view=view, compute_output=compute_output)
 
@@ -91,7 +93,7 @@ class StreamingGenerator:
         view = cache.view(frames, write_frames=list(range(start, start + nf)), device=x0.device)
         self._forward(x, self.sampler.context_timestep(), start, text, cache, view, compute_output=False)
         if record_bank and cache.cfg.memory_bank is not None:
-            update_after_commit(cache, start // cache.cfg.frames_per_block, text, self._reduction())
+            update_after_commit(cache, start // cache.cfg.frames_per_block, text)
 
     def recache(self, cache: KVCache, latents: torch.Tensor, start: int, text: TextKV) -> None:
         """LongLive-style prompt switch: recompute the K/V of the local frames before ``start`` (not the sink)
@@ -125,8 +127,6 @@ class StreamingGenerator:
                 raise ConfigError(f"prompt switch at frame {p.start_frame} must be block aligned "
                                   f"(multiple of {fpb}) and inside the video ({noise.shape[2]} frames)")
         cache = cache or self.new_cache()
-        if cache.cfg.memory_bank is not None:  # a cache built elsewhere scores like this model's layout
-            cache.reduction = self._reduction()
         out = torch.empty_like(noise)
         switches = {p.start_frame: p.text for p in prompts}
         text = prompts[0].text
