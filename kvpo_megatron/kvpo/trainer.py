@@ -32,7 +32,8 @@ from kvpo_megatron.config import to_dict
 from kvpo_megatron.data.prompts import PromptDataset, PromptLoader, PromptSample
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.kvpo.metrics import MetricsLogger
-from kvpo_megatron.kvpo.objective import guard_passes, multi_advantages, tve_coefficients
+from kvpo_megatron.kvpo.objective import (LossTerms, gibbs_log_policy, guard_passes, multi_advantages,
+                                          tve_coefficients)
 from kvpo_megatron.kvpo.pipeline import ModelGuard, Timeline, check_overlap_supported, replay_generator, run_overlapped
 from kvpo_megatron.kvpo.replay import plan_replay, replay_gradients
 from kvpo_megatron.kvpo.rollout import Rollout
@@ -51,8 +52,18 @@ log = logging.getLogger(__name__)
 
 @contextmanager
 def _timer(times: dict, key: str):
+    """Wall time of the block (device-synchronised on a GPU) into ``times[key]``; on a GPU also the peak device
+    memory allocated during it, in GB, into ``times["mem_" + phase + "_peak_gb"]`` (max over calls)."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     yield
+    if cuda:
+        torch.cuda.synchronize()
+        mem = "mem_" + key.removeprefix("time_") + "_peak_gb"
+        times[mem] = max(times.get(mem, 0.0), torch.cuda.max_memory_allocated() / 1e9)
     times[key] = times.get(key, 0.0) + time.perf_counter() - t0
 
 
@@ -66,10 +77,12 @@ class GroupResult:
     adv: torch.Tensor
     coeffs: torch.Tensor
     """dLoss/dTVE of this rank's branches."""
-    terms: object
+    terms: LossTerms
     tve: torch.Tensor
     """TVE_old of all G branches."""
     passed_guard: bool
+    tve_replay: torch.Tensor | None = None
+    """TVE of this rank's branches as the replay recomputed them (at pi_old's parameters), when it ran."""
 
 
 class KVPOTrainer:
@@ -278,22 +291,39 @@ class KVPOTrainer:
                 res = self._coefficients(group, rewards, anchor)
             if res.passed_guard:
                 with tl.phase("replay", j):
-                    self._replay(group, res.coeffs, scale, tl_times=None)
+                    res.tve_replay = self._replay(group, res.coeffs, scale, tl_times=None)
             return res
 
         results = run_overlapped(len(samples), produce, consume, device=self.device, timeline=tl)
         self.last_timeline = tl
         return results, tl.metrics()
 
-    def _replay(self, group: RolloutGroup, coeffs: torch.Tensor, scale: float, *, tl_times: dict | None):
+    def _replay(self, group: RolloutGroup, coeffs: torch.Tensor, scale: float, *,
+                tl_times: dict | None) -> torch.Tensor:
+        """Gradient phase of one group; returns this rank's branch TVEs as the replay recomputed them."""
         plan = self.replay_plan
         self.model.recompute_blocks = plan.recompute
         try:
-            replay_gradients(self.replay_gen, group, coeffs, loss_scale=scale, batch_size=plan.batch_size,
-                             commit_pass=self.cfg.routing.commit_pass, generation=self._generation_form,
-                             training=self._training_form, times=tl_times)
+            tve = replay_gradients(self.replay_gen, group, coeffs, loss_scale=scale, batch_size=plan.batch_size,
+                                   commit_pass=self.cfg.routing.commit_pass, generation=self._generation_form,
+                                   training=self._training_form, times=tl_times)
         finally:
             self.model.recompute_blocks = False
+        return torch.tensor(tve)
+
+    def _ratio_deviation(self, results: list[GroupResult]) -> float:
+        """max_k |pi_theta(k) / pi_old(k) - 1| at the update's parameters: the replay's TVEs against the rollout's
+        TVE_old (0 when both evaluate the same function; merged-LoRA generation and bf16 kernels make it small,
+        not 0); 0 when no group was replayed."""
+        devs = []
+        for r in results:
+            if r.tve_replay is None:
+                continue
+            full = self._gather_dp(r.tve_replay) if self.branch_ids is not None else r.tve_replay
+            tau = self.cfg.objective.tau
+            rho = (gibbs_log_policy(full.double(), tau) - gibbs_log_policy(r.tve.double(), tau)).exp()
+            devs.append(float((rho - 1).abs().max()))
+        return max(devs) if devs else 0.0
 
     def step(self) -> dict:
         samples = self.loader.next()
@@ -317,7 +347,7 @@ class KVPOTrainer:
             with _timer(times, "time_replay"):
                 for r in results:
                     if r.passed_guard:
-                        self._replay(r.group, r.coeffs, scale, tl_times=times)
+                        r.tve_replay = self._replay(r.group, r.coeffs, scale, tl_times=times)
         with _timer(times, "time_update"):
             self.ddp.finish_grad_sync()
             for p in self.params:
@@ -351,6 +381,7 @@ class KVPOTrainer:
             "clip_frac": sum(r.terms.clip_frac for r in results) / len(results),
             "kl": sum(float(r.terms.kl.detach()) for r in results) / len(results),
             "skipped_by_guard": sum(not r.passed_guard for r in results) / len(results),
+            "ratio_dev": self._ratio_deviation(results),
             **times,
         }
         for name in results[0].rewards:
