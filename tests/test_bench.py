@@ -18,6 +18,7 @@ import bench_rollout  # noqa: E402
 
 from kvpo_megatron.errors import ConfigError  # noqa: E402
 from kvpo_megatron.model import CacheConfig, model_config  # noqa: E402
+from tests.dist_utils import run_workers  # noqa: E402
 from tests.helpers import tiny_model  # noqa: E402
 
 
@@ -84,3 +85,81 @@ def test_te_spec_without_transformer_engine():
         spec = te_spec(cfg)
         assert "TECachedAttention" in repr(spec.block.submodules.self_attention.submodules.core_attention)
     assert {g.value for g in LinearGroup} == {"self_attn", "cross_attn", "ffn"}
+
+
+# ---- tools/bench_iteration.py ----------------------------------------------------------------------------
+TINY_ITER = ["--preset", "tiny", "--frames", "15", "--latent-h", "8", "--latent-w", "8", "--branches", "2",
+             "--window", "1", "--lora-rank", "8", "--device", "cpu", "--dtype", "fp32"]
+
+
+def _bench_iteration_worker(rank, world, base, out):
+    import bench_iteration
+
+    bench_iteration.main([*TINY_ITER, "--layouts", "dp,branches,tp", "--baseline-json", base,
+                          "--profile-comm", "--json-out", out])
+
+
+def test_workload_counts_what_the_trainer_does(pgs, tmp_path):
+    """kvpo/workload.py's pivot, window and replay tuples are what one trainer step produced."""
+    from kvpo_megatron.config import deep_merge, from_dict
+    from kvpo_megatron.kvpo.train_config import TINY_DEFAULT, KVPOTrainConfig
+    from kvpo_megatron.kvpo.trainer import KVPOTrainer
+    from kvpo_megatron.kvpo.workload import default_pivot, group_workload
+
+    tree = deep_merge(TINY_DEFAULT, {"video": {"num_frames": 18}, "train": {"out_dir": str(tmp_path)},
+                                     "objective": {"guard": False}})
+    pivot = default_pivot(from_dict(KVPOTrainConfig, tree))
+    cfg = from_dict(KVPOTrainConfig, deep_merge(tree, {"routing": {"pivot_min_block": pivot,
+                                                                    "pivot_max_block": pivot}}))
+    tr = KVPOTrainer(cfg)
+    tr.step()
+    work, group = group_workload(cfg, pivot), tr.last_results[0].group
+    assert (pivot, work.blocks, work.window) == (group.pivot, 6, len(group.window)) and pivot == 4
+    assert work.tuples == sum(len(b.tuples) for b in group.branches) == 4 * 2 * 2  # G * W * routed steps
+    assert work.latent_frames == 3 * (4 + 5 * 2) and work.video_frames == 4 * work.latent_frames
+
+
+def test_bench_iteration_layouts_scaling_comm_on_two_gloo_ranks(pgs, tmp_path, capsys):
+    """1-process baseline, then dp / branches / tp on 2 ranks in one launch: one JSON line each."""
+    import bench_iteration
+
+    base, out = str(tmp_path / "base.jsonl"), str(tmp_path / "scaling.jsonl")
+    b = bench_iteration.main([*TINY_ITER, "--json-out", base])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(b))
+    assert (b["world_size"], b["layout"], b["pivot"], b["groups_per_iteration"]) == (1, "dp", 4, 1)
+    assert b["workload"]["tuples"] == 2 * 1 * 2 and b["sec_per_iteration"] > 0 and len(b["peak_mem_gb"]) == 1
+    assert b["video_fps_per_gpu"] == pytest.approx(b["workload"]["video_frames"] / b["sec_per_iteration"])
+    assert {"time_rollout", "time_replay", "time_update", "time_reward"} <= set(b)
+    with pytest.raises(SystemExit, match="baseline workload differs"):  # a baseline of other work is refused
+        bench_iteration.scaling({**b, "frames": 21}, b)
+
+    run_workers(_bench_iteration_worker, 2, base, out)
+    rows = {r["layout"]: r for r in map(json.loads, open(out))}
+    assert list(rows) == ["dp", "branches", "tp"]
+    want = {"dp": (1, 1, 2, "weak", 2), "branches": (1, 1, 2, "strong", 1), "tp": (2, 1, 1, "strong", 1)}
+    for name, r in rows.items():
+        assert (r["tp"], r["cp"], r["dp"], r["scaling"], r["groups_per_iteration"]) == want[name]
+        assert r["world_size"] == 2 and len(r["peak_mem_gb"]) == 2 and len(r["comm_s"]) == 2
+        assert r["speedup"] == pytest.approx(r["groups_per_iteration"] * b["sec_per_iteration"] /
+                                             r["sec_per_iteration"])
+        assert r["efficiency"] == pytest.approx(r["speedup"] / 2)
+        assert r["tuples_per_s_per_gpu"] == pytest.approx(
+            r["groups_per_iteration"] * 4 / r["sec_per_iteration"] / 2)
+        assert r["sec_per_iteration"] == max(r["step_s"]) and r["comm_calls"] > 0
+    # TP all-reduces in every layer: far more collectives than DP's few per iteration
+    assert rows["tp"]["comm_calls"] > 10 * rows["dp"]["comm_calls"] and max(rows["tp"]["comm_s"]) > 0
+
+
+def test_bench_iteration_layout_names():
+    import bench_iteration
+
+    p = bench_iteration.parse_layout
+    assert p("dp", 8) | {} == {"name": "dp", "tp": 1, "cp": 1, "branches_over_dp": False, "cp_attention": "auto",
+                               "dp": 8, "dp_prompts": 8}
+    assert [p("tp", 8)[k] for k in ("tp", "cp", "dp", "dp_prompts")] == [8, 1, 1, 1]
+    assert [p("tp4-branches", 8)[k] for k in ("tp", "dp", "dp_prompts")] == [4, 2, 1]
+    assert [p("tp2-cp", 8)[k] for k in ("tp", "cp", "dp")] == [2, 4, 1]
+    assert p("cp2-allgather", 2)["cp_attention"] == "allgather"
+    for bad in ("tp3", "pp2", "tp-cp"):
+        with pytest.raises(SystemExit):
+            p(bad, 8)
