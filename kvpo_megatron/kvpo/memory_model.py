@@ -12,11 +12,12 @@ tokens a block attends, ``Lk = Lc + L``, ``tl`` text tokens, ``h`` heads, ``hd``
   float32 ``main_grad``.
 * KV cache per latent frame and sample: ``layers * T * 2 (K, V) * d / (t c) * bytes`` (heads over TP; over CP
   Ulysses shards heads, all-gather shards tokens: the same bytes).
-* rollout cache: ``legacy`` (today's trainer): one working cache of ``sink + history`` slots plus one fork
-  snapshot per prompt group held until its replay (and the replay's own working cache); ``shared`` (the
-  batched-branch engine): one copy of the prefix's resident frames (``sink + history``) plus, per sample of a
-  batch that advances together (anchor + branches, ``branch_batch``), a private ring of
-  ``max(local, W * F)`` frames.
+* rollout cache (``paged``, the engine's ``model/kv_pages.py``): per prompt group one page pool holding the
+  prefix's resident frames once (``sink + history``) and, per sample of the batch that advances together
+  (anchor + branches, ``rollout.batch_size`` or as many as ``rollout.kv_budget_gb`` allows), a private ring of
+  ``max(local, W F)`` frames; the replay forks the same pool (chunks of branches with ``local``-frame rings).
+  A group's pool lives until its replay, so ``prompts_per_rank`` pools coexist in the replay phase.
+  ``legacy``: the engine before (one working cache and a fork snapshot of ``sink + history`` slots per group).
 * replay activations per tuple and layer (autograd's saved tensors of one block-step, local spec, LoRA trains,
   base frozen; counted exactly by tests/test_memory_model.py on a small model for TP=1, TP=2, CP=2 Ulysses and
   all-gather), in the compute dtype ``B`` and float32:
@@ -26,11 +27,13 @@ tokens a block attends, ``Lk = Lc + L``, ``tl`` text tokens, ``h`` heads, ``hd``
   the stacked q, k, v after the all-to-all and the attention output), ``Ls d/t`` (all-gather); ``lse_self`` the
   attention's log-sum-exp likewise; ``n_tok`` LoRA linears on video tokens (8 with every target), ``n_txt`` on
   text (cross k, v). Per-layer recompute keeps each layer's input ``B Ls d`` and rebuilds one layer at a time.
+* replay schedule: tuples per batch and recompute as ``kvpo.replay.plan_replay`` picks them on a GPU
+  (``replay.batch_size``/``memory_budget_gb``/``recompute``; it sizes with its own coarser estimate).
 * the forward's transient working set (no grad; not measured here): per sample of a batch, one layer's FFN
   hidden, K/V with context, q/k/v/output and float32 residual copies; the backward's transient: one layer's
   activations again (its gradients).
 * small terms: the G+1 videos' latents and the shared noise (float32), replay tuples (x and v_target, float32),
-  the prompt's cross-attention K/V for the policy and the reference.
+  the prompt's cross-attention K/V for generation (merged LoRA), scoring and the reference.
 
 Not modelled: the CUDA context, NCCL buffers, allocator fragmentation (budget ~2-5 GB), TransformerEngine or
 compiled kernels' workspaces and CUDA-graph pools (the fast path adds static buffers of one forward).
@@ -66,20 +69,30 @@ class MemoryPlan:
     local: int = 9
     history: int = 30
     routed_steps: int = 2
+    recent_fixed: int = 3
+    """``routing.num_recent_fixed``."""
+    pivot: int | None = None
+    """Pivot block (None: the earliest allowed, which leaves the most frames after it and the longest window)."""
     lora_rank: int = 256
     lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "ffn_fc1", "ffn_fc2")
     lora_bytes: int = 4
     """LoRA parameter, gradient and AdamW-state bytes (float32; 2 after casting the model to bf16)."""
     bytes: int = 2
     """Weights, activations and KV cache (bf16)."""
-    cache: str = "legacy"
-    """``legacy`` (today's trainer) or ``shared`` (batched branches over a shared prefix)."""
+    cache: str = "paged"
+    """``paged`` (the engine: shared prefix pages + private rings per batched sample) or ``legacy`` (the engine
+    before it: a working cache and a fork snapshot per group, one sample at a time; kept to compare with the
+    one GPU measurement of it)."""
     branch_batch: int | None = None
-    """Samples advancing together in the rollout (None: 1 for legacy, anchor + this rank's branches for shared)."""
-    replay_batch: int = 1
-    """Tuples replayed together (one block's tuples share its context)."""
-    recompute: bool = False
-    """Per-layer activation recompute in the replay."""
+    """``rollout.batch_size``: samples advancing together (None: as many as ``kv_budget_gb`` allows)."""
+    kv_budget_gb: float = 48.0
+    """``rollout.kv_budget_gb``."""
+    replay_batch: int | None = None
+    """``replay.batch_size``: tuples per forward + backward (None: from ``replay_budget_gb``, as the trainer)."""
+    replay_budget_gb: float = 40.0
+    """``replay.memory_budget_gb``."""
+    recompute: str = "auto"
+    """``replay.recompute``: auto | none | blocks."""
 
 
 def model_sizes(preset: str, **overrides) -> dict:
@@ -126,8 +139,10 @@ def kv_bytes_per_frame(plan: MemoryPlan, m: dict | None = None) -> int:
     return m["num_layers"] * tokens_per_frame(plan) * 2 * m["hidden_size"] // (plan.tp * plan.cp) * plan.bytes
 
 
-def activation_bytes_per_layer(plan: MemoryPlan, m: dict | None = None, *, cached_frames: int | None = None) -> int:
-    """Autograd's saved tensors of one replay block-step, one layer, one tuple (see the module docstring)."""
+def activation_bytes_per_layer(plan: MemoryPlan, m: dict | None = None, *, cached_frames: int | None = None,
+                               batch: int = 1) -> int:
+    """Autograd's saved tensors of one replay block-step and layer for ``batch`` tuples (the prompt's text terms
+    once per forward; see the module docstring)."""
     m = m or model_sizes(plan.preset)
     d, f, h = m["hidden_size"], m["ffn_hidden_size"], m["num_attention_heads"]
     hd, tl, t, c, r = d // h, m["text_len"], plan.tp, plan.cp, plan.lora_rank
@@ -143,11 +158,10 @@ def activation_bytes_per_layer(plan: MemoryPlan, m: dict | None = None, *, cache
     tg = set(plan.lora_targets)
     n_tok = 2 * len(tg & {"q", "o"}) + len(tg & {"k", "v"}) + len(tg & {"ffn_fc1", "ffn_fc2"})
     n_txt = len(tg & {"k", "v"})
-    low = (2 * Lk * d_kv + 2 * Ls * f // t + 3 * Ls * d + 2 * Ls * d // t + Ls * d // t + q_self
-           + n_tok * Ls * r + 2 * tl * d // t + n_txt * tl * r)
-    fp32 = (3 * Ls * d + 3 * Ls * d // t + 2 * Ls * hd + lse_self + Ls * h // t + 9 * Ls + 8 * F * d
-            + tl * d // t + tl)
-    return plan.bytes * low + 4 * fp32
+    low = 2 * Lk * d_kv + 2 * Ls * f // t + 3 * Ls * d + 2 * Ls * d // t + Ls * d // t + q_self + n_tok * Ls * r
+    fp32 = 3 * Ls * d + 3 * Ls * d // t + 2 * Ls * hd + lse_self + Ls * h // t + 9 * Ls + 8 * F * d
+    text = plan.bytes * (2 * tl * d // t + n_txt * tl * r) + 4 * (tl * d // t + tl)
+    return batch * (plan.bytes * low + 4 * fp32) + text
 
 
 def forward_workspace_bytes(plan: MemoryPlan, m: dict, batch: int) -> int:
@@ -160,65 +174,97 @@ def forward_workspace_bytes(plan: MemoryPlan, m: dict, batch: int) -> int:
                     + 4 * 3 * L // c * d)
 
 
+def earliest_pivot(plan: MemoryPlan) -> int:
+    """The first block whose routable history exceeds the routed slots (``kvpo.routing.pivot_range``)."""
+    fpb, routed = plan.frames_per_block, plan.local - plan.recent_fixed
+    return next(b for b in range(plan.frames // fpb + 1)
+                if b * fpb + fpb - plan.recent_fixed - plan.sink > routed and b * fpb >= plan.sink)
+
+
+def rollout_batch(plan: MemoryPlan, kv_frame: int, samples: int, private: int) -> int:
+    """Samples advanced together: ``branch_batch``, or the most whose pages fit ``kv_budget_gb`` (the rollout's
+    rule, ``kvpo/rollout.py``)."""
+    if plan.branch_batch is not None:
+        return min(plan.branch_batch, samples)
+    fit = int((plan.kv_budget_gb * GB - (plan.sink + plan.history) * kv_frame) // (private * kv_frame))
+    return max(1, min(samples, fit))
+
+
+def replay_schedule(plan: MemoryPlan, m: dict) -> tuple[int, bool]:
+    """(tuples per replay batch, recompute) as ``kvpo.replay.plan_replay`` chooses them on a GPU (it sizes with
+    its own, coarser estimate)."""
+    from types import SimpleNamespace
+
+    from kvpo_megatron.kvpo.replay import activation_bytes
+
+    cfg = SimpleNamespace(hidden_size=m["hidden_size"], ffn_hidden_size=m["ffn_hidden_size"],
+                          num_layers=m["num_layers"], tensor_model_parallel_size=plan.tp,
+                          context_parallel_size=plan.cp)
+    tokens = plan.frames_per_block * tokens_per_frame(plan)
+    full, rc = (activation_bytes(cfg, tokens, recompute=r) for r in (False, True))
+    budget = plan.replay_budget_gb * GB
+    recompute = (plan.replay_batch or 1) * full > budget if plan.recompute == "auto" else plan.recompute == "blocks"
+    return plan.replay_batch or max(1, int(budget // (rc if recompute else full))), recompute
+
+
 def predict(plan: MemoryPlan, m: dict | None = None) -> dict:
     """Per-GPU bytes of each term and the two phases' peaks (GB); ``m``: architecture (default: the preset's)."""
     m = m or model_sizes(plan.preset)
     if plan.cp > 1 and plan.cp_attention not in ("ulysses", "allgather"):
         raise ValueError(f"cp_attention must be ulysses or allgather, got {plan.cp_attention!r}")
-    g_rank = plan.branches // plan.branches_over_dp
+    g_rank, P = plan.branches // plan.branches_over_dp, plan.prompts_per_rank
+    blocks = plan.frames // plan.frames_per_block
+    window = min(plan.window, blocks - (earliest_pivot(plan) if plan.pivot is None else plan.pivot))
     n_par, n_ln = weight_params(m, plan.tp)
     weights = (n_par - n_ln) * plan.bytes + n_ln * 4
     n_lora = lora_params(m, plan.lora_rank, plan.lora_targets, plan.tp)
     lora = n_lora * (4 * plan.lora_bytes + 4)  # param, grad, 2 Adam states; DDP main_grad float32
     kv_frame = kv_bytes_per_frame(plan, m)
     resident = plan.sink + plan.history
-    private = max(plan.local, plan.window * plan.frames_per_block)
-    P = plan.prompts_per_rank
-    if plan.cache == "legacy":
-        batch = plan.branch_batch or 1
-        rollout_cache = kv_frame * resident * (batch + P)  # working cache(s) + one fork snapshot per group
-        replay_cache = kv_frame * resident * (1 + P)
-    elif plan.cache == "shared":
-        batch = plan.branch_batch or (g_rank + 1)
-        rollout_cache = kv_frame * (resident + batch * private)
-        replay_cache = kv_frame * (resident + plan.replay_batch * private)
+    private = max(plan.local, window * plan.frames_per_block)
+    rb, recompute = replay_schedule(plan, m)
+    if plan.cache == "paged":  # one page pool per prompt group, alive until its replay
+        batch = rollout_batch(plan, kv_frame, g_rank + 1, private)
+        per_chunk = min(g_rank, max(1, rb // plan.routed_steps))  # branches whose tuples fill a replay batch
+        pool = kv_frame * (resident + max(batch * private, per_chunk * plan.local))
+        rollout_cache = replay_cache = P * pool
+    elif plan.cache == "legacy":  # a working cache + one fork snapshot per group; replay: its own working cache
+        batch, rb, recompute = 1, plan.replay_batch or 1, plan.recompute == "blocks"
+        rollout_cache = replay_cache = kv_frame * resident * (1 + P)
     else:
-        raise ValueError(f"cache must be legacy or shared, got {plan.cache!r}")
-    layer_act = activation_bytes_per_layer(plan, m)
+        raise ValueError(f"cache must be paged or legacy, got {plan.cache!r}")
+    layer_act = activation_bytes_per_layer(plan, m, batch=rb)
     L_tok = plan.frames_per_block * tokens_per_frame(plan) // plan.cp
-    if plan.recompute:
-        acts = plan.replay_batch * (m["num_layers"] * plan.bytes * L_tok * m["hidden_size"] + layer_act)
-    else:
-        acts = plan.replay_batch * m["num_layers"] * layer_act
-    backward_transient = plan.replay_batch * layer_act
-    video = 16 * plan.frames * plan.latent_hw[0] * plan.latent_hw[1] * 4
-    tuple_el = 16 * plan.frames_per_block * plan.latent_hw[0] * plan.latent_hw[1]
-    tuples = P * g_rank * min(plan.window, plan.frames // plan.frames_per_block) * plan.routed_steps * 2 * tuple_el * 4
-    text = 2 * m["num_layers"] * 2 * m["text_len"] * m["hidden_size"] // plan.tp * plan.bytes
+    held = m["num_layers"] * rb * plan.bytes * L_tok * m["hidden_size"] if recompute else 0
+    acts = held + layer_act if recompute else m["num_layers"] * layer_act
+    video = m["in_channels"] * plan.frames * plan.latent_hw[0] * plan.latent_hw[1] * 4
+    tuple_el = m["in_channels"] * plan.frames_per_block * plan.latent_hw[0] * plan.latent_hw[1]
+    tuples = P * g_rank * window * plan.routed_steps * 2 * tuple_el * 4
+    text = 3 * m["num_layers"] * 2 * m["text_len"] * m["hidden_size"] // plan.tp * plan.bytes  # gen, score, ref
     small = P * (g_rank + 2) * video + tuples + P * text
     base = weights + lora + small
-    rollout = base + rollout_cache + forward_workspace_bytes(plan, m, batch)
-    replay = base + replay_cache + acts + backward_transient
+    workspace = forward_workspace_bytes(plan, m, batch)
+    rollout = base + rollout_cache + workspace
+    replay = base + replay_cache + acts + layer_act  # + the backward's transient: one layer's gradients
     gb = lambda x: round(x / GB, 3)  # noqa: E731
     return {
         "plan": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(plan).items()},
-        "params_per_gpu": n_par, "lora_params_per_gpu": n_lora,
+        "params_per_gpu": n_par, "lora_params_per_gpu": n_lora, "rollout_batch": batch, "replay_batch": rb,
+        "replay_recompute": recompute, "private_frames": private,
         "weights_gb": gb(weights), "lora_and_optimizer_gb": gb(lora), "kv_per_frame_gb": gb(kv_frame),
         "rollout_cache_gb": gb(rollout_cache), "replay_cache_gb": gb(replay_cache),
-        "activations_per_tuple_gb": gb(m["num_layers"] * layer_act), "replay_activations_gb": gb(acts),
-        "backward_transient_gb": gb(backward_transient), "forward_workspace_gb": gb(rollout - base - rollout_cache),
+        "activations_per_tuple_gb": gb(m["num_layers"] * activation_bytes_per_layer(plan, m)),
+        "replay_activations_gb": gb(acts), "forward_workspace_gb": gb(workspace),
         "latents_tuples_text_gb": gb(small), "peak_rollout_gb": gb(rollout), "peak_replay_gb": gb(replay),
         "peak_gb": gb(max(rollout, replay)),
     }
 
 
 def fit(plan: MemoryPlan, capacity_gb: float) -> tuple[MemoryPlan, dict] | None:
-    """The first plan, in order of cost, whose predicted peak fits ``capacity_gb``: as given, then the shared
-    cache with smaller branch batches, then replay recompute; None if none fits."""
-    tries = [plan]
-    if plan.cache == "shared":
-        tries += [dataclasses.replace(plan, branch_batch=b) for b in (4, 2, 1)]
-    tries += [dataclasses.replace(p, recompute=True) for p in list(tries)]
+    """The first plan, in order of cost, whose predicted peak fits ``capacity_gb``: as given, then smaller
+    rollout batches, then replay recompute with one tuple per batch; None if none fits."""
+    tries = [plan] + [dataclasses.replace(plan, branch_batch=b) for b in (4, 2, 1)]
+    tries += [dataclasses.replace(p, recompute="blocks", replay_batch=1) for p in list(tries)]
     for p in tries:
         pred = predict(p)
         if pred["peak_gb"] <= capacity_gb:
