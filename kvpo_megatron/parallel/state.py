@@ -114,6 +114,10 @@ def init_parallel(par: ParallelConfig, *, num_heads: int | None = None):
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=par.tensor_model_parallel_size,
                                  context_parallel_size=par.context_parallel_size)
+    if torch.cuda.is_available():  # megatron's on-GPU weight init (model.overrides.use_cpu_initialization=false)
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed  # draws from its RNG tracker
+
+        model_parallel_cuda_manual_seed(0)
     pgs = ProcessGroupCollection()
     pgs.tp = ps.get_tensor_model_parallel_group()
     pgs.cp = ps.get_context_parallel_group()
