@@ -55,6 +55,7 @@ import tempfile
 import time
 
 import torch
+import torch._dynamo
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # noqa: E402
@@ -250,7 +251,6 @@ def bench_layout(args, layout: dict, baseline: dict | None) -> dict:
     build_s = time.perf_counter() - t0
     dev, world = trainer.device, dist.get_world_size()
     warm = [timed_step(trainer)[0] for _ in range(args.warmup)]
-    reset_peak(dev)
     walls, metrics = [], {}
     for _ in range(args.repeats):
         wall, metrics = timed_step(trainer)
@@ -285,8 +285,6 @@ def bench_layout(args, layout: dict, baseline: dict | None) -> dict:
         res.update(comm_s=[r["comm_s"] for r in ranks], comm_s_max=max(r["comm_s"] for r in ranks),
                    comm_calls=ranks[0]["comm_calls"], profiled_step_s=max(r["profiled_step_s"] for r in ranks))
     res.update(scaling(res, baseline))
-    import torch._dynamo
-
     del trainer
     gc.collect()
     torch._dynamo.reset()  # compiled blocks would keep this layout's model alive

@@ -19,8 +19,8 @@ tokens a block attends, ``Lk = Lc + L``, ``tl`` text tokens, ``h`` heads, ``hd``
   A group's pool lives until its replay, so ``prompts_per_rank`` pools coexist in the replay phase.
   ``legacy``: the engine before (one working cache and a fork snapshot of ``sink + history`` slots per group).
 * replay activations per tuple and layer (autograd's saved tensors of one block-step, local spec, LoRA trains,
-  base frozen; counted exactly by tests/test_memory_model.py on a small model for TP=1, TP=2, CP=2 Ulysses and
-  all-gather), in the compute dtype ``B`` and float32:
+  base frozen; equal byte for byte to a small model's at TP=1, TP=2, CP=2 Ulysses and CP=2 all-gather:
+  tests/test_memory_model.py, tests/test_parallel_kvpo.py), in the compute dtype ``B`` and float32:
   ``B (2 Lk D_kv + 2 Ls f/t + 3 Ls d + 2 Ls d/t + Ls d/t + q_self + n_tok Ls r + 2 tl d/t + n_txt tl r)
   + 4 (3 Ls d + 3 Ls d/t + 2 Ls hd + lse_self + Ls h/t + 9 Ls + 8 F d + tl d/t + tl)``
   with ``D_kv = d/(t c)`` (``d/t`` under CP all-gather), ``q_self`` = ``L d/t`` (c = 1), ``4 L d/(t c)`` (Ulysses:
@@ -35,8 +35,11 @@ tokens a block attends, ``Lk = Lc + L``, ``tl`` text tokens, ``h`` heads, ``hd``
 * small terms: the G+1 videos' latents and the shared noise (float32), replay tuples (x and v_target, float32),
   the prompt's cross-attention K/V for generation (merged LoRA), scoring and the reference.
 
-Not modelled: the CUDA context, NCCL buffers, allocator fragmentation (budget ~2-5 GB), TransformerEngine or
-compiled kernels' workspaces and CUDA-graph pools (the fast path adds static buffers of one forward).
+Assumptions: Wan's patch (1, 2, 2); weights in ``bytes`` (the trainer builds float32 and the benches cast: that
+transient copy at build time is not counted); activations are the local spec's (TransformerEngine's fused
+attention and compiled element-wise code save a similar set, and an attention that gives the detached cache no
+gradient need not keep the concatenated K/V: fewer bytes). Not modelled: the CUDA context, NCCL buffers, allocator
+fragmentation, TE/compile workspaces and CUDA-graph pools (keep ~10 GB of a GPU for them).
 """
 from __future__ import annotations
 
