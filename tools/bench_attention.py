@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", default=None, help="write per-kernel tables (torch.profiler) of 3 fwd+bwd of each "
+                   "variant at the first batch size to this file")
     return p.parse_args(argv)
 
 
@@ -82,6 +84,21 @@ def measure(fn, inputs, dout, args, device) -> tuple[dict, list[torch.Tensor]]:
     return stats, [out.detach(), *grads]
 
 
+def profile_tables(fns: dict, inputs, dout, path: str, device) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with open(path, "w") as fh:
+        for name, fn in fns.items():
+            with profile(activities=acts) as prof:
+                for _ in range(3):
+                    torch.autograd.grad(fn(*inputs), inputs[:3], dout)
+                sync(device)
+            fh.write(f"===== {name} (3 x fwd+bwd)\n")
+            fh.write(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=80) + "\n")
+
+
 def bench_batch(args, b: int, device, dtype) -> dict:
     g = torch.Generator(device=device).manual_seed(args.seed)
     L, N = args.frames * args.tokens_per_frame, args.cached_frames * args.tokens_per_frame
@@ -110,6 +127,10 @@ def bench_batch(args, b: int, device, dtype) -> dict:
         st, outs = measure(lambda *a, f=name: cached_attention(*a, fused=f), inputs, dout, args, device)
         variants["split"][name] = rates(st)
         errs += [float((o.double() - p.double()).norm() / p.double().norm()) for o, p in zip(outs, plain_ref)]
+    if args.profile and b == int(args.batch.split(",")[0]):
+        fns = {f"plain/{n}": plain_attention(n) for n in args.plain.split(",")}
+        fns.update({f"split/{n}": (lambda *a, f=n: cached_attention(*a, fused=f)) for n in args.fused.split(",")})
+        profile_tables(fns, inputs, dout, args.profile, device)
     # headline: the first plain backend (torch's own choice by default) against the fastest split backend
     plain_name = args.plain.split(",")[0]
     split_name = min(variants["split"], key=lambda n: variants["split"][n]["ms_total"])
