@@ -45,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--plain", default="auto", help=f"SDPA backends for the plain variant: auto,{','.join(SDPA_BACKENDS)}")
+    p.add_argument("--plain", default="auto",
+                   help=f"SDPA backends for the plain variant: auto,{','.join(SDPA_BACKENDS)}")
     p.add_argument("--fused", default="auto", help="split-op part backends: auto,flash,cudnn,torch")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)

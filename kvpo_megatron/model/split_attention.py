@@ -27,15 +27,18 @@ This equals differentiating the merge through (O_c, lse_c, O_n, lse_n): with ``w
 merge gives each part ``dO_p = w_p dO`` and ``dlse_p = w_p (rowsum(dO * O_p) - D)``; the part's own backward
 then has ``dS_j = P^p_j w_p (dO.v_j - rowsum(dO * O_p)) + P^p_j dlse_p = w_p P^p_j (dO.v_j - D) = P_j (dO.v_j - D)``.
 
-Implementations (picked automatically, or forced by ``fused=`` / ``dq_kernel=``):
+Implementations (picked automatically, or forced by ``fused=`` / ``kernels=``):
 
 * per-part forward/backward: ``"flash"`` (torch's fused flash-attention ops, CUDA fp16/bf16, head dim <= 256
   and a multiple of 8), ``"cudnn"`` (torch's cuDNN attention ops; opt-in), or ``"torch"`` (chunked over keys,
   online softmax, accumulation in float32 or float64: every device and dtype);
-* dQ-only over the cache: ``"triton"`` (a FlashAttention-2-style dq kernel; CUDA, or CPU under
-  ``TRITON_INTERPRET=1``) or ``"torch"`` (chunked over keys).
+* the LSE merge and the dQ-only backward over the cache (``kernels=``): ``"triton"`` (an element-wise merge
+  kernel; a FlashAttention-2-style dq kernel that also forms D from dO and O; CUDA, or CPU under
+  ``TRITON_INTERPRET=1``) or ``"torch"`` (element-wise torch ops; chunked over keys).
 
 The two ops are ``torch.library`` custom ops, so ``torch.compile`` treats the attention as one opaque call.
+Use it where the cache needs no gradient (it never gets one here); the first CUDA call autotunes the dq kernel
+(a few compiles, once per process and head dim), so make that call on one thread before several threads use it.
 """
 import math
 import os
@@ -55,12 +58,12 @@ KEY_CHUNK = 512
 """Keys per step of the pure-PyTorch parts (memory: a few [b, h, L, KEY_CHUNK] float32 temporaries)."""
 
 FUSED_CHOICES = ("auto", "flash", "cudnn", "torch")
-DQ_CHOICES = ("auto", "triton", "torch")
+KERNEL_CHOICES = ("auto", "triton", "torch")
 
 
 # ---- public entry point ----------------------------------------------------------------------------------
 def cached_attention(q: Tensor, k: Tensor, v: Tensor, ck: Tensor | None = None, cv: Tensor | None = None, *,
-                     scale: float | None = None, fused: str = "auto", dq_kernel: str = "auto") -> Tensor:
+                     scale: float | None = None, fused: str = "auto", kernels: str = "auto") -> Tensor:
     """Attention of q over [ck; k] / [cv; v] whose backward gives no gradient to ``ck``, ``cv``.
 
     Args:
@@ -70,8 +73,8 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, ck: Tensor | None = None, 
         scale: softmax scale; default ``1 / sqrt(d)``.
         fused: per-part attention implementation, one of ``FUSED_CHOICES`` (``"auto"``: flash where
             supported, else torch).
-        dq_kernel: dQ-only backward over the cache, one of ``DQ_CHOICES`` (``"auto"``: triton on CUDA
-            fp16/bf16, else torch).
+        kernels: the LSE merge and the dQ-only backward over the cache, one of ``KERNEL_CHOICES``
+            (``"auto"``: triton on CUDA fp16/bf16, else torch).
 
     Returns:
         [b, L, h, d] in q's dtype.
@@ -88,14 +91,14 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, ck: Tensor | None = None, 
         raise ValueError(f"ck, cv must be [b={b}, N, h={h}, d={d}]; got ck {tuple(ck.shape)}, cv {tuple(cv.shape)}")
     if fused not in FUSED_CHOICES:
         raise ValueError(f"fused must be one of {FUSED_CHOICES}; got {fused!r}")
-    if dq_kernel not in DQ_CHOICES:
-        raise ValueError(f"dq_kernel must be one of {DQ_CHOICES}; got {dq_kernel!r}")
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}; got {kernels!r}")
     ck, cv = ck.detach().to(q.dtype), cv.detach().to(q.dtype)
     k, v = k.to(q.dtype), v.to(q.dtype)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     fused = _pick_fused(q) if fused == "auto" else fused
-    dq_kernel = _pick_dq(q) if dq_kernel == "auto" else dq_kernel
-    out, _ = _fwd_op(q, k, v, ck, cv, scale, fused, dq_kernel)
+    kernels = _pick_kernels(q) if kernels == "auto" else kernels
+    out, _ = _fwd_op(q, k, v, ck, cv, scale, fused, kernels)
     return out
 
 
@@ -105,7 +108,7 @@ def _pick_fused(q: Tensor) -> str:
     return "flash" if ok else "torch"
 
 
-def _pick_dq(q: Tensor) -> str:
+def _pick_kernels(q: Tensor) -> str:
     ok = triton is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
     return "triton" if ok else "torch"
 
@@ -117,7 +120,7 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
 # ---- the two custom ops ----------------------------------------------------------------------------------
 @torch.library.custom_op("kvpo::cached_attention_fwd", mutates_args=())
 def _fwd_op(q: Tensor, k: Tensor, v: Tensor, ck: Tensor, cv: Tensor, scale: float, fused: str,
-            dq_kernel: str) -> tuple[Tensor, Tensor]:
+            kernels: str) -> tuple[Tensor, Tensor]:
     """-> (out [b, L, h, d] in q's dtype, lse [b, h, L] float32/64 of the merged attention)."""
     qh, kh, vh, ckh, cvh = (_heads_first(t, fused) for t in (q, k, v, ck, cv))
     o_n, lse_n = _part_fwd(qh, kh, vh, scale, fused)
@@ -125,6 +128,8 @@ def _fwd_op(q: Tensor, k: Tensor, v: Tensor, ck: Tensor, cv: Tensor, scale: floa
         out, lse = o_n, lse_n
     else:
         o_c, lse_c = _part_fwd(qh, ckh, cvh, scale, fused)
+        if kernels == "triton":
+            return _triton_merge(o_c, lse_c, o_n, lse_n, q.dtype)
         lse = torch.logaddexp(lse_c, lse_n)
         acc = _acc_dtype(q)
         out = (torch.exp(lse_c - lse).unsqueeze(-1) * o_c.to(acc)
@@ -133,43 +138,45 @@ def _fwd_op(q: Tensor, k: Tensor, v: Tensor, ck: Tensor, cv: Tensor, scale: floa
 
 
 @_fwd_op.register_fake
-def _(q, k, v, ck, cv, scale, fused, dq_kernel):
+def _(q, k, v, ck, cv, scale, fused, kernels):
     b, L, h, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, h, L), dtype=_acc_dtype(q))
 
 
 @torch.library.custom_op("kvpo::cached_attention_bwd", mutates_args=())
 def _bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, ck: Tensor, cv: Tensor, out: Tensor, lse: Tensor,
-            scale: float, fused: str, dq_kernel: str) -> tuple[Tensor, Tensor, Tensor]:
+            scale: float, fused: str, kernels: str) -> tuple[Tensor, Tensor, Tensor]:
     """-> (dq, dk, dv), each [b, L, h, d] like q, k, v. No gradient for ck, cv is computed."""
-    acc = _acc_dtype(q)
+    acc, cached = _acc_dtype(q), ck.shape[1] > 0
     qh, kh, vh, ckh, cvh = (_heads_first(t, fused) for t in (q, k, v, ck, cv))
     oh = out.transpose(1, 2)                                   # [b, h, L, d], out is contiguous [b, L, h, d]
     doh = dout.to(q.dtype).contiguous().transpose(1, 2)        # same strides as oh (cuDNN wants that)
-    delta = (doh.to(acc) * oh.to(acc)).sum(-1).contiguous()    # D = rowsum(dO * O) [b, h, L]
+    delta = None                                               # D = rowsum(dO * O) [b, h, L] for torch paths
+    if fused == "torch" or (cached and kernels == "torch"):
+        delta = (doh.to(acc) * oh.to(acc)).sum(-1)
     # 1. current block: a full backward handed the merged out and lse -> dq_current, dk, dv
     if fused == "torch":
         dq, dk, dv = _torch_part_bwd(doh, qh, kh, vh, lse, delta, scale, need_kv=True)
     else:
         dq, dk, dv = _fused_part_bwd(doh, qh, kh, vh, oh, lse, scale, fused)
     # 2. cached keys: dq only, accumulated onto dq_current
-    if ck.shape[1] > 0:
-        if dq_kernel == "triton":
-            dq = _triton_dq(doh, qh, ckh, cvh, lse, delta, scale, dq_init=dq)
+    if cached:
+        if kernels == "triton":
+            dq = _triton_dq(doh, qh, ckh, cvh, oh, lse, scale, dq_init=dq)
         else:
             dq = dq.to(acc) + _torch_part_bwd(doh, qh, ckh, cvh, lse, delta, scale, need_kv=False)[0]
     return tuple(g.to(t.dtype).transpose(1, 2).contiguous() for g, t in ((dq, q), (dk, k), (dv, v)))
 
 
 @_bwd_op.register_fake
-def _(dout, q, k, v, ck, cv, out, lse, scale, fused, dq_kernel):
+def _(dout, q, k, v, ck, cv, out, lse, scale, fused, kernels):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, ck, cv, scale, fused, dq_kernel = inputs
+    q, k, v, ck, cv, scale, fused, kernels = inputs
     ctx.save_for_backward(q, k, v, ck, cv, *output)
-    ctx.args = (scale, fused, dq_kernel)
+    ctx.args = (scale, fused, kernels)
 
 
 def _backward(ctx, dout, _dlse):
@@ -258,19 +265,51 @@ def _torch_part_bwd(do, q, k, v, lse, delta, scale, *, need_kv: bool):
     return dq, (torch.cat(dks, 2) if dks else empty), (torch.cat(dvs, 2) if dvs else empty)
 
 
-# ---- dQ-only backward over the cache: Triton ---------------------------------------------------------------
-def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ_IN, DQ,
-               sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-               sdo_b, sdo_h, sdo_m, sdo_d, sdi_b, sdi_h, sdi_m, sdi_d, sdq_b, sdq_h, sdq_m, sdq_d,
-               H, L, N, scale,
-               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One (query block, batch*head) program: DQ = DQ_IN + scale * sum over key blocks of dS K with
-    S = scale Q K^T, P = exp(S - LSE), dP = DO V^T, dS = P (dP - DELTA). All tensors are [b, h, seq, d]
-    by strides; LSE, DELTA are contiguous [b, h, L] float32. Matmuls and dq accumulate in float32 (also for
-    float64 inputs, which only the CPU interpreter tests use)."""
+# ---- Triton kernels: LSE merge (forward) and dQ-only backward over the cache ---------------------------------
+# Every [b, h, seq, d] tensor is addressed by its 4 strides (any layout); LSE tensors are contiguous [b, h, L]
+# float32. The batch index is widened to int64 before it multiplies a stride (tensors past 2^31 elements).
+
+
+def _merge_kernel(OC, ON, LC, LN, OUT, LSE,
+                  soc_b, soc_h, soc_m, soc_d, son_b, son_h, son_m, son_d, so_b, so_h, so_m, so_d,
+                  H, L, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """OUT = w_c OC + w_n ON, LSE = log(exp(LC) + exp(LN)), w_p = exp(L_p - LSE); math in float32."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    ob = pid_bh // H
+    ob = (pid_bh // H).to(tl.int64)
+    oh = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < L
+    md_ok = m_ok[:, None] & (offs_d < HEAD_D)[None, :]
+    lc = tl.load(LC + pid_bh * L + offs_m, mask=m_ok, other=0.0).to(tl.float32)
+    ln = tl.load(LN + pid_bh * L + offs_m, mask=m_ok, other=0.0).to(tl.float32)
+    mx = tl.maximum(lc, ln)
+    wc = tl.exp(lc - mx)
+    wn = tl.exp(ln - mx)
+    den = wc + wn
+    oc = tl.load(OC + ob * soc_b + oh * soc_h + offs_m[:, None] * soc_m + offs_d[None, :] * soc_d, mask=md_ok,
+                 other=0.0).to(tl.float32)
+    on = tl.load(ON + ob * son_b + oh * son_h + offs_m[:, None] * son_m + offs_d[None, :] * son_d, mask=md_ok,
+                 other=0.0).to(tl.float32)
+    out = oc * (wc / den)[:, None] + on * (wn / den)[:, None]
+    tl.store(OUT + ob * so_b + oh * so_h + offs_m[:, None] * so_m + offs_d[None, :] * so_d,
+             out.to(OUT.dtype.element_ty), mask=md_ok)
+    tl.store(LSE + pid_bh * L + offs_m, (mx + tl.log(den)).to(LSE.dtype.element_ty), mask=m_ok)
+
+
+def _dq_kernel(Q, K, V, DO, O, LSE, DQ_IN, DQ,
+               sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+               sdo_b, sdo_h, sdo_m, sdo_d, so_b, so_h, so_m, so_d, sdi_b, sdi_h, sdi_m, sdi_d,
+               sdq_b, sdq_h, sdq_m, sdq_d, H, L, N, scale,
+               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One (query block, batch*head) program: DQ = DQ_IN + scale * sum over key blocks of dS K, with
+    P = exp(scale Q K^T - LSE), dP = DO V^T, dS = P (dP - D), D = rowsum(DO * O). Matmuls accumulate in
+    float32 (also for float64 inputs, which only the CPU interpreter tests use); dS is cast to K's dtype
+    for dS K, as FlashAttention does."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    ob = (pid_bh // H).to(tl.int64)
     oh = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -281,8 +320,10 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ_IN, DQ,
     q = tl.load(Q + ob * sq_b + oh * sq_h + offs_m[:, None] * sq_m + offs_d[None, :] * sq_d, mask=md_ok, other=0.0)
     do = tl.load(DO + ob * sdo_b + oh * sdo_h + offs_m[:, None] * sdo_m + offs_d[None, :] * sdo_d,
                  mask=md_ok, other=0.0)
-    lse = tl.load(LSE + pid_bh * L + offs_m, mask=m_ok, other=0.0)
-    delta = tl.load(DELTA + pid_bh * L + offs_m, mask=m_ok, other=0.0)
+    o = tl.load(O + ob * so_b + oh * so_h + offs_m[:, None] * so_m + offs_d[None, :] * so_d, mask=md_ok, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)                    # D [M]
+    lse2 = tl.load(LSE + pid_bh * L + offs_m, mask=m_ok, other=0.0).to(tl.float32) * 1.4426950408889634  # log2(e)
+    qk_scale = scale * 1.4426950408889634                                            # exp(x) = exp2(x log2 e)
     k_base = K + ob * sk_b + oh * sk_h
     v_base = V + ob * sv_b + oh * sv_h
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -292,12 +333,12 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ_IN, DQ,
         nd_ok = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + cols[:, None] * sk_n + offs_d[None, :] * sk_d, mask=nd_ok, other=0.0)
         v = tl.load(v_base + cols[:, None] * sv_n + offs_d[None, :] * sv_d, mask=nd_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale                      # [M, N] float32
-        p = tl.exp(s - lse[:, None])
+        s = tl.dot(q, tl.trans(k))                                                   # [M, N] float32
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])
         p = tl.where(n_ok[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v))                            # [M, N] float32
+        dp = tl.dot(do, tl.trans(v))                                                 # [M, N] float32
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)                         # [M, D] float32
+        dq += tl.dot(ds.to(k.dtype), k)                                              # [M, D] float32
     dq = dq * scale
     dq += tl.load(DQ_IN + ob * sdi_b + oh * sdi_h + offs_m[:, None] * sdi_m + offs_d[None, :] * sdi_d,
                   mask=md_ok, other=0.0).to(tl.float32)
@@ -305,45 +346,71 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ_IN, DQ,
              dq.to(DQ.dtype.element_ty), mask=md_ok)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), autotuned once per head dim. Compiled offline for sm_90 at d = 128
-# (triton 3.9): all use wgmma; 64x64/4 warps needs 195 registers and no spill, 128x64/8 warps spills 96 bytes,
-# 64x32/4 warps (150 registers, 48 KB shared) is the small fallback. Few configs: each costs a compile (seconds).
+# dq kernel (BLOCK_M, BLOCK_N, num_warps, num_stages), autotuned once per head dim. Compiled offline for sm_90 at
+# d = 128 (triton 3.9): all use wgmma; 64x64/4 warps needs ~195 registers and no spill, 128x64/8 warps spills
+# ~100 bytes, 64x32/4 warps (~150 registers, 48 KB shared) is the small fallback. Each config costs a compile.
 _DQ_CONFIGS = [(128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)]
+_MERGE_BLOCK_M = 32
 _INTERPRET_BLOCK = 16
 _kernels: dict[str, object] = {}
 
 
-def _dq_launcher(interpret: bool):
-    """The jitted kernel: autotuned on the GPU; under TRITON_INTERPRET a plain interpreted one (fixed blocks)."""
-    key = "interpret" if interpret else "gpu"
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _kernel(name: str, ref: Tensor):
+    """The jitted kernel ``name`` ('dq' autotuned on the GPU); under TRITON_INTERPRET an interpreted one
+    (the interpreter must be on before triton is imported: set the variable before starting Python)."""
+    if triton is None:
+        raise RuntimeError("kernels='triton' needs triton installed")
+    interpret = _interpreting()
+    if not ref.is_cuda and not interpret:
+        raise RuntimeError("kernels='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    key = name + ("/interpret" if interpret else "")
     if key not in _kernels:
+        fn = {"dq": _dq_kernel, "merge": _merge_kernel}[name]
         if interpret:
             from triton.runtime.interpreter import InterpretedFunction
-            _kernels[key] = InterpretedFunction(_dq_kernel)
-        else:
+            _kernels[key] = InterpretedFunction(fn)
+        elif name == "dq":
             configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                        for m, n, w, s in _DQ_CONFIGS]
-            _kernels[key] = triton.autotune(configs, key=["HEAD_D", "BLOCK_D"])(triton.jit(_dq_kernel))
+            _kernels[key] = triton.autotune(configs, key=["HEAD_D", "BLOCK_D"])(triton.jit(fn))
+        else:
+            _kernels[key] = triton.jit(fn)
     return _kernels[key]
 
 
-def _triton_dq(do, q, ck, cv, lse, delta, scale, *, dq_init):
-    """dq_init + dQ of the cached part; tensors [b, h, seq, d] (any strides), lse/delta [b, h, L]."""
-    if triton is None:
-        raise RuntimeError("dq_kernel='triton' needs triton installed")
-    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if not q.is_cuda and not interpret:
-        raise RuntimeError("dq_kernel='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _triton_merge(o_c, lse_c, o_n, lse_n, dtype):
+    """-> (out [b, L, h, d] contiguous in dtype, lse [b, h, L]); o_* [b, h, L, d], lse_* [b, h, L]."""
+    kernel = _kernel("merge", o_c)
+    b, h, L, d = o_c.shape
+    out = torch.empty((b, L, h, d), dtype=dtype, device=o_c.device)
+    lse = torch.empty((b, h, L), dtype=torch.promote_types(dtype, torch.float32), device=o_c.device)
+    outh = out.transpose(1, 2)
+    block = _INTERPRET_BLOCK if _interpreting() else _MERGE_BLOCK_M
+    kernel[(triton.cdiv(L, block), b * h)](
+        o_c, o_n, lse_c.contiguous(), lse_n.contiguous(), outh, lse, *o_c.stride(), *o_n.stride(), *outh.stride(),
+        h, L, HEAD_D=d, BLOCK_D=_block_d(d), BLOCK_M=block)
+    return out, lse
+
+
+def _triton_dq(do, q, ck, cv, o, lse, scale, *, dq_init):
+    """dq_init + dQ of the cached part -> [b, h, L, d] view of a contiguous [b, L, h, d] in q's dtype."""
+    kernel = _kernel("dq", q)
     b, h, L, d = q.shape
-    N = ck.shape[2]
-    lse, delta = lse.float().contiguous(), delta.float().contiguous()
-    dq = q.new_empty((b, L, h, d)).transpose(1, 2)  # [b, h, L, d] view of a contiguous [b, L, h, d]
-    args = (q, ck, cv, do, lse, delta, dq_init, dq, *q.stride(), *ck.stride(), *cv.stride(), *do.stride(),
-            *dq_init.stride(), *dq.stride(), h, L, N, scale)
-    meta = dict(HEAD_D=d, BLOCK_D=max(16, triton.next_power_of_2(d)))
-    if interpret:
-        grid = (triton.cdiv(L, _INTERPRET_BLOCK), b * h)
-        _dq_launcher(True)[grid](*args, **meta, BLOCK_M=_INTERPRET_BLOCK, BLOCK_N=_INTERPRET_BLOCK)
+    dq = q.new_empty((b, L, h, d)).transpose(1, 2)
+    args = (q, ck, cv, do, o, lse.float().contiguous(), dq_init, dq, *q.stride(), *ck.stride(), *cv.stride(),
+            *do.stride(), *o.stride(), *dq_init.stride(), *dq.stride(), h, L, ck.shape[2], scale)
+    meta = dict(HEAD_D=d, BLOCK_D=_block_d(d))
+    if _interpreting():
+        kernel[(triton.cdiv(L, _INTERPRET_BLOCK), b * h)](*args, **meta, BLOCK_M=_INTERPRET_BLOCK,
+                                                          BLOCK_N=_INTERPRET_BLOCK)
     else:
-        _dq_launcher(False)[lambda m: (triton.cdiv(L, m["BLOCK_M"]), b * h)](*args, **meta)
+        kernel[lambda m: (triton.cdiv(L, m["BLOCK_M"]), b * h)](*args, **meta)
     return dq
