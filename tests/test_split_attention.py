@@ -187,7 +187,8 @@ def _rel(a, b):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fused", ["flash", "cudnn"])
-@pytest.mark.parametrize("shape", [(2, 1000, 3000, 12, 128), (1, 4680, 14040, 12, 128), (2, 333, 777, 4, 64)])
+@pytest.mark.parametrize("shape", [(2, 1000, 3000, 12, 128), (1, 4680, 14040, 12, 128), (2, 333, 777, 4, 64),
+                                   (1, 500, 0, 12, 128)])
 def test_gpu_bf16_against_sdpa(shape, fused):
     """bf16 on CUDA (Triton dq kernel). Reference: float32 SDPA on the same bf16 inputs. Tolerance: the
     relative Frobenius error of out, dq, dk, dv is at most 1.5 x that of bf16 torch SDPA over the
