@@ -28,6 +28,7 @@ from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.kvpo.config import CommitPass, Recompute, ReplayConfig
 from kvpo_megatron.kvpo.objective import tve_term
 from kvpo_megatron.kvpo.types import ReplayTuple, RolloutGroup
+from kvpo_megatron.model.attention import replay_attention
 from kvpo_megatron.model.kv_cache import AttentionView, KVCache
 from kvpo_megatron.sampling.streaming import BlockPlan, StreamingGenerator, active_at
 
@@ -43,8 +44,9 @@ def replay_terms(gen: StreamingGenerator, cache: KVCache, view: AttentionView, t
 
 def score_block(gen: StreamingGenerator, cache: KVCache, view: AttentionView, tuples: list[ReplayTuple],
                 text) -> torch.Tensor:
-    """TVE terms [n] without grad (the rollout's TVE_old / TVE_ref scoring)."""
-    with torch.no_grad():
+    """TVE terms [n] without grad (the rollout's TVE_old / TVE_ref scoring), computed with the replay's attention
+    kernel (``model.attention.replay_attention``) so that TVE_old is the function the replay differentiates."""
+    with torch.no_grad(), replay_attention():
         return replay_terms(gen, cache, view, tuples, text)
 
 
