@@ -8,22 +8,9 @@ import torch
 from kvpo_megatron.checkpoint.mappings import convert_state_dict
 from kvpo_megatron.model import CacheConfig, CausalWanDiT, block_causal_mask, model_config
 from kvpo_megatron.sampling import FlowMatchSampler, SamplerConfig, StreamingGenerator
+from tests.helpers import tiny_wan22_diffusers
 
 LATENT = (6, 8)  # 3 x 4 = 12 tokens per latent frame
-
-
-def tiny_wan22_diffusers(seed: int = 0):
-    """A random diffusers WanTransformer3DModel in the ``tiny-wan2.2`` shape (48 latent channels)."""
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(seed)
-    ref = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=6, attention_head_dim=16, in_channels=48,
-                                out_channels=48, text_dim=32, freq_dim=32, ffn_dim=448, num_layers=2,
-                                cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
-    with torch.no_grad():  # move away from the zero/one inits so every parameter matters
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return ref.eval()
 
 
 def tiny_wan22(pgs, seed: int = 0, **overrides) -> tuple[CausalWanDiT, object]:
