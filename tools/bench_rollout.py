@@ -12,6 +12,12 @@ generated latents.
 
     python tools/bench_rollout.py --config wan-1.3b --latent-h 60 --latent-w 104 --spec te --compile --cuda-graphs
     python tools/bench_rollout.py --config tiny --latent-h 8 --latent-w 8 --device cpu --dtype fp32
+
+``--generator NAME`` takes the cache layout (frames per block, sink, local window) and the sampler from a generator
+preset instead (``longlive2-5b``: blocks of 8, sink 8 + local 24 = a 32-frame span, 4 UniPC steps); ``--layers``
+overrides the model's depth (smoke runs of a large preset):
+
+    python tools/bench_rollout.py --config wan2.2-5b --generator longlive2-5b --latent-h 44 --latent-w 80 --frames 64
 """
 from __future__ import annotations
 
@@ -33,12 +39,15 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="wan-1.3b", help="model preset (tiny | wan-1.3b | wan-14b)")
+    p.add_argument("--config", default="wan-1.3b", help="model preset (tiny | wan-1.3b | wan-14b | wan2.2-5b ...)")
+    p.add_argument("--generator", default=None, help="take cache layout and sampler from this generator preset "
+                   "(e.g. longlive2-5b); default: blocks of 3, sink 3 + local 9, --steps Euler steps")
+    p.add_argument("--layers", type=int, default=None, help="override the model preset's number of layers")
     p.add_argument("--latent-h", type=int, default=60, help="latent height (480 px / 8)")
     p.add_argument("--latent-w", type=int, default=104, help="latent width (832 px / 8)")
-    p.add_argument("--frames", type=int, default=21, help="latent frames generated (multiple of 3)")
+    p.add_argument("--frames", type=int, default=21, help="latent frames generated (multiple of the block size)")
     p.add_argument("--batch", type=int, default=1, help="videos generated together")
-    p.add_argument("--steps", type=int, default=4, help="solver steps per block")
+    p.add_argument("--steps", type=int, default=4, help="solver steps per block (without --generator)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--spec", choices=["local", "te"], default="local")
     p.add_argument("--fp8", choices=["e4m3", "hybrid"], default=None, help="FP8 format (te spec)")
@@ -69,6 +78,8 @@ def build(args, device: torch.device):
     ov = dict(spec=args.spec)
     if args.spec == "te":
         ov.update(use_cpu_initialization=False, fp8=args.fp8, fp8_recipe=args.fp8_recipe, fp8_dot_product_attention=args.fp8_dpa)
+    if args.layers is not None:
+        ov["num_layers"] = args.layers
     cfg = model_config(args.config, **ov)
     if args.spec == "te":
         from kvpo_megatron.model.te_spec import te_spec
@@ -82,18 +93,38 @@ def build(args, device: torch.device):
     return model
 
 
-def rollout_ours(model, text, noise, steps: int, times: list[float], profile_block: int | None = None,
+def layout(args):
+    """(CacheConfig, SamplerConfig): LongLive-1.3B's layout with ``--steps`` Euler steps, or ``--generator``'s."""
+    from kvpo_megatron.config import from_dict
+    from kvpo_megatron.model import CacheConfig
+    from kvpo_megatron.model.memory_bank import generator_preset
+    from kvpo_megatron.sampling import SamplerConfig
+
+    euler = SamplerConfig(timesteps=tuple(1000.0 - 250.0 * i for i in range(args.steps)))
+    if args.generator is None:
+        return CacheConfig(history_frames=9), euler
+    tree = generator_preset(args.generator, {"cache", "sampler"})
+    c = tree["cache"]
+    cc = CacheConfig(frames_per_block=c["frames_per_block"], num_sink_frames=c["num_sink_frames"],
+                     local_attn_frames=c["local_attn_frames"], history_frames=c["local_attn_frames"])
+    return cc, from_dict(SamplerConfig, tree["sampler"]) if "sampler" in tree else euler
+
+
+def rollout_ours(model, text, noise, lay, times: list[float], profile_block: int | None = None,
                  memory_bank: bool = False, sma: bool = False):
     """Generate ``noise``'s frames block by block; per-block wall times appended to ``times``.
-    ``memory_bank``: MemFlow's bank (3 entries, recorded every 3 blocks), as in the memflow-1.3b preset."""
-    from kvpo_megatron.model import CacheConfig
-    from kvpo_megatron.model.memory_bank import MemoryBankConfig
-    from kvpo_megatron.sampling import FlowMatchSampler, SamplerConfig, StreamingGenerator
+    ``lay``: ``layout(args)``. ``memory_bank``: MemFlow's bank (3 entries, recorded every 3 blocks), as in the
+    memflow-1.3b preset."""
+    import dataclasses
 
-    sampler = FlowMatchSampler(SamplerConfig(timesteps=tuple(1000.0 - 250.0 * i for i in range(steps))))
+    from kvpo_megatron.model.memory_bank import MemoryBankConfig
+    from kvpo_megatron.sampling import FlowMatchSampler, StreamingGenerator
+
+    cc, sc = lay
+    sampler = FlowMatchSampler(sc)
     bank = MemoryBankConfig(bank_size=3, record_interval=3, sma=sma) if memory_bank else None
-    gen = StreamingGenerator(model, sampler, CacheConfig(history_frames=9, memory_bank=bank))
-    cache, fpb, out, dev = gen.new_cache(), 3, torch.empty_like(noise), noise.device
+    gen = StreamingGenerator(model, sampler, dataclasses.replace(cc, memory_bank=bank))
+    cache, fpb, out, dev = gen.new_cache(), cc.frames_per_block, torch.empty_like(noise), noise.device
     for s in range(0, noise.shape[2], fpb):
         with timed(dev, times), _maybe_profile(profile_block == s // fpb, profile_block):
             x0 = gen.denoise_block(cache, noise[:, :, s:s + fpb], s, text)
@@ -166,14 +197,13 @@ class GraphedForward:
         return self.out
 
 
-def rollout_graphed(model, text, noise, steps: int, times: list[float], graphs: dict):
+def rollout_graphed(model, text, noise, lay, times: list[float], graphs: dict):
     """As ``rollout_ours``, but blocks with a full view run as CUDA-graph replays (one graph for the solver
     steps, one for the commit pass, shared by all such blocks; ``graphs`` keeps them across rollouts)."""
-    from kvpo_megatron.model import CacheConfig
-    from kvpo_megatron.sampling import FlowMatchSampler, SamplerConfig
+    from kvpo_megatron.sampling import FlowMatchSampler
 
-    sampler = FlowMatchSampler(SamplerConfig(timesteps=tuple(1000.0 - 250.0 * i for i in range(steps))))
-    cc = CacheConfig(history_frames=9)
+    cc, sc = lay
+    sampler = FlowMatchSampler(sc)
     if "cache" not in graphs:
         from kvpo_megatron.model import KVCache
         graphs["cache"] = KVCache(cc, model.config.num_layers)
@@ -181,7 +211,7 @@ def rollout_graphed(model, text, noise, steps: int, times: list[float], graphs: 
             model.rope = StaticRope(model.rope)
     cache = graphs["cache"]
     cache.frame_of_slot = [None] * cache.num_slots
-    fpb, out, dev, b = 3, torch.empty_like(noise), noise.device, noise.shape[0]
+    fpb, out, dev, b = cc.frames_per_block, torch.empty_like(noise), noise.device, noise.shape[0]
     full = cc.num_sink_frames + cc.local_attn_frames - fpb
     for s in range(0, noise.shape[2], fpb):
         frames = cc.default_read_frames(s, fpb)
@@ -207,11 +237,14 @@ def rollout_graphed(model, text, noise, steps: int, times: list[float], graphs: 
     return out
 
 
-def rollout_reference(ref, text_kv, noise, steps: int, times: list[float]):
-    from kvpo_megatron.sampling import FlowMatchSampler, SamplerConfig
+def rollout_reference(ref, text_kv, noise, lay, times: list[float]):
+    from kvpo_megatron.sampling import FlowMatchSampler
 
-    sampler = FlowMatchSampler(SamplerConfig(timesteps=tuple(1000.0 - 250.0 * i for i in range(steps))))
-    cache, fpb, out, dev = RefCache(ref.cfg.num_layers, sink=3, local=9, frames_per_block=3), 3, [], noise.device
+    cc, sc = lay
+    sampler = FlowMatchSampler(sc)
+    fpb = cc.frames_per_block
+    cache = RefCache(ref.cfg.num_layers, sink=cc.num_sink_frames, local=cc.local_attn_frames, frames_per_block=fpb)
+    out, dev = [], noise.device
     b = noise.shape[0]
     for s in range(0, noise.shape[2], fpb):
         with timed(dev, times):
@@ -257,15 +290,18 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     device = torch.device(args.device)
-    if args.frames % 3:
-        raise SystemExit(f"--frames must be a multiple of 3, got {args.frames}")
+    lay = layout(args)
+    cc, sc = lay
+    fpb, steps = cc.frames_per_block, len(sc.timesteps)
+    if args.frames % fpb:
+        raise SystemExit(f"--frames must be a multiple of {fpb} (frames per block), got {args.frames}")
     model = build(args, device)
     cfg = model.config
     T = cfg.tokens_per_frame(args.latent_h, args.latent_w)
     g = torch.Generator(device="cpu").manual_seed(args.seed + 1)
     ctx = torch.randn(args.batch, cfg.text_len, cfg.text_dim, generator=g).to(device)
     noise = torch.randn(args.batch, cfg.in_channels, args.frames, args.latent_h, args.latent_w, generator=g).to(device)
-    steady = steady_blocks(args.frames)
+    steady = steady_blocks(args.frames, fpb, cc.num_sink_frames, cc.local_attn_frames)
     ref = reference_from(model, dtype=DTYPES[args.dtype], device=torch.device("cpu")) if args.reference else None
     with torch.no_grad():
         text = model.encode_text(ctx)
@@ -274,31 +310,32 @@ def main(argv=None) -> dict:
             raise SystemExit("--memory-bank runs on the eager path; drop --cuda-graphs")
         if args.sma and not args.memory_bank:
             raise SystemExit("--sma selects among sink + bank frames; add --memory-bank")
-        roll = (lambda tm: rollout_graphed(model, text, noise, args.steps, tm, graphs)) if args.cuda_graphs else \
-            (lambda tm: rollout_ours(model, text, noise, args.steps, tm, memory_bank=args.memory_bank,
-                                       sma=args.sma))
+        roll = (lambda tm: rollout_graphed(model, text, noise, lay, tm, graphs)) if args.cuda_graphs else \
+            (lambda tm: rollout_ours(model, text, noise, lay, tm, memory_bank=args.memory_bank, sma=args.sma))
         roll([])  # warm-up (kernels, cuDNN plans, FP8 scales, graph capture)
         reset_peak(device)
         times: list[float] = []
         ours = roll(times)
         peak = peak_memory_gb(device)
         if args.profile:  # a third rollout, profiling one steady block (not part of the timings)
-            rollout_ours(model, text, noise, args.steps, [], profile_block=steady[0], memory_bank=args.memory_bank,
+            rollout_ours(model, text, noise, lay, [], profile_block=steady[0], memory_bank=args.memory_bank,
                          sma=args.sma)
     sec = sum(times[i] for i in steady) / len(steady)
-    cached = 3 + 9 - 3
-    fwd = forward_flops(cfg, batch=args.batch, frames=3, tokens_per_frame=T, cached_frames=cached)
-    commit = forward_flops(cfg, batch=args.batch, frames=3, tokens_per_frame=T, cached_frames=cached, head=False)
-    flops = args.steps * fwd["total"] + commit["total"]
+    cached = cc.num_sink_frames + cc.local_attn_frames - fpb
+    fwd = forward_flops(cfg, batch=args.batch, frames=fpb, tokens_per_frame=T, cached_frames=cached)
+    commit = forward_flops(cfg, batch=args.batch, frames=fpb, tokens_per_frame=T, cached_frames=cached, head=False)
+    flops = steps * fwd["total"] + commit["total"]
     peak_tf = device_peak_tflops(device)
-    res = dict(bench="rollout", config=args.config, spec=args.spec, dtype=args.dtype, compile=args.compile,
+    res = dict(bench="rollout", config=args.config, generator=args.generator, layers=cfg.num_layers,
+               sampler=str(sc.kind), spec=args.spec, dtype=args.dtype, compile=args.compile,
                cuda_graphs=args.cuda_graphs, memory_bank=args.memory_bank, sma=args.sma, fp8=args.fp8,
                fp8_recipe=args.fp8_recipe if args.fp8 else None, fp8_linears=args.fp8_linears or None,
                fp8_dpa=args.fp8_dpa, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               latent=[args.latent_h, args.latent_w], tokens_per_frame=T, frames_per_block=3, span_frames=12,
-               steps=args.steps, batch=args.batch, frames=args.frames, steady_blocks=len(steady),
-               sec_per_block=sec, video_fps=args.batch * 3 * 4 / sec, tflop_per_block=flops / 1e12,
-               attention_flop_share=(args.steps * fwd["attention"] + commit["attention"]) / flops,
+               latent=[args.latent_h, args.latent_w], tokens_per_frame=T, frames_per_block=fpb,
+               span_frames=cc.num_sink_frames + cc.local_attn_frames,
+               steps=steps, batch=args.batch, frames=args.frames, steady_blocks=len(steady),
+               sec_per_block=sec, video_fps=args.batch * fpb * 4 / sec, tflop_per_block=flops / 1e12,
+               attention_flop_share=(steps * fwd["attention"] + commit["attention"]) / flops,
                tflops=flops / sec / 1e12, peak_bf16_tflops=peak_tf,
                mfu=(flops / sec / 1e12 / peak_tf) if peak_tf else None, peak_mem_gb=peak)
     if args.reference:
@@ -308,11 +345,11 @@ def main(argv=None) -> dict:
         ref = ref.to(device)
         with torch.no_grad():
             tkv = ref.text_kv(ctx)
-            rollout_reference(ref, tkv, noise, args.steps, [])
+            rollout_reference(ref, tkv, noise, lay, [])
             rtimes: list[float] = []
-            want = rollout_reference(ref, tkv, noise, args.steps, rtimes)
+            want = rollout_reference(ref, tkv, noise, lay, rtimes)
         rsec = sum(rtimes[i] for i in steady) / len(steady)
-        res.update(ref_sec_per_block=rsec, ref_video_fps=args.batch * 12 / rsec,
+        res.update(ref_sec_per_block=rsec, ref_video_fps=args.batch * fpb * 4 / rsec,
                    ref_tflops=flops / rsec / 1e12, speedup_vs_reference=rsec / sec,
                    rel_err_vs_reference=rel_err(ours, want))
     if args.profile:
