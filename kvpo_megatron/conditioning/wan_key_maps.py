@@ -208,8 +208,7 @@ def wan22_vae_diffusers_to_original(state: dict[str, torch.Tensor]) -> dict[str,
     """Inverse of :func:`wan22_vae_original_to_diffusers` (tests build original-layout files with it)."""
     blocks: dict[str, int] = {}
     for key in state:  # a stage's resample follows its residual blocks: index = number of residual blocks
-        if m := re.match(r"^(encoder)\.down_blocks\.(\d+)\.resnets\.(\d+)\.|^(decoder)\.up_blocks\.(\d+)\.resnets\.(\d+)\.",
-                         key):
-            part, stage, j = (m.group(1), m.group(2), m.group(3)) if m.group(1) else (m.group(4), m.group(5), m.group(6))
-            blocks[f"{part}.{stage}"] = max(blocks.get(f"{part}.{stage}", 0), int(j) + 1)
+        if m := re.match(r"^(encoder\.down|decoder\.up)_blocks\.(\d+)\.resnets\.(\d+)\.", key):
+            stage = f"{m.group(1).split('.')[0]}.{m.group(2)}"
+            blocks[stage] = max(blocks.get(stage, 0), int(m.group(3)) + 1)
     return _wan22_rename(state, False, "AutoencoderKLWan", blocks)
