@@ -186,3 +186,15 @@ def test_nvfp4_release_and_wrong_inputs_are_refused(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     code = _cli("import", str(tmp_path / "model_te.pt"), "--from", "longlive2", "--out", str(tmp_path / "out"))
     assert code == 2 and "NVFP4" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_release_shapes_without_config_select_the_5b_preset():
+    """The released file carries no config.json: its shapes (hidden 3072, 48 channels) select wan2.2-5b."""
+    from kvpo_megatron.checkpoint.formats import arch_to_section, heads_from_presets, infer_arch
+    from kvpo_megatron.model import CausalWanDiT, model_config
+
+    with torch.device("meta"):
+        model = CausalWanDiT(model_config("wan2.2-5b", perform_initialization=False))
+    arch = infer_arch({n: tuple(p.shape) for n, p in model.named_parameters()}, source_name="model_bf16.pt")
+    arch["num_attention_heads"] = heads_from_presets(arch, source_name="model_bf16.pt")
+    assert arch_to_section(arch) == {"preset": "wan2.2-5b", "overrides": {}}
