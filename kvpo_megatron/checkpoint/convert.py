@@ -38,7 +38,7 @@ class ImportSpec:
     """What ``import`` does (the CLI's arguments)."""
 
     fmt: str
-    """Source format: wan | diffusers | self-forcing | longlive | memflow."""
+    """Source format: wan | diffusers | self-forcing | longlive | memflow | longlive2."""
     src: str
     """Source file or directory."""
     out: str

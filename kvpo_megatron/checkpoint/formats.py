@@ -7,6 +7,15 @@ Sources (``read_source``):
 * ``diffusers``: a ``WanTransformer3DModel`` directory (or a pipeline directory with ``transformer/``);
 * ``self-forcing`` / ``longlive`` / ``memflow``: a ``torch.save`` dict keyed ``generator`` (``generator_ema``
   with ``use_ema``) or ``model``, holding Wan keys prefixed by ``model.``.
+* ``longlive2``: LongLive 2.0 (Wan2.2-TI2V-5B; NVlabs/LongLive main). The same dict layout, as written by
+  ``trainer/distillation.py::save`` (``generator``, ``critic``, ``generator_ema`` (float32 EMA shadow, FSDP
+  fragments cleaned), optimizer states, ``step``) and by ``scripts/merge_lora_generator.py`` (the released
+  ``LongLive-2.0-5B/model_bf16.pt``: ``generator`` (bf16, LoRA merged) plus the strings ``checkpoint_format``
+  ``"longlive_generator_merged_lora"``, ``model_name``, ``dtype``, ``source_*_ckpt`` and ``merged_lora``).
+  Its LoRA (``lora_checkpoint.pt``: ``{generator_lora, critic_lora, step}``, peft keys over every linear of the
+  blocks, rank 128 = alpha in ``configs/inference.yaml``) is read by ``read_lora``. The NVFP4 releases
+  (``checkpoint_format`` ``longlive_generator_nvfp4`` / ``longlive_generator_te_nvfp4``: quantized buffers) are
+  refused: import the bf16 ``model_bf16.pt``.
 
 Tensors are read lazily (``LazyTensor``): safetensors through ``safe_open`` slices, torch files through
 ``torch.load(mmap=True, weights_only=True)``, so a tensor-parallel rank reads only its slice. Untrusted
@@ -30,8 +39,10 @@ import torch
 from kvpo_megatron.checkpoint.mappings import rename
 from kvpo_megatron.errors import ConfigError
 
-SOURCE_FORMATS = ("wan", "diffusers", "self-forcing", "longlive", "memflow")
-TRAINING_FORMATS = ("self-forcing", "longlive", "memflow")
+SOURCE_FORMATS = ("wan", "diffusers", "self-forcing", "longlive", "memflow", "longlive2")
+TRAINING_FORMATS = ("self-forcing", "longlive", "memflow", "longlive2")
+NVFP4_FORMATS = ("longlive_generator_nvfp4", "longlive_generator_te_nvfp4")
+"""LongLive 2.0's quantized releases (``utils/nvfp4_checkpoint.py``), which hold no plain weights."""
 WEIGHTS_NAME = "diffusion_pytorch_model"
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
@@ -153,7 +164,7 @@ ARCH_FIELDS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_lay
                "out_channels", "freq_dim", "text_dim", "text_len", "layernorm_epsilon", "patch_size",
                "rope_max_positions")
 # fields whose values we don't support (original Wan i2v/flf2v variants, other norms)
-_UNSUPPORTED = {"wan": {"model_type": ("t2v",), "qk_norm": (True,), "cross_attn_norm": (True,)},
+_UNSUPPORTED = {"wan": {"model_type": ("t2v", "ti2v"), "qk_norm": (True,), "cross_attn_norm": (True,)},
                 "diffusers": {"qk_norm": ("rms_norm_across_heads",), "cross_attn_norm": (True,),
                               "image_dim": (None,), "added_kv_proj_dim": (None,)}}
 
@@ -229,7 +240,9 @@ def heads_from_presets(arch: dict, *, source_name: str) -> int:
 def wan_config_json(section: dict) -> dict:
     """Original Wan2.1 ``config.json`` for a model section."""
     a = section_arch(section)
-    cfg = {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "model_type": "t2v"}
+    # Wan2.2-TI2V-5B's config.json says "ti2v" (48 latent channels); its DiT is the t2v one at other sizes
+    cfg = {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "model_type": "ti2v" if a["in_channels"] == 48
+           else "t2v"}
     cfg.update({theirs: a[ours] for theirs, ours in WAN_FIELDS.items()})
     cfg.update(patch_size=list(a["patch_size"]), qk_norm=True, cross_attn_norm=True, window_size=[-1, -1])
     return cfg
@@ -270,6 +283,17 @@ def clean_key(key: str) -> str:
     return key[len("model."):] if key.startswith("model.") else key
 
 
+def check_not_nvfp4(sd: dict, *, source_name: str) -> None:
+    """LongLive 2.0's NVFP4 checkpoints (``model_te.pt``/``model_4o6.pt``) hold quantized buffers, not weights."""
+    fmt = sd.get("checkpoint_format")
+    gen = sd.get("generator")
+    quantized = isinstance(gen, dict) and any(str(k).endswith("quantized_weight_values") for k in gen)
+    if fmt in NVFP4_FORMATS or quantized:
+        raise ConfigError(f"{source_name}: an NVFP4-quantized LongLive 2.0 checkpoint ({fmt or 'quantized buffers'}) "
+                          "holds no plain weights; import the bf16 release (LongLive-2.0-5B/model_bf16.pt) or a "
+                          "training checkpoint instead")
+
+
 def unwrap_training_dict(sd: dict, *, use_ema: bool, source_name: str) -> dict:
     """Self-Forcing/LongLive/MemFlow: pick ``generator`` (or ``generator_ema``) or ``model``."""
     order = ("generator_ema",) if use_ema else ("generator", "model")
@@ -293,6 +317,7 @@ def read_source(fmt: str, path: str | Path, *, config_path: str | Path | None = 
     raw, files = open_weights(path)
     name = str(path)
     if fmt in TRAINING_FORMATS:
+        check_not_nvfp4(raw, source_name=name)
         raw = unwrap_training_dict(raw, use_ema=use_ema, source_name=name)
     nested = [k for k, v in raw.items() if not isinstance(v, LazyTensor)]
     if nested:
