@@ -12,6 +12,7 @@ from kvpo_megatron.conditioning.vae import DecoderConfig
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.model.build import ModelSection, build_model
 from kvpo_megatron.model.kv_cache import CacheConfig
+from kvpo_megatron.model.multishot import is_scene_cut
 from kvpo_megatron.parallel.state import ParallelConfig, init_parallel
 from kvpo_megatron.accelerate import accelerate
 from kvpo_megatron.sampling import FlowMatchSampler, PromptSwitch, SamplerConfig, StreamingGenerator
@@ -86,7 +87,8 @@ def run_generation(cfg: GenerateConfig, *, progress: bool = True) -> torch.Tenso
     noise = torch.randn(1, model.config.in_channels, v.num_frames, v.latent_height, v.latent_width, generator=g)
     gen.check_video(noise)
     with torch.no_grad():
-        switches = [PromptSwitch(s, model.encode_text(encoder.encode([p])[0].to(device))) for s, p in schedule]
+        switches = [PromptSwitch(s, model.encode_text(encoder.encode([p])[0].to(device)), s > 0 and is_scene_cut(p))
+                    for s, p in schedule]
         latents = gen.generate(noise.to(device), switches, progress=progress, step_noise=StepNoise(cfg.seed))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

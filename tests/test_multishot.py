@@ -122,3 +122,92 @@ def test_bad_multishot_config():
     with pytest.raises(ConfigError, match="shot starts must be increasing"):
         ms.check_shot_starts(ms.MultiShotConfig(), [16, 8])
     assert ms.check_shot_starts(ms.MultiShotConfig(), (8, 64)) == [8, 64]
+
+
+# ---- the rules wired into the cache and the streaming engine ------------------------------------------------
+@pytest.mark.parametrize("starts", [[], [12], [12, 27], [9, 21, 36]])
+def test_engine_with_shot_sinks_attends_the_upstream_buffer(pgs, monkeypatch, starts):
+    """A streaming video with shot sinks: every block attends exactly what the simulated upstream buffer holds,
+    RoPE positions advance by the shot offset, and the pinned shot sink keeps its committed K/V after the ring
+    has moved past it."""
+    import torch
+
+    from kvpo_megatron.model import CacheConfig, KVCache
+    from kvpo_megatron.sampling import FlowMatchSampler, PromptSwitch, SamplerConfig, StreamingGenerator
+    from tests.helpers import tiny_model
+
+    model = tiny_model(pgs).eval()
+    cc = CacheConfig(frames_per_block=3, num_sink_frames=3, local_attn_frames=9, history_frames=9, shot_sinks=True,
+                     shot_rope_offset=5)
+    gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig(timesteps=(1000.0, 500.0))), cc)
+    nblocks = 15
+    seen, offsets, orig_view, orig_fwd = [], [], KVCache.view, type(model).forward
+
+    def view(cache, read_frames, write_frames=(), device=None, **kw):
+        seen.append((list(read_frames), list(write_frames)))
+        return orig_view(cache, read_frames, write_frames, device, **kw)
+
+    def forward(m, x, t, **kw):
+        offsets.append(kw["frame_offset"])
+        return orig_fwd(m, x, t, **kw)
+    monkeypatch.setattr(KVCache, "view", view)
+    monkeypatch.setattr(type(model), "forward", forward)
+    texts = [model.encode_text(torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(i))) for i in range(4)]
+    prompts = [PromptSwitch(0, texts[0])] + [PromptSwitch(s, texts[i + 1], True) for i, s in enumerate(starts)]
+    cache = gen.new_cache()
+    committed = {}
+    with torch.no_grad():
+        out = torch.empty(1, 4, 3 * nblocks, 8, 8)
+        noise = torch.randn_like(out)
+        for b in range(nblocks):
+            gen.run(cache, out, noise, prompts, [b])
+            committed.update({f: cache.frame_kv(0, [f])[0].clone() for f in range(3 * b, 3 * b + 3)})
+            for f, slot in cache.pinned.items():  # a pinned frame holds exactly what its commit wrote
+                assert torch.equal(cache.frame_kv(0, [f])[0], committed[f])
+    want = upstream_views(3, 12, nblocks, starts)
+    denoise = [r for r, w in seen if not w]  # one view per block (its solver steps share it)
+    assert {3 * b: sorted(denoise[b]) for b in range(nblocks)} == want
+    rope = offsets[::3]  # 2 steps + 1 commit per block
+    assert rope == [3 * b + 5 * sum(s <= 3 * b for s in starts) for b in range(nblocks)]
+    if starts:
+        assert cache.pinned  # the last shot's first block is pinned
+
+
+def test_kvpo_rollout_and_replay_across_a_shot_boundary(pgs):
+    """CHR on the shot-sink layout: the anchor equals plain generation, routed views never route a sink, and the
+    replay (forks of the frozen prefix, batched) recomputes the rollout's TVE_old."""
+    import torch
+
+    from kvpo_megatron.kvpo.config import RolloutConfig, RoutingConfig
+    from kvpo_megatron.kvpo.replay import replay_gradients
+    from kvpo_megatron.kvpo.rollout import Rollout
+    from kvpo_megatron.kvpo.types import PromptContext
+    from kvpo_megatron.model import CacheConfig
+    from kvpo_megatron.sampling import FlowMatchSampler, PromptSwitch, SamplerConfig, StreamingGenerator
+    from tests.helpers import tiny_model
+
+    model = tiny_model(pgs, init_method_std=0.1).eval()
+    cc = CacheConfig(frames_per_block=3, num_sink_frames=3, local_attn_frames=9, history_frames=12, shot_sinks=True)
+    gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cc)
+    ro = Rollout(gen, RoutingConfig(window_blocks=3, num_local_slots=9, num_recent_fixed=3),
+                 RolloutConfig(num_branches=3), seed=4)
+    g = torch.Generator().manual_seed(2)
+    ctx = [PromptContext(start_frame=0, context=torch.randn(1, 16, 32, generator=g)),
+           PromptContext(start_frame=15, context=torch.randn(1, 16, 32, generator=g), shot_boundary=True)]
+    shape = (1, 4, 36, 8, 8)
+    grp = ro.run(ctx, shape, iteration=0, prompt_index=0, pivot=5)  # window: blocks 5, 6, 7 (frames 15..23)
+    assert grp.fork_state.shot_starts == [15]
+    noise = ro.noise(shape, iteration=0, prompt=0, branch=-1)
+    with torch.no_grad():
+        plain = gen.generate(noise, [PromptSwitch(c.start_frame, model.encode_text(c.context), c.shot_boundary)
+                                     for c in ctx])
+    assert torch.equal(plain, grp.anchor.latents)
+    for br in grp.branches:
+        for b, routed in br.routes.items():  # never a sink of the block (global, or the merged shot sink)
+            sinks = ms.sink_frames(cc.multishot(), [15], 3 * b)
+            assert routed and not set(routed) & set(sinks) and all(3 <= f < 3 * b for f in routed)
+    old = torch.tensor([b.tve_old for b in grp.branches], dtype=torch.float64)
+    model.zero_grad()
+    got = torch.tensor(replay_gradients(gen, grp, torch.tensor([1.0, -0.5, 0.25]), batch_size=2),
+                       dtype=torch.float64)
+    assert torch.allclose(got, old, rtol=1e-5) and (old > 0).all()

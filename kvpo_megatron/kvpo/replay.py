@@ -118,7 +118,6 @@ def replay_gradients(gen: StreamingGenerator, group: RolloutGroup, coeffs: torch
                                  default=1))
     per_chunk = len(branches) if batch_size is None else max(1, batch_size // steps_per_block)
     private = replay_private_frames(gen, group, commit_pass)
-    default = gen.cache_cfg.default_read_frames
     fpb = gen.cache_cfg.frames_per_block
     for c0 in range(0, len(branches), per_chunk):
         chunk = list(range(c0, min(len(branches), c0 + per_chunk)))
@@ -133,7 +132,7 @@ def replay_gradients(gen: StreamingGenerator, group: RolloutGroup, coeffs: torch
             n = len(items) if batch_size is None else batch_size
             clock.lap("time_replay_rebuild")
             with training():
-                view = cache.view(default(s, fpb), device=items[0][2].x.device)
+                view = cache.view(cache.default_read_frames(s, fpb), device=items[0][2].x.device)
                 for j in range(0, len(items), n):
                     part = items[j:j + n]
                     with torch.enable_grad():
@@ -146,8 +145,8 @@ def replay_gradients(gen: StreamingGenerator, group: RolloutGroup, coeffs: torch
                         tve[i] += term
             clock.lap("time_replay_tuples")
 
-        def plan(b, chunk=chunk):
-            frames = [branches[i].commit_frames.get(b, default(b * fpb, fpb)) for i in chunk]
+        def plan(b, chunk=chunk, cache=cache):
+            frames = [branches[i].commit_frames.get(b, cache.default_read_frames(b * fpb, fpb)) for i in chunk]
             commit = frames if any(f != frames[0] for f in frames) else frames[0]
             return BlockPlan(given=True, after_denoise=after, commit_frames=commit)
 

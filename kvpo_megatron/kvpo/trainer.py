@@ -42,6 +42,7 @@ from kvpo_megatron.kvpo.train_config import KVPOTrainConfig
 from kvpo_megatron.accelerate import accelerate, fp8_enabled
 from kvpo_megatron.lora import adapters_disabled, apply_lora, lora_parameters, merged, save_adapter, unmerged
 from kvpo_megatron.model.build import build_model
+from kvpo_megatron.model.multishot import is_scene_cut
 from kvpo_megatron.parallel.data_parallel import clip_grad_norm, wrap_data_parallel
 from kvpo_megatron.parallel.state import init_parallel, validate_tokens
 from kvpo_megatron.rewards.composite import build_reward, spans_from_switch_frames
@@ -215,7 +216,8 @@ class KVPOTrainer:
     def _contexts(self, sample: PromptSample) -> list[PromptContext]:
         emb, _ = self.text_encoder.encode(sample.prompts)
         starts = [0, *sample.switch_frames]
-        return [PromptContext(start_frame=s, context=emb[i:i + 1].to(self.device)) for i, s in enumerate(starts)]
+        return [PromptContext(start_frame=s, context=emb[i:i + 1].to(self.device),
+                              shot_boundary=i > 0 and is_scene_cut(sample.prompts[i])) for i, s in enumerate(starts)]
 
     def _score(self, group: RolloutGroup, sample: PromptSample):
         videos = torch.cat([group.anchor.latents] + [b.latents for b in group.branches])

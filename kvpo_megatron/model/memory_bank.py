@@ -265,7 +265,7 @@ GENERATOR_PRESETS: dict[str, dict] = {
     "longlive2-5b": {
         "model": {"preset": "wan2.2-5b"},
         "cache": {"frames_per_block": 8, "num_sink_frames": 8, "local_attn_frames": 24, "history_frames": 40,
-                  "memory_bank": None},
+                  "memory_bank": None, "shot_sinks": True, "shot_rope_offset": 8},
         "sampler": {"timesteps": [999.0, 749.25, 499.5, 249.75], "shift": 5.0, "kind": "unipc", "context_noise": 0.0},
         "video": {"num_frames": 128, "latent_height": 44, "latent_width": 80},
         "decoder": {"latent_channels": 48},

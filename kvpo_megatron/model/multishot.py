@@ -57,6 +57,14 @@ from dataclasses import dataclass
 from kvpo_megatron.errors import ConfigError
 
 
+SCENE_CUT_PREFIX = "The scene transitions. "
+"""A prompt starting with this marks a shot boundary (LongLive 2.0's ``DEFAULT_SCENE_CUT_PREFIX``)."""
+
+
+def is_scene_cut(prompt: str) -> bool:
+    return prompt.startswith(SCENE_CUT_PREFIX)
+
+
 @dataclass(kw_only=True, slots=True)
 class MultiShotConfig:
     """LongLive 2.0's cache layout with multi-shot sinks (defaults: ``configs/inference.yaml``). The global sink

@@ -44,6 +44,13 @@ class PromptSwitch:
 
     start_frame: int
     text: TextKV
+    shot_boundary: bool = False
+    """A new shot starts here (LongLive 2.0's scene cut; used with ``cache.shot_sinks``)."""
+
+
+def shot_starts(prompts: list) -> list[int]:
+    """Frames where a new shot starts (prompt entries with ``shot_boundary``, after frame 0)."""
+    return [p.start_frame for p in prompts if getattr(p, "shot_boundary", False) and p.start_frame > 0]
 
 
 @dataclass(kw_only=True)
@@ -133,8 +140,8 @@ class StreamingGenerator:
             ts = t.to(device=x.device, dtype=torch.float32)
         else:
             ts = torch.full((b,), float(t), dtype=torch.float32, device=x.device)
-        return self.runner(self.model, x, ts, text=text, frame_offset=start, cache=cache, view=view,
-                           compute_output=compute_output)
+        return self.runner(self.model, x, ts, text=text, frame_offset=cache.rope_offset(start), cache=cache,
+                           view=view, compute_output=compute_output)
 
     def _record(self, x, view: AttentionView, compute_output: bool) -> ForwardRecord:
         cfg = self.model.config
@@ -152,7 +159,7 @@ class StreamingGenerator:
                       generator: torch.Generator | None = None, step_noise: StepNoise | None = None) -> torch.Tensor:
         """Denoise one block ([b, C, F, H, W]) starting at frame ``start``; returns the clean latents."""
         x = noise
-        default = self.cache_cfg.default_read_frames(start, noise.shape[2])
+        default = cache.default_read_frames(start, noise.shape[2])
         view_of: dict = {}
         block = start // self.cache_cfg.frames_per_block
         for i in range(self.sampler.num_steps):
@@ -174,11 +181,13 @@ class StreamingGenerator:
         """Write the block's clean K/V (at the unshifted ``context_noise`` timestep) into the cache; then update the
         memory bank (scored against ``text``) unless ``record_bank`` is False (recomputing an earlier block)."""
         nf = x0.shape[2]
-        frames = self.cache_cfg.default_read_frames(start, nf) if read_frames is None else read_frames
+        frames = cache.default_read_frames(start, nf) if read_frames is None else read_frames
         view = cache.view(frames, write_frames=list(range(start, start + nf)), device=x0.device)
         self.forward(x0, self.sampler.context_timestep(), start, text, cache, view, compute_output=False)
         if record_bank and cache.cfg.memory_bank is not None:
             update_after_commit(cache, start // cache.cfg.frames_per_block, text.expand(cache.batch_size))
+        if record_bank and start in cache.shot_starts:  # a shot's first block becomes its sink once committed
+            cache.pin_shot_sink(list(range(start, start + nf)))
 
     def recache(self, cache: KVCache, latents: torch.Tensor, start: int, text: TextKV) -> None:
         """LongLive-style prompt switch: recompute the K/V of the local frames before ``start`` (not the sink)
@@ -207,6 +216,8 @@ class StreamingGenerator:
         ([b, C, F_total, H, W], in place) and returns it. ``noise``: initial noise of the same shape (unused by
         blocks whose plan is ``given``)."""
         fpb = self.cache_cfg.frames_per_block
+        if self.cache_cfg.shot_sinks:
+            cache.shot_starts = shot_starts(prompts)
         for b in tqdm(list(blocks), disable=not progress, desc="blocks"):
             s = b * fpb
             text = self.enter_block(cache, latents, b, prompts)
