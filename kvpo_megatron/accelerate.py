@@ -58,10 +58,11 @@ def accelerate(model: nn.Module, section, *, device: torch.device, cp: int = 1):
     if section.compile:
         import torch._dynamo
 
-        # every block shares its code: allow a compiled variant per (batch, view length, grad, LoRA state)
+        # every block shares its code; shapes (batch, cached frames) vary between forwards, so dynamo's automatic
+        # dynamic shapes keep the variants few (grad / no grad, LoRA state)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for blk in model.blocks:
-            blk.compile(dynamic=False)
+            blk.compile()
     return GraphRunner() if section.cuda_graphs else eager_runner
 
 
