@@ -33,12 +33,25 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+RANK_ERROR_GRACE_S = 3.0
+"""Under a launcher, a rank other than 0 waits this long before printing its error: when rank 0 fails too (the
+same config on every rank) the launcher stops the others first, so the error is printed once."""
+
+
 def exit_code(fn: Callable[[], None]) -> int:
-    """Run ``fn``: 0, or 2 with one ``error: ...`` line on stderr for bad input (``ConfigError``)."""
+    """Run ``fn``: 0, or 2 with one ``error: ...`` line on stderr for bad input (``ConfigError``).
+
+    Under ``torchrun`` (``RANK`` set) rank 0 prints at once; another rank prints ``error: [rank N] ...`` only if
+    it is still running after ``RANK_ERROR_GRACE_S`` (an error of that rank alone).
+    """
     try:
         fn()
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", "0"))
+        if rank:
+            import time
+            time.sleep(RANK_ERROR_GRACE_S)
+        print(f"error: {f'[rank {rank}] ' if rank else ''}{' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0
 

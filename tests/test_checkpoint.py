@@ -424,7 +424,9 @@ def _training_worker(rank, world, root, full):
     state = load_training_checkpoint(find_latest_checkpoint(CheckpointConfig(resume=str(Path(root) / "iter_0000003"))),
                                      model=_Wrapper(model2), optimizer=opt2, pg_collection=pgs)  # DDP-style names
     assert state == {"iteration": 3, "scheduler_state": {"lr": 1e-2 * 3}, "data_state": {"cursor": 9},
-                     "extra": {"metrics": metrics[:3]}}, state
+                     "extra": {"metrics": [list(m) for m in metrics[:3]]}}, state  # JSON: tuples read back as lists
+    files = {p.name for p in (Path(root) / "iter_0000003").iterdir()}
+    assert {"training_state.json", "rng_00000.json", "rng_00001.json", "integrity.json", "complete.json"} <= files
     resumed = metrics[:3]
     _train_step(model2, opt2, resumed)
     assert resumed == metrics, (resumed, metrics)  # loss and every RNG stream continue exactly
