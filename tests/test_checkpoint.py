@@ -447,6 +447,15 @@ def _training_worker(rank, world, root, full):
                 full_avg = full_avg.chunk(2, dim=dim)[tp_rank]
             assert torch.equal(full_avg, local), n
             assert opt1.state[p]["step"].item() == 4
+    # a truncated shard in the newest checkpoint: rank 0 finds it before any rank loads, every rank falls back
+    from kvpo_megatron.checkpoint.training import select_checkpoint
+    torch.distributed.barrier()
+    if rank == 0:
+        shard = sorted((Path(root) / "iter_0000004").glob("*.distcp"))[-1]
+        shard.write_bytes(shard.read_bytes()[:-7])
+    torch.distributed.barrier()
+    assert select_checkpoint(cfg).name == "iter_0000003"
+    assert (Path(root) / "iter_0000004.damaged").is_dir()
 
 
 def test_training_checkpoint_resume_is_exact_and_reshards(tmp_path):

@@ -58,6 +58,10 @@ _ITER = re.compile(r"^iter_(\d{7})$")
 FORMAT_VERSION = 2
 
 
+class UnsupportedCheckpointError(ConfigError):
+    """A checkpoint of another format version (not damage: older checkpoints are not tried instead)."""
+
+
 @dataclass(kw_only=True, slots=True)
 class CheckpointConfig:
     """Training checkpoints: where, how often, how many, and whether to resume."""
@@ -250,9 +254,12 @@ def read_training_state(path: str | Path) -> dict:
     if not (path / COMPLETE).is_file():
         raise ConfigError(f"{path} is not a complete training checkpoint (no {COMPLETE}); refusing to load it")
     f = path / STATE_FILE
+    if not f.is_file() and (path / "integrity.json").is_file():
+        raise ConfigError(f"{f} is missing")
     if not f.is_file():
-        raise ConfigError(f"{path} was written by an older kvpo-megatron (its state is pickled, not {STATE_FILE}); "
-                          "it is not loaded: start with checkpoint.resume=never or another checkpoint.dir")
+        raise UnsupportedCheckpointError(f"{path} was written by an older kvpo-megatron (its state is pickled, not "
+                                         f"{STATE_FILE}); it is not loaded: start with checkpoint.resume=never or "
+                                         "another checkpoint.dir")
     try:
         state = json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -261,19 +268,19 @@ def read_training_state(path: str | Path) -> dict:
     if not isinstance(state, dict) or any(k not in state for k in keys):
         raise ConfigError(f"{f} is damaged (needs the keys {list(keys)})")
     if state["format_version"] != FORMAT_VERSION:
-        raise ConfigError(f"{f}: format_version {state['format_version']} is not supported (this build reads "
-                          f"{FORMAT_VERSION})")
+        raise UnsupportedCheckpointError(f"{f}: format_version {state['format_version']} is not supported (this "
+                                         f"build reads {FORMAT_VERSION})")
     return state
 
 
 def verify_training_checkpoint(path: str | Path) -> dict:
-    """Everything short of loading tensors: complete, state JSON, manifest checksums, torch_dist metadata (no code),
-    shard sizes, every rank's RNG file. Returns the training state; raises ``ConfigError`` (``UnsafeCheckpointError``
+    """Everything short of loading tensors: complete, state JSON, torch_dist metadata (no code), shard sizes,
+    manifest checksums, every rank's RNG file. Returns the training state; raises ``ConfigError`` (``UnsafeCheckpointError``
     when a file holds code)."""
     path = Path(path)
     state = read_training_state(path)
+    safe_dcp.check_dist_dir(path)  # first: a payload anywhere is an error even when the checksums disagree
     safe_dcp.verify_manifest(path, required=True)
-    safe_dcp.check_dist_dir(path)
     absent = [r for r in range(int(state["world_size"])) if not (path / f"rng_{r:05d}.json").is_file()]
     if absent:
         raise ConfigError(f"{path}: RNG files of ranks {absent[:8]} are missing")
@@ -303,7 +310,7 @@ def _choose(cfg: CheckpointConfig) -> dict:
         try:
             verify_training_checkpoint(p)
             return {"path": str(p)}
-        except safe_dcp.UnsafeCheckpointError as e:
+        except (safe_dcp.UnsafeCheckpointError, UnsupportedCheckpointError) as e:
             return {"error": str(e)}
         except ConfigError as e:
             problems.append(f"{p.name}: {e}")

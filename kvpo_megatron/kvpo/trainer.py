@@ -161,13 +161,14 @@ class KVPOTrainer:
     def _fresh_out_dir(self):
         """Nothing to resume: refuse an out_dir (or checkpoint.dir) holding another run, unless train.overwrite."""
         tc, cc = self.cfg.train, self.cfg.checkpoint
-        old = check_out_dir(tc.out_dir, overwrite=tc.overwrite)
+        old = []
         if cc.dir and (ckpt.complete_checkpoints(cc.dir) or (Path(cc.dir) / ckpt.LATEST).exists()):
             if not tc.overwrite:  # resume=never (auto would have resumed)
                 raise ConfigError(f"checkpoint.dir={cc.dir!r} holds another run's checkpoints and checkpoint.resume="
                                   f"{cc.resume!r}; set train.overwrite=true to delete them, or choose another "
                                   "checkpoint.dir")
-            old += [p for p in Path(cc.dir).iterdir() if p.name.startswith(("iter_", ckpt.LATEST))]
+            old = [p for p in Path(cc.dir).iterdir() if p.name.startswith(("iter_", ckpt.LATEST))]
+        old += check_out_dir(tc.out_dir, overwrite=tc.overwrite)
         dist.barrier()  # every rank has checked before rank 0 deletes
         if self.rank == 0:
             remove_run_files(old)
