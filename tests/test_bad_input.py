@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from kvpo_megatron.config import deep_merge, from_dict, parse_overrides
-from kvpo_megatron.errors import ConfigError
 from tests.cli_utils import ROOT, one_error, run_cli
 from tests.helpers import tiny_diffusers, tiny_model
 

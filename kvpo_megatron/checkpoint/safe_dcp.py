@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import pickle
 from pathlib import Path
@@ -30,7 +29,6 @@ import torch
 
 from kvpo_megatron.errors import ConfigError
 
-log = logging.getLogger(__name__)
 METADATA_FILE, MEGATRON_META = ".metadata", "metadata.json"
 
 

@@ -332,7 +332,7 @@ def select_checkpoint(cfg: CheckpointConfig) -> Path | None:
     if global_rank() == 0:
         try:
             decision = _choose(cfg)
-        except ConfigError as e:
+        except (ConfigError, OSError) as e:  # every rank must reach the broadcast
             decision = {"error": str(e)}
     decision = _broadcast_json(decision)
     if "error" in decision:
