@@ -23,6 +23,7 @@ import io
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -119,8 +120,11 @@ def load_weights_only(data: bytes, source: str):
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(f"{source} holds a non-data object ({str(e).splitlines()[0]}); refusing to "
-                                    "load it (the file may run code)") from None
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines()]
+        reason = next((ln for ln in lines if "Unsupported global" in ln or "WeightsUnpickler error" in ln), lines[0])
+        reason = reason.split(". Please")[0].removeprefix("WeightsUnpickler error: ")
+        raise UnsafeCheckpointError(f"{source} holds a non-data object ({reason[:200]}); refusing to load it (the "
+                                    "file may run code)") from None
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"{source} is damaged ({type(e).__name__}: {e})") from None
 

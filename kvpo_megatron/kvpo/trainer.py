@@ -195,8 +195,9 @@ class KVPOTrainer:
         if refused:
             raise ConfigError(f"resuming {path} with settings that cannot change on resume: {'; '.join(refused)}; "
                               "restore them, or start a new run (checkpoint.resume=never, another checkpoint.dir)")
-        for line in allowed:
-            log_single_rank(log, logging.WARNING, "resume: %s (applied)", line)
+        for line in allowed:  # hyper-parameters loudly, paths and loop settings quietly
+            level = logging.INFO if line.startswith(("train.", "checkpoint.")) else logging.WARNING
+            log_single_rank(log, level, "resume: %s (applied)", line)
 
     def _apply_optim_config(self):
         """optim.* of this run over the restored optimizer and schedule (no-op when unchanged)."""
