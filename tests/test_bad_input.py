@@ -134,7 +134,8 @@ def test_truncated_safetensors_one_line_exit_2(pgs, tmp_path, capsys, monkeypatc
         m = tiny_model(pgs)
         apply_lora(m, LoRAConfig(rank=4, alpha=4.0))
         bad = save_adapter(m, LoRAConfig(rank=4, alpha=4.0), tmp_path / "adapter") / "adapter_model.safetensors"
-        args = [CONVERT, "import", "--from", "diffusers", str(src), "--out", str(out), "--lora", str(tmp_path / "adapter")]
+        args = [CONVERT, "import", "--from", "diffusers", str(src), "--out", str(out), "--lora",
+                str(tmp_path / "adapter")]
     else:
         bad = tmp_path / "weights.safetensors"
         save_file({k: v.contiguous() for k, v in tiny_diffusers().state_dict().items()}, str(bad))

@@ -275,8 +275,8 @@ def read_training_state(path: str | Path) -> dict:
 
 def verify_training_checkpoint(path: str | Path) -> dict:
     """Everything short of loading tensors: complete, state JSON, torch_dist metadata (no code), shard sizes,
-    manifest checksums, every rank's RNG file. Returns the training state; raises ``ConfigError`` (``UnsafeCheckpointError``
-    when a file holds code)."""
+    manifest checksums, every rank's RNG file. Returns the training state; raises ``ConfigError``
+    (``UnsafeCheckpointError`` when a file holds code)."""
     path = Path(path)
     state = read_training_state(path)
     safe_dcp.check_dist_dir(path)  # first: a payload anywhere is an error even when the checksums disagree
