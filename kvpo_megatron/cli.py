@@ -33,12 +33,38 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+RANK_ERROR_GRACE_S = 5.0
+"""Under a launcher, a rank other than 0 waits this long before printing an error of its own (see ``exit_code``)."""
+
+
+def _prints_error(rank: int) -> bool:
+    """Whether this rank prints its error, so that under ``torchrun`` an error every rank hits is printed once.
+
+    Rank 0 always does. Before the process group exists (config files, overrides: the same on every rank) another
+    rank prints only if it is the first rank of its node (``LOCAL_RANK`` 0: a file missing on that node), after
+    ``RANK_ERROR_GRACE_S``; afterwards any rank prints after that grace. When rank 0 failed too, the launcher has
+    stopped the other ranks by then.
+    """
+    if rank == 0:
+        return True
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) and int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return False
+    import time
+    time.sleep(RANK_ERROR_GRACE_S)
+    return True
+
+
 def exit_code(fn: Callable[[], None]) -> int:
-    """Run ``fn``: 0, or 2 with one ``error: ...`` line on stderr for bad input (``ConfigError``)."""
+    """Run ``fn``: 0, or 2 with one ``error: ...`` line on stderr for bad input (``ConfigError``); under a launcher
+    once (``_prints_error``), prefixed ``[rank N]`` when another rank than 0 prints it."""
     try:
         fn()
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", "0"))
+        if _prints_error(rank):
+            print(f"error: {f'[rank {rank}] ' if rank else ''}{' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0
 

@@ -69,15 +69,33 @@ class LazyTensor:
         return LazyTensor(t.shape, t.dtype, lambda ix: (t if ix is None else t[ix]).contiguous())
 
 
+def safetensors_error(path, e: Exception) -> ConfigError:
+    """One line for a safetensors file that cannot be read (truncated, garbled, not safetensors)."""
+    return ConfigError(f"cannot read {path} as safetensors (truncated or damaged?): {e}")
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one ``.safetensors`` file; an unreadable file is one ``ConfigError`` naming it."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
+        raise safetensors_error(path, e) from None
+
+
 def _open_safetensors(path: Path) -> dict[str, LazyTensor]:
     from safetensors import safe_open
 
     out = {}
-    with safe_open(str(path), framework="pt") as f:
-        for k in f.keys():
-            sl = f.get_slice(k)
-            out[k] = LazyTensor(sl.get_shape(), _ST_DTYPES.get(sl.get_dtype(), torch.float32),
-                                lambda ix, k=k: _read_safetensors(path, k, ix))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                sl = f.get_slice(k)
+                out[k] = LazyTensor(sl.get_shape(), _ST_DTYPES.get(sl.get_dtype(), torch.float32),
+                                    lambda ix, k=k: _read_safetensors(path, k, ix))
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
+        raise safetensors_error(path, e) from None
     return out
 
 
@@ -109,6 +127,9 @@ def open_weights(path: Path) -> tuple[dict[str, LazyTensor], list[Path]]:
     if not path.exists():
         raise ConfigError(f"checkpoint not found: {path}")
     if path.is_dir():
+        if (path / ".metadata").is_file():  # torch DCP
+            raise ConfigError(f"{path} is a megatron dist checkpoint directory (already imported): load it with "
+                              "model.checkpoint, or convert it with tools/convert_checkpoint.py export")
         index = sorted(path.glob("*.safetensors.index.json"))
         if index:
             return _open_sharded(index[0])
@@ -396,12 +417,17 @@ def read_lora(path: str | Path) -> LoraWeights:
     """LongLive/MemFlow ``lora.pt`` (``generator_lora``) or a raw peft state dict, or a peft adapter dir."""
     path = Path(path)
     if path.is_dir():
+        if (path / ".metadata").is_file():  # torch DCP
+            raise ConfigError(f"{path} is a megatron dist checkpoint directory, not a LoRA file or peft adapter; "
+                              "export its LoRA with tools/convert_checkpoint.py export DIR --lora-only OUT")
+        if not (path / "adapter_model.safetensors").exists() and (path / "adapter_model.bin").exists():
+            raise ConfigError(f"{path}: adapter_model.bin is a pickle, which is not read; save the adapter as "
+                              "adapter_model.safetensors (peft: save_pretrained(safe_serialization=True))")
         path = path / "adapter_model.safetensors"
     if not path.exists():
         raise ConfigError(f"LoRA file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        sd = load_file(str(path))
+        sd = read_safetensors(path)
     else:
         sd = torch_load(path)
     if not isinstance(sd, dict):
