@@ -47,13 +47,13 @@ def _prints_error(rank: int) -> bool:
     """
     if rank == 0:
         return True
+    import time
+
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) and int(os.environ.get("LOCAL_RANK", "0")) != 0:
-        return False
-    import time
+    # wait either way: exiting at once would let the launcher stop rank 0 before it prints the same error
     time.sleep(RANK_ERROR_GRACE_S)
-    return True
+    return (dist.is_available() and dist.is_initialized()) or int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
 def exit_code(fn: Callable[[], None]) -> int:

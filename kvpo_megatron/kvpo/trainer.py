@@ -372,7 +372,13 @@ class KVPOTrainer:
             devs.append(float((rho - 1).abs().max()))
         return max(devs) if devs else 0.0
 
+    def _work(self) -> tuple[float, int]:
+        """(model FLOPs, block forwards of single samples) issued so far by this trainer's engines."""
+        gens = {id(g): g for g in (self.gen, self.replay_gen)}.values()
+        return sum(g.flops for g in gens), sum(g.sample_forwards for g in gens)
+
     def step(self) -> dict:
+        flops0, forwards0 = self._work()
         samples = self.loader.next()
         if self.cfg.train.overlap:
             results, times = self._pipelined_groups(samples)
@@ -410,6 +416,8 @@ class KVPOTrainer:
             self.scheduler.step()
         self.consecutive_skips = 0 if finite.item() > 0 else self.consecutive_skips + 1
         self.last_results = results  # for inspection (tests, debugging)
+        flops1, forwards1 = self._work()
+        times.update(tflop=(flops1 - flops0) / 1e12, block_forwards=float(forwards1 - forwards0))
         metrics = self._metrics(results, times, grad_norm, stepped, finite.item() > 0)
         if self.cfg.train.overlap and self.rank == 0:
             self.last_timeline.append_jsonl(Path(self.cfg.train.out_dir) / "timeline.jsonl", iteration=self.iteration)

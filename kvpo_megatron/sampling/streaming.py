@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvpo_megatron.errors import ConfigError
-from kvpo_megatron.flops import ForwardRecord
+from kvpo_megatron.flops import ForwardRecord, record_flops
 from kvpo_megatron.lora import lora_layers, lora_state
 from kvpo_megatron.model.attention import TextKV
 from kvpo_megatron.model.kv_cache import AttentionView, CacheConfig, KVCache
@@ -101,8 +101,10 @@ class StreamingGenerator:
         """Model forwards issued (one per call, whatever the batch)."""
         self.sample_forwards = 0
         """Forwards times their batch size (block forwards of single samples)."""
+        self.flops = 0.0
+        """Model FLOPs of every forward issued (+ its backward for forwards with gradients; ``flops.py``)."""
         self.forward_log: list | None = None
-        """Set to a list to record a ``flops.ForwardRecord`` of every forward (benchmarks: FLOPs, MFU)."""
+        """Set to a list to record a ``flops.ForwardRecord`` of every forward."""
 
     # ---- caches ------------------------------------------------------------------------------
     def new_cache(self, batch: int = 1, *, fork_batch: int = 0, private_frames: int = 0) -> KVCache:
@@ -134,8 +136,10 @@ class StreamingGenerator:
         self.sample_forwards += b
         if cache.cfg.memory_bank is not None:  # any cache this engine drives scores like its model's layout
             cache.reduction = self._reduction()
+        rec = self._record(x, view, compute_output)
+        self.flops += record_flops(self.model.config, rec)
         if self.forward_log is not None:
-            self.forward_log.append(self._record(x, view, compute_output))
+            self.forward_log.append(rec)
         if isinstance(t, torch.Tensor):
             ts = t.to(device=x.device, dtype=torch.float32)
         else:
@@ -147,11 +151,14 @@ class StreamingGenerator:
         cfg = self.model.config
         pt, ph, pw = cfg.patch_size
         layer = next((m for _, m in lora_layers(self.model)), None)
-        rank = layer.r["default"] if layer is not None and lora_state(self.model) == "active" else 0
+        grad = torch.is_grad_enabled()
+        # forwards with gradients train the (active, unmerged) adapters; reading the state there could race with a
+        # rollout thread switching adapters (train.overlap)
+        rank = layer.r["default"] if layer is not None and (grad or lora_state(self.model) == "active") else 0
         n_read = view.read_slots.shape[-1] - view.sparse_candidates + view.sparse_top_k
         return ForwardRecord(batch=x.shape[0], frames=x.shape[2] // pt, tokens_per_frame=(x.shape[3] // ph) *
-                             (x.shape[4] // pw), cached_frames=n_read, head=compute_output,
-                             grad=torch.is_grad_enabled(), lora_rank=rank)
+                             (x.shape[4] // pw), cached_frames=n_read, head=compute_output, grad=grad,
+                             lora_rank=rank)
 
     # ---- one block ---------------------------------------------------------------------------
     def denoise_block(self, cache: KVCache, noise: torch.Tensor, start: int, text: TextKV, *,
