@@ -14,7 +14,8 @@ def main() -> None:
     from kvpo_megatron.model.memory_bank import generator_preset
 
     args = parse_args(__doc__)
-    base = generator_preset(args.preset, {"model", "cache", "recache_on_switch"}) if args.preset else None
+    sections = {"model", "cache", "sampler", "video", "recache_on_switch"}
+    base = generator_preset(args.preset, sections) if args.preset else None
     run_generation(load_config(GenerateConfig, args.config, args.overrides, base=base))
 
 

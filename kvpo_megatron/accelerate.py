@@ -27,6 +27,7 @@ from torch import nn
 
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.lora import lora_state
+from kvpo_megatron.model.attention import replay_attention_active
 from kvpo_megatron.sampling.streaming import eager_runner
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,11 @@ def accelerate(model: nn.Module, section, *, device: torch.device, cp: int = 1):
     if section.compile:
         import torch._dynamo
 
-        # every block shares its code: allow a compiled variant per (batch, view length, grad, LoRA state)
+        # every block shares its code; shapes (batch, cached frames) vary between forwards, so dynamo's automatic
+        # dynamic shapes keep the variants few (grad / no grad, LoRA state)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for blk in model.blocks:
-            blk.compile(dynamic=False)
+            blk.compile()
     return GraphRunner() if section.cuda_graphs else eager_runner
 
 
@@ -83,8 +85,10 @@ def fp8_enabled(model: nn.Module, on: bool = True):
 
 
 def execution_state(model: nn.Module) -> tuple:
-    """What a captured forward depends on besides shapes: LoRA state and the FP8 switch of each module."""
-    return lora_state(model), tuple(bool(getattr(m, "fp8_active", False)) for m in _fp8_modules(model))
+    """What a captured forward depends on besides shapes: LoRA state, the FP8 switch of each module, and whether
+    cached attention runs the replay's kernel (``model.attention.replay_attention``)."""
+    return (lora_state(model), tuple(bool(getattr(m, "fp8_active", False)) for m in _fp8_modules(model)),
+            replay_attention_active())
 
 
 class _Graph:

@@ -302,7 +302,7 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir: str | Path) -> Path
 
 def load_adapter(model: nn.Module, path: str | Path) -> None:
     """Load a peft-format adapter directory (ours or any peft LoRA with the same module names and r/alpha)."""
-    from safetensors.torch import load_file
+    from kvpo_megatron.checkpoint.formats import read_safetensors
 
     path = Path(path)
     cfg_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
@@ -316,6 +316,6 @@ def load_adapter(model: nn.Module, path: str | Path) -> None:
         if meta.get(field) == bad:
             raise ConfigError(f"{cfg_file}: {field}={bad} is not supported")
     _check_matches_model(model, meta.get("r"), meta.get("lora_alpha"), str(cfg_file))
-    sd = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(weights_file)).items()}
+    sd = {k.removeprefix(PEFT_PREFIX): v for k, v in read_safetensors(weights_file).items()}
     sd = {re.sub(rf"\.(lora_[AB])\.{ADAPTER}\.", r".\1.", k): v for k, v in sd.items()}
     load_lora_full_state_dict(model, sd, source_name=str(weights_file))

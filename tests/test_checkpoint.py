@@ -424,7 +424,9 @@ def _training_worker(rank, world, root, full):
     state = load_training_checkpoint(find_latest_checkpoint(CheckpointConfig(resume=str(Path(root) / "iter_0000003"))),
                                      model=_Wrapper(model2), optimizer=opt2, pg_collection=pgs)  # DDP-style names
     assert state == {"iteration": 3, "scheduler_state": {"lr": 1e-2 * 3}, "data_state": {"cursor": 9},
-                     "extra": {"metrics": metrics[:3]}}, state
+                     "extra": {"metrics": [list(m) for m in metrics[:3]]}}, state  # JSON: tuples read back as lists
+    files = {p.name for p in (Path(root) / "iter_0000003").iterdir()}
+    assert {"training_state.json", "rng_00000.json", "rng_00001.json", "integrity.json", "complete.json"} <= files
     resumed = metrics[:3]
     _train_step(model2, opt2, resumed)
     assert resumed == metrics, (resumed, metrics)  # loss and every RNG stream continue exactly
@@ -445,6 +447,15 @@ def _training_worker(rank, world, root, full):
                 full_avg = full_avg.chunk(2, dim=dim)[tp_rank]
             assert torch.equal(full_avg, local), n
             assert opt1.state[p]["step"].item() == 4
+    # a truncated shard in the newest checkpoint: rank 0 finds it before any rank loads, every rank falls back
+    from kvpo_megatron.checkpoint.training import select_checkpoint
+    torch.distributed.barrier()
+    if rank == 0:
+        shard = sorted((Path(root) / "iter_0000004").glob("*.distcp"))[-1]
+        shard.write_bytes(shard.read_bytes()[:-7])
+    torch.distributed.barrier()
+    assert select_checkpoint(cfg).name == "iter_0000003"
+    assert (Path(root) / "iter_0000004.damaged").is_dir()
 
 
 def test_training_checkpoint_resume_is_exact_and_reshards(tmp_path):

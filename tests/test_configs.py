@@ -51,7 +51,7 @@ def test_cli_bad_override_exits_2_with_one_line():
                        cwd=root, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 2
     err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-    assert err == ["error: number of latent frames (10) is not a multiple of frames_per_block (3)"], p.stderr[-2000:]
+    assert err == ["error: video.num_frames (10) is not a multiple of cache.frames_per_block (3)"], p.stderr[-2000:]
 
 
 def test_fast_path_fields_name_what_cannot_run_here(tmp_path):

@@ -8,6 +8,8 @@ range), so every rank and layout does the same work. Trailing ``key=value`` argu
 (e.g. ``model.overrides.use_cpu_initialization=false``). One JSON line per layout (rank 0).
 
     python tools/bench_iteration.py --preset wan-1.3b --frames 147 --branches 8 --window 5
+    python tools/bench_iteration.py --generator longlive2-5b --frames 64 --branches 8 --window 5 \
+        --latent-h 44 --latent-w 80 --lora-rank 128      # LongLive 2.0 (Wan2.2-5B) at 1280x704
     python tools/bench_iteration.py --preset tiny --frames 18 --latent-h 8 --latent-w 8 --branches 4 --window 2 \
         --lora-rank 8 --device cpu --dtype fp32
 
@@ -62,8 +64,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # noqa: E402
 from bench_common import cast_model, peak_memory_gb, reset_peak, sync  # noqa: E402
 from bench_rollout import DTYPES  # noqa: E402
 
-WORKLOAD_KEYS = ("preset", "frames", "latent", "branches", "window", "pivot", "lora_rank", "dtype",
-                 "prompts_per_rank", "overlap", "overrides")
+WORKLOAD_KEYS = ("preset", "generator", "layers", "frames", "latent", "branches", "window", "pivot", "lora_rank",
+                 "dtype", "prompts_per_rank", "overlap", "overrides")
 """Fields a baseline must share with the run it is the baseline of."""
 PHASES = ("time_rollout", "time_reward", "time_replay", "time_update")
 """``step()``'s top-level phases (``time_replay_tuples``/``_rebuild`` are parts of ``time_replay``)."""
@@ -71,10 +73,14 @@ PHASES = ("time_rollout", "time_reward", "time_replay", "time_update")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="wan-1.3b")
-    p.add_argument("--frames", type=int, default=147, help="latent frames of the video")
-    p.add_argument("--latent-h", type=int, default=60)
-    p.add_argument("--latent-w", type=int, default=104)
+    p.add_argument("--preset", default=None, help="model preset (default: the --generator's, else wan-1.3b)")
+    p.add_argument("--generator", default=None, help="generator preset under the bench's settings (e.g. "
+                   "longlive2-5b: its model, cache layout, sampler and routing slots)")
+    p.add_argument("--layers", type=int, default=None, help="override the model's number of layers")
+    p.add_argument("--frames", type=int, default=None, help="latent frames of the video (default: the "
+                   "--generator's video, else 147)")
+    p.add_argument("--latent-h", type=int, default=None, help="default: the --generator's, else 60")
+    p.add_argument("--latent-w", type=int, default=None, help="default: the --generator's, else 104")
     p.add_argument("--branches", type=int, default=8, help="G")
     p.add_argument("--window", type=int, default=5, help="W: routed blocks")
     p.add_argument("--pivot", type=int, default=None, help="pivot block of every group (default: mid range)")
@@ -138,9 +144,17 @@ def train_config(args, layout: dict, out_dir: str):
     from kvpo_megatron.config import deep_merge, from_dict, parse_overrides
     from kvpo_megatron.kvpo.train_config import KVPOTrainConfig
     from kvpo_megatron.kvpo.workload import default_pivot
+    from kvpo_megatron.model.config import PRESETS
+    from kvpo_megatron.model.memory_bank import generator_preset
 
+    base = generator_preset(args.generator) if args.generator else {}
+    args.preset = args.preset or base.get("model", {}).get("preset", "wan-1.3b")
+    video = base.get("video", {})
+    args.frames = args.frames or video.get("num_frames", 147)
+    args.latent_h = args.latent_h or video.get("latent_height", 60)
+    args.latent_w = args.latent_w or video.get("latent_width", 104)
     tree = {
-        "model": {"preset": args.preset},
+        "model": {"preset": args.preset, "overrides": {} if args.layers is None else {"num_layers": args.layers}},
         "parallel": {"tensor_model_parallel_size": layout["tp"], "context_parallel_size": layout["cp"],
                      "cp_attention": layout["cp_attention"], "branches_over_dp": layout["branches_over_dp"]},
         "video": {"num_frames": args.frames, "latent_height": args.latent_h, "latent_width": args.latent_w},
@@ -150,12 +164,12 @@ def train_config(args, layout: dict, out_dir: str):
         "data": {"prompts_per_rank": args.prompts_per_rank},
         "optim": {"lr": 0.0} if args.compare_overlap else {},
         "objective": {"guard": False},  # every group replays: the work is the same every step
-        "decoder": {"kind": "preview", "latent_channels": 16 if args.preset != "tiny" else 4},
+        "decoder": {"kind": "preview", "latent_channels": PRESETS.get(args.preset, {}).get("in_channels", 16)},
         "reward": {"components": [{"kind": "brightness", "weight": 1.0, "params": {"target": 1.0}}]},
         "train": {"iterations": 1, "out_dir": out_dir, "progress": False,
                   "overlap": args.overlap or args.compare_overlap},
     }
-    tree = deep_merge(tree, parse_overrides(args.overrides))
+    tree = deep_merge(deep_merge(base, tree), parse_overrides(args.overrides))
     if args.pivot is None:
         args.pivot = default_pivot(from_dict(KVPOTrainConfig, tree))
     tree = deep_merge(tree, {"routing": {"pivot_min_block": args.pivot, "pivot_max_block": args.pivot}})
@@ -261,7 +275,8 @@ def bench_layout(args, layout: dict, baseline: dict | None) -> dict:
     ranks = gather({"walls": walls, "peak_mem_gb": peak, **comm})
     steps = [max(r["walls"][i] for r in ranks) for i in range(args.repeats)]  # the slowest rank's wall
     sec = sum(steps) / len(steps)
-    phases = {k: v for k, v in metrics.items() if k.startswith(("time_", "mem_"))}
+    phases = {k: v for k, v in metrics.items()  # per-rank work (tflop, block_forwards) as DP means
+              if k.startswith(("time_", "mem_")) or k in ("tflop", "block_forwards")}
     pipelined = cfg.train.overlap
     top = ("time_pipeline", "time_update") if pipelined else PHASES  # pipelined phases overlap: use its wall
     work = group_workload(cfg, args.pivot)
@@ -270,7 +285,8 @@ def bench_layout(args, layout: dict, baseline: dict | None) -> dict:
         bench="iteration", layout=layout["name"], world_size=world, tp=layout["tp"], cp=layout["cp"],
         dp=layout["dp"], branches_over_dp=layout["branches_over_dp"], dp_prompts=layout["dp_prompts"],
         cp_attention=layout["cp_attention"] if layout["cp"] > 1 else None,
-        preset=args.preset, frames=args.frames, latent=[args.latent_h, args.latent_w], branches=args.branches,
+        preset=args.preset, generator=args.generator, layers=trainer.model.config.num_layers, frames=args.frames,
+        latent=[args.latent_h, args.latent_w], branches=args.branches,
         window=args.window, pivot=args.pivot, lora_rank=args.lora_rank, dtype=args.dtype,
         prompts_per_rank=args.prompts_per_rank, overlap=args.overlap, overrides=list(args.overrides),
         device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
@@ -385,7 +401,8 @@ def compare_overlap(args) -> dict:
             prints[mode] = _fingerprint(trainer)
     diff = {k: float((prints["sequential"][k] - prints["pipelined"][k]).abs().max()) for k in prints["sequential"]}
     seq, pip = min(walls["sequential"]), min(walls["pipelined"])
-    res = dict(bench="iteration_overlap", preset=args.preset, frames=args.frames, branches=args.branches,
+    res = dict(bench="iteration_overlap", preset=args.preset, generator=args.generator,
+               layers=trainer.model.config.num_layers, frames=args.frames, branches=args.branches,
                window=args.window, pivot=args.pivot, lora_rank=args.lora_rank, dtype=args.dtype,
                prompts_per_rank=args.prompts_per_rank, threads=torch.get_num_threads(),
                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -15,6 +15,12 @@ The reference (``--reference``, default on) is ``bench_common.RefCausalWan`` hol
     python tools/bench_rollout.py --config wan-1.3b --latent-h 60 --latent-w 104 --spec te --compile --cuda-graphs \
         --lora-rank 256
     python tools/bench_rollout.py --config tiny --latent-h 8 --latent-w 8 --device cpu --dtype fp32
+
+``--generator NAME`` takes the cache layout (frames per block, sink, local window) and the sampler from a generator
+preset instead (``longlive2-5b``: blocks of 8, sink 8 + local 24 = a 32-frame span, 4 UniPC steps); ``--layers``
+overrides the model's depth (smoke runs of a large preset):
+
+    python tools/bench_rollout.py --config wan2.2-5b --generator longlive2-5b --latent-h 44 --latent-w 80 --frames 64
 """
 from __future__ import annotations
 
@@ -36,12 +42,14 @@ log = logging.getLogger("bench_rollout")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="wan-1.3b", help="model preset (tiny | wan-1.3b | wan-14b | ...)")
+    p.add_argument("--config", default="wan-1.3b", help="model preset (tiny | wan-1.3b | wan-14b | wan2.2-5b ...)")
+    p.add_argument("--generator", default=None, help="take cache layout and sampler from this generator preset "
+                   "(e.g. longlive2-5b); default: blocks of 3, sink 3 + local 9, --steps Euler steps")
     p.add_argument("--latent-h", type=int, default=60, help="latent height (480 px / 8)")
     p.add_argument("--latent-w", type=int, default=104, help="latent width (832 px / 8)")
-    p.add_argument("--frames", type=int, default=21, help="latent frames generated (multiple of 3)")
+    p.add_argument("--frames", type=int, default=21, help="latent frames generated (multiple of the block size)")
     p.add_argument("--batch", type=int, default=1, help="videos generated together")
-    p.add_argument("--steps", type=int, default=4, help="solver steps per block")
+    p.add_argument("--steps", type=int, default=4, help="solver steps per block (without --generator)")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters (merged for the rollout); 0 = none")
     add_model_args(p)
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True)
@@ -54,22 +62,37 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def engine(model, runner, steps: int, memory_bank: bool, sma: bool):
-    """The library's streaming engine with the benchmark's sampler and cache."""
+def layout(args):
+    """(CacheConfig, SamplerConfig): LongLive-1.3B's layout with ``--steps`` Euler steps, or ``--generator``'s."""
+    from kvpo_megatron.config import from_dict
     from kvpo_megatron.model import CacheConfig
-    from kvpo_megatron.model.memory_bank import MemoryBankConfig
-    from kvpo_megatron.sampling import FlowMatchSampler, SamplerConfig, StreamingGenerator
+    from kvpo_megatron.model.memory_bank import MemoryBankConfig, generator_preset
+    from kvpo_megatron.sampling import SamplerConfig
 
-    sampler = FlowMatchSampler(SamplerConfig(timesteps=tuple(1000.0 - 250.0 * i for i in range(steps))))
-    bank = MemoryBankConfig(bank_size=3, record_interval=3, sma=sma) if memory_bank else None
-    return StreamingGenerator(model, sampler, CacheConfig(history_frames=9, memory_bank=bank), runner=runner)
+    euler = SamplerConfig(timesteps=tuple(1000.0 - 250.0 * i for i in range(args.steps)))
+    bank = MemoryBankConfig(bank_size=3, record_interval=3, sma=args.sma) if args.memory_bank else None
+    if args.generator is None:
+        return CacheConfig(history_frames=9, memory_bank=bank), euler
+    tree = generator_preset(args.generator, {"cache", "sampler"})
+    c = tree["cache"]
+    cc = CacheConfig(frames_per_block=c["frames_per_block"], num_sink_frames=c["num_sink_frames"],
+                     local_attn_frames=c["local_attn_frames"], history_frames=c["local_attn_frames"], memory_bank=bank)
+    return cc, from_dict(SamplerConfig, tree["sampler"]) if "sampler" in tree else euler
+
+
+def engine(model, runner, lay):
+    """The library's streaming engine with the benchmark's sampler and cache."""
+    from kvpo_megatron.sampling import FlowMatchSampler, StreamingGenerator
+
+    cc, sc = lay
+    return StreamingGenerator(model, FlowMatchSampler(sc), cc, runner=runner)
 
 
 def rollout(gen, text, noise, times: list[float], profile_block: int | None = None) -> torch.Tensor:
     """One video through ``gen.run``, one block per call; per-block wall times appended to ``times``."""
     from kvpo_megatron.sampling import PromptSwitch
 
-    cache, fpb, dev = gen.new_cache(noise.shape[0]), 3, noise.device
+    cache, fpb, dev = gen.new_cache(noise.shape[0]), gen.cache_cfg.frames_per_block, noise.device
     out, prompts = torch.empty_like(noise), [PromptSwitch(0, text)]
     for b in range(noise.shape[2] // fpb):
         with timed(dev, times), _maybe_profile(profile_block == b):
@@ -77,12 +100,13 @@ def rollout(gen, text, noise, times: list[float], profile_block: int | None = No
     return out
 
 
-def rollout_reference(ref, text_kv, noise, steps: int, times: list[float]):
-    from kvpo_megatron.sampling import FlowMatchSampler, SamplerConfig
+def rollout_reference(ref, text_kv, noise, lay, times: list[float]):
+    from kvpo_megatron.sampling import FlowMatchSampler
 
-    sampler = FlowMatchSampler(SamplerConfig(timesteps=tuple(1000.0 - 250.0 * i for i in range(steps))))
-    cache, fpb, out, dev = RefCache(ref.cfg.num_layers, sink=3, local=9, frames_per_block=3), 3, [], noise.device
-    b = noise.shape[0]
+    cc, sc = lay
+    sampler, fpb = FlowMatchSampler(sc), cc.frames_per_block
+    cache = RefCache(ref.cfg.num_layers, sink=cc.num_sink_frames, local=cc.local_attn_frames, frames_per_block=fpb)
+    out, dev, b = [], noise.device, noise.shape[0]
     for s in range(0, noise.shape[2], fpb):
         with timed(dev, times):
             x = noise[:, :, s:s + fpb]
@@ -129,8 +153,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     device = torch.device(args.device)
-    if args.frames % 3:
-        raise SystemExit(f"--frames must be a multiple of 3, got {args.frames}")
+    lay = layout(args)
+    cc, sc = lay
+    fpb, steps = cc.frames_per_block, len(sc.timesteps)
+    if args.frames % fpb:
+        raise SystemExit(f"--frames must be a multiple of {fpb} (frames per block), got {args.frames}")
     if args.sma and not args.memory_bank:
         raise SystemExit("--sma selects among sink + bank frames; add --memory-bank")
     model, runner = library_model(args, args.config, device, lora_rank=args.lora_rank, seed=args.seed)
@@ -141,8 +168,8 @@ def main(argv=None) -> dict:
     ctx = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g).to(device)
     noise = torch.randn(args.batch, cfg.in_channels, args.frames, args.latent_h, args.latent_w, generator=g)
     noise = noise.to(device=device, dtype=DTYPES[args.dtype])
-    steady = steady_blocks(args.frames)
-    gen = engine(model, runner, args.steps, args.memory_bank, args.sma)
+    steady = steady_blocks(args.frames, fpb, cc.num_sink_frames, cc.local_attn_frames)
+    gen = engine(model, runner, lay)
     with torch.no_grad(), (merged(model) if args.lora_rank else contextlib.nullcontext()):
         ref = reference_from(model, dtype=DTYPES[args.dtype], device=torch.device("cpu")) if args.reference else None
         text = model.encode_text(ctx)
@@ -154,20 +181,21 @@ def main(argv=None) -> dict:
         if args.profile:  # a third rollout, profiling one steady block (not part of the timings)
             rollout(gen, text, noise, [], profile_block=steady[0])
     sec = sum(times[i] for i in steady) / len(steady)
-    cached = 3 + 9 - 3 + (3 if args.memory_bank and not args.sma else 0)
-    fwd = forward_flops(cfg, batch=args.batch, frames=3, tokens_per_frame=T, cached_frames=cached)
-    commit = forward_flops(cfg, batch=args.batch, frames=3, tokens_per_frame=T, cached_frames=cached, head=False)
-    flops = args.steps * fwd["total"] + commit["total"]
+    cached = cc.num_sink_frames + cc.local_attn_frames - fpb + (3 if args.memory_bank and not args.sma else 0)
+    fwd = forward_flops(cfg, batch=args.batch, frames=fpb, tokens_per_frame=T, cached_frames=cached)
+    commit = forward_flops(cfg, batch=args.batch, frames=fpb, tokens_per_frame=T, cached_frames=cached, head=False)
+    flops = steps * fwd["total"] + commit["total"]
     peak_tf = device_peak_tflops(device)
-    res = dict(bench="rollout", config=args.config, spec=args.spec, dtype=args.dtype, compile=args.compile,
+    res = dict(bench="rollout", config=args.config, generator=args.generator, layers=cfg.num_layers,
+               sampler=str(sc.kind), spec=args.spec, dtype=args.dtype, compile=args.compile,
                cuda_graphs=args.cuda_graphs, lora_rank=args.lora_rank, memory_bank=args.memory_bank, sma=args.sma,
                fp8=args.fp8, fp8_recipe=args.fp8_recipe if args.fp8 else None, fp8_linears=args.fp8_linears,
                fp8_dpa=args.fp8_dpa, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               latent=[args.latent_h, args.latent_w], tokens_per_frame=T, frames_per_block=3, span_frames=12,
-               steps=args.steps, batch=args.batch, frames=args.frames, steady_blocks=len(steady),
+               latent=[args.latent_h, args.latent_w], tokens_per_frame=T, frames_per_block=fpb,
+               span_frames=cc.num_sink_frames + cc.local_attn_frames, steps=steps, batch=args.batch, frames=args.frames, steady_blocks=len(steady),
                graph_captures=getattr(runner, "captures", 0), sec_per_block=sec,
-               video_fps=args.batch * 3 * 4 / sec, tflop_per_block=flops / 1e12,
-               attention_flop_share=(args.steps * fwd["attention"] + commit["attention"]) / flops,
+               video_fps=args.batch * fpb * 4 / sec, tflop_per_block=flops / 1e12,
+               attention_flop_share=(steps * fwd["attention"] + commit["attention"]) / flops,
                tflops=flops / sec / 1e12, peak_bf16_tflops=peak_tf,
                mfu=(flops / sec / 1e12 / peak_tf) if peak_tf else None, peak_mem_gb=peak)
     if args.reference:
@@ -177,11 +205,11 @@ def main(argv=None) -> dict:
         ref = ref.to(device)
         with torch.no_grad():
             tkv = ref.text_kv(ctx)
-            rollout_reference(ref, tkv, noise, args.steps, [])
+            rollout_reference(ref, tkv, noise, lay, [])
             rtimes: list[float] = []
-            want = rollout_reference(ref, tkv, noise, args.steps, rtimes)
+            want = rollout_reference(ref, tkv, noise, lay, rtimes)
         rsec = sum(rtimes[i] for i in steady) / len(steady)
-        res.update(ref_sec_per_block=rsec, ref_video_fps=args.batch * 12 / rsec,
+        res.update(ref_sec_per_block=rsec, ref_video_fps=args.batch * fpb * 4 / rsec,
                    ref_tflops=flops / rsec / 1e12, speedup_vs_reference=rsec / sec,
                    rel_err_vs_reference=rel_err(ours, want))
     if args.profile:

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Import users' Wan / diffusers / Self-Forcing / LongLive / MemFlow checkpoints as megatron dist checkpoints,
-and export them back to diffusers or original Wan files (or a peft LoRA adapter).
+"""Import users' Wan / diffusers / Self-Forcing / LongLive (1.3B, 2.0-5B) / MemFlow checkpoints as megatron dist
+checkpoints, and export them back to diffusers or original Wan files (or a peft LoRA adapter).
 
-  python tools/convert_checkpoint.py import --from {wan,diffusers,self-forcing,longlive,memflow} SRC
+  python tools/convert_checkpoint.py import --from {wan,diffusers,self-forcing,longlive,memflow,longlive2} SRC
         [--lora LORA.pt [--lora-alpha A]] [--config config.json] [--use-ema] --out DIR
         [--tp N --cp N] [--dtype auto|bf16|fp32] [--dry-run] [--force]
   python tools/convert_checkpoint.py export DIR --to {diffusers,wan} OUT [--merge-lora] [--dtype keep|bf16|fp32]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from kvpo_megatron.checkpoint import formats
+from kvpo_megatron.checkpoint import formats, safe_dcp
 from kvpo_megatron.checkpoint.dist import (INFO_FILE, LORA_PREFIX, MODEL_PREFIX, load_full_tensors, lora_sharded_state_dict,
                                            model_sharded_state_dict, partition_dim, read_info, save_sharded,
                                            tensor_metadata)
@@ -38,7 +38,7 @@ class ImportSpec:
     """What ``import`` does (the CLI's arguments)."""
 
     fmt: str
-    """Source format: wan | diffusers | self-forcing | longlive | memflow."""
+    """Source format: wan | diffusers | self-forcing | longlive | memflow | longlive2."""
     src: str
     """Source file or directory."""
     out: str
@@ -181,6 +181,7 @@ def import_checkpoint(spec: ImportSpec) -> dict:
     try:
         _run_ranks(spec, src.section, str(tmp), str(dtype).removeprefix("torch."))
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
+        safe_dcp.write_manifest(tmp)
         files = sorted(p.name for p in tmp.iterdir())
         replace_dir(tmp, out)
     finally:
@@ -281,6 +282,21 @@ def _single_process() -> None:
     init_distributed()
 
 
+def open_model_dir(path: Path) -> tuple[dict | None, dict]:
+    """(info, tensor metadata) of a model checkpoint directory to export, checked first: it must be a model
+    directory (not a training checkpoint), readable without running code, with intact files."""
+    if path.is_dir() and not (path / safe_dcp.MEGATRON_META).exists() and any(
+            p.name.startswith("iter_") for p in path.iterdir()):
+        raise ConfigError(f"{path} is a directory of training checkpoints, not a model checkpoint directory; "
+                          "a run's LoRA is in its train.out_dir/final_adapter (a peft adapter)")
+    meta = tensor_metadata(path)
+    if (path / "complete.json").exists() or any(k.startswith("optimizer.") for k in meta):
+        raise ConfigError(f"{path} is a training checkpoint (trainable LoRA + optimizer state, no base weights), not "
+                          "a model checkpoint directory; a run's LoRA is in its train.out_dir/final_adapter")
+    safe_dcp.verify_manifest(path, required=False)
+    return read_info(path), meta
+
+
 def _section_of(path: Path, info: dict | None, shapes: dict) -> dict:
     if info and info.get("model"):
         return info["model"]
@@ -311,7 +327,7 @@ def export_checkpoint(path: str | Path, out: str | Path, *, to: str, merge_lora:
     path, out = Path(path), Path(out)
     check_output(out, force)
     _single_process()
-    info, meta = read_info(path), tensor_metadata(path)
+    info, meta = open_model_dir(path)
     base = load_full_tensors(path, prefix=MODEL_PREFIX, meta=meta)
     section = _section_of(path, info, {k: tuple(v.shape) for k, v in base.items()})
     has_lora = any(k.startswith(LORA_PREFIX) for k in meta)
@@ -375,7 +391,8 @@ def export_lora(path: str | Path, out: str | Path, *, names: str = "ours", force
     path, out = Path(path), Path(out)
     check_output(out, force)
     _single_process()
-    info, meta = read_info(path) or {}, tensor_metadata(path)
+    info, meta = open_model_dir(path)
+    info = info or {}
     if not any(k.startswith(LORA_PREFIX) for k in meta) or not info.get("lora"):
         raise ConfigError(f"--lora-only: {path} holds no LoRA")
     lcfg = info["lora"]

@@ -1,6 +1,8 @@
 """Load model weights from the files users have: safetensors / torch files in our, Wan or diffusers names."""
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import torch
@@ -9,6 +11,21 @@ from kvpo_megatron.checkpoint.mappings import convert_state_dict, rename, strip_
 from kvpo_megatron.checkpoint.sharding import load_full_state_dict
 from kvpo_megatron.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
+
+def warn_if_random_weights(section) -> bool:
+    """A loud warning (rank 0) when a real-size preset has no ``checkpoint``: its weights stay random, so a run
+    trains or generates noise. Returns whether it warned (the ``tiny`` preset is a test model: never)."""
+    if section.checkpoint or section.preset == "tiny":
+        return False
+    if int(os.environ.get("RANK", "0")) == 0:
+        bar = "!" * 100
+        log.warning("%s\nmodel.checkpoint is not set: the %s model keeps RANDOM weights, so this run trains/generates "
+                    "noise.\nSet model.checkpoint to a directory from tools/convert_checkpoint.py import (or a weights "
+                    "file) in your config.\n%s", bar, section.preset, bar)
+    return True
+
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """safetensors or a torch file loaded with ``weights_only=True`` (never unpickles code)."""
@@ -16,8 +33,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not p.exists():
         raise ConfigError(f"checkpoint not found: {p}")
     if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(p))
+        from kvpo_megatron.checkpoint.formats import read_safetensors
+        return read_safetensors(p)
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - report the file and the reason in one message

@@ -1,25 +1,91 @@
-"""Per-iteration metrics: JSONL + TensorBoard on rank 0, and a reward-curve PNG at the end."""
+"""Per-iteration metrics: JSONL + TensorBoard on rank 0, and a reward-curve PNG at the end.
+
+One run, one history: a resumed run cuts ``metrics.jsonl`` (and ``timeline.jsonl``) back to the resumed
+iteration and TensorBoard hides the events after it (``purge_step``); a fresh run refuses an ``out_dir`` that
+already holds a run's files unless told to overwrite them (:func:`check_out_dir`).
+"""
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import shutil
 from pathlib import Path
+
+from kvpo_megatron.errors import ConfigError
+
+log = logging.getLogger(__name__)
+METRICS, TIMELINE, TENSORBOARD = "metrics.jsonl", "timeline.jsonl", "tensorboard"
+RUN_FILES = (METRICS, TIMELINE, TENSORBOARD, "reward_curve.png", "final_adapter")
+"""What a run writes into ``train.out_dir`` (besides checkpoints, if ``checkpoint.dir`` is inside it)."""
+
+
+def check_out_dir(out_dir: str | Path, *, overwrite: bool) -> list[Path]:
+    """A fresh run's ``out_dir``: the run files already there. Raises unless ``overwrite`` (then the caller deletes
+    them with :func:`remove_run_files`)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.out_dir={str(out)!r} is a file, not a directory")
+    found = [out / n for n in RUN_FILES if (out / n).exists()]
+    if found and not overwrite:
+        raise ConfigError(f"train.out_dir={str(out)!r} already holds a run ({', '.join(p.name for p in found)}) and "
+                          "there is no checkpoint to resume from; set train.overwrite=true to replace it, or choose "
+                          "another train.out_dir")
+    return found
+
+
+def remove_run_files(paths: list[Path]) -> None:
+    for p in paths:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+        log.warning("train.overwrite: removed %s", p)
+
+
+def truncate_jsonl(path: Path, keep) -> int:
+    """Keep the rows of a JSONL file for which ``keep(row)`` holds (atomic rewrite); returns rows dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill: drop it
+            continue
+        if isinstance(row, dict) and keep(row):
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in kept))
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
 
 
 class MetricsLogger:
     def __init__(self, out_dir: str | Path, *, enabled: bool, tensorboard: bool = True):
         self.out = Path(out_dir)
         self.enabled = enabled
+        self.tensorboard = tensorboard
         self.history: list[dict] = []
         self._tb = None
-        if enabled:
-            self.out.mkdir(parents=True, exist_ok=True)
-            if tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                    self._tb = SummaryWriter(str(self.out / "tensorboard"))
-                except ImportError:  # tensorboard is an optional extra
-                    self._tb = None
+
+    def open(self, iteration: int = 0) -> None:
+        """Start logging after ``iteration`` completed iterations: rows and events past it are dropped."""
+        if not self.enabled:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        dropped = truncate_jsonl(self.out / METRICS, lambda r: r.get("iteration", 0) <= iteration)
+        dropped += truncate_jsonl(self.out / TIMELINE, lambda r: r.get("iteration", 0) < iteration)
+        if dropped:
+            log.info("resume at iteration %d: dropped %d log rows written after it", iteration, dropped)
+        if self.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(self.out / TENSORBOARD), purge_step=iteration + 1 if iteration else None)
+            except ImportError:  # tensorboard is an optional extra
+                self._tb = None
 
     def log(self, iteration: int, metrics: dict) -> None:
         row = {"iteration": iteration, **{k: (float(v) if isinstance(v, (int, float)) else v)
@@ -27,7 +93,7 @@ class MetricsLogger:
         self.history.append(row)
         if not self.enabled:
             return
-        with open(self.out / "metrics.jsonl", "a") as f:
+        with open(self.out / METRICS, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self._tb is not None:
             for k, v in row.items():

@@ -28,6 +28,7 @@ from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.kvpo.config import CommitPass, Recompute, ReplayConfig
 from kvpo_megatron.kvpo.objective import tve_term
 from kvpo_megatron.kvpo.types import ReplayTuple, RolloutGroup
+from kvpo_megatron.model.attention import replay_attention
 from kvpo_megatron.model.kv_cache import AttentionView, KVCache
 from kvpo_megatron.sampling.streaming import BlockPlan, StreamingGenerator, active_at
 
@@ -43,8 +44,9 @@ def replay_terms(gen: StreamingGenerator, cache: KVCache, view: AttentionView, t
 
 def score_block(gen: StreamingGenerator, cache: KVCache, view: AttentionView, tuples: list[ReplayTuple],
                 text) -> torch.Tensor:
-    """TVE terms [n] without grad (the rollout's TVE_old / TVE_ref scoring)."""
-    with torch.no_grad():
+    """TVE terms [n] without grad (the rollout's TVE_old / TVE_ref scoring), computed with the replay's attention
+    kernel (``model.attention.replay_attention``) so that TVE_old is the function the replay differentiates."""
+    with torch.no_grad(), replay_attention():
         return replay_terms(gen, cache, view, tuples, text)
 
 
@@ -116,7 +118,6 @@ def replay_gradients(gen: StreamingGenerator, group: RolloutGroup, coeffs: torch
                                  default=1))
     per_chunk = len(branches) if batch_size is None else max(1, batch_size // steps_per_block)
     private = replay_private_frames(gen, group, commit_pass)
-    default = gen.cache_cfg.default_read_frames
     fpb = gen.cache_cfg.frames_per_block
     for c0 in range(0, len(branches), per_chunk):
         chunk = list(range(c0, min(len(branches), c0 + per_chunk)))
@@ -131,7 +132,7 @@ def replay_gradients(gen: StreamingGenerator, group: RolloutGroup, coeffs: torch
             n = len(items) if batch_size is None else batch_size
             clock.lap("time_replay_rebuild")
             with training():
-                view = cache.view(default(s, fpb), device=items[0][2].x.device)
+                view = cache.view(cache.default_read_frames(s, fpb), device=items[0][2].x.device)
                 for j in range(0, len(items), n):
                     part = items[j:j + n]
                     with torch.enable_grad():
@@ -144,8 +145,8 @@ def replay_gradients(gen: StreamingGenerator, group: RolloutGroup, coeffs: torch
                         tve[i] += term
             clock.lap("time_replay_tuples")
 
-        def plan(b, chunk=chunk):
-            frames = [branches[i].commit_frames.get(b, default(b * fpb, fpb)) for i in chunk]
+        def plan(b, chunk=chunk, cache=cache):
+            frames = [branches[i].commit_frames.get(b, cache.default_read_frames(b * fpb, fpb)) for i in chunk]
             commit = frames if any(f != frames[0] for f in frames) else frames[0]
             return BlockPlan(given=True, after_denoise=after, commit_frames=commit)
 

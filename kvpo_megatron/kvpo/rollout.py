@@ -34,7 +34,7 @@ Ctx = Callable[[], ContextManager]
 
 def encode_prompts(model, contexts: list[PromptContext]) -> list[PromptSwitch]:
     """Cross-attention K/V of every prompt under the model's current state (adapters on or off)."""
-    return [PromptSwitch(c.start_frame, model.encode_text(c.context)) for c in contexts]
+    return [PromptSwitch(c.start_frame, model.encode_text(c.context), c.shot_boundary) for c in contexts]
 
 
 def private_frames_needed(gen: StreamingGenerator, routing: RoutingConfig, pivot: int, window: list[int],
@@ -117,9 +117,10 @@ class Rollout:
         latents = torch.zeros_like(noise)
         with self.generation():
             gen.run(prefix, latents, noise, prompts, range(pivot), step_noise=step_noise)
-        pool = chr.routable_set(self.cache_cfg, self.routing, pivot * fpb, prefix.resident_frames())
-        if len(pool) < self.routing.num_routed:  # routed views shorter than the anchor's: anchor in its own batch
-            chunks = [[-1]] + [ids[i:i + bs] for i in range(0, len(ids), bs)]
+        shots = prefix.shot_starts
+        pool = chr.routable_set(self.cache_cfg, self.routing, pivot * fpb, prefix.resident_frames(), shots)
+        if len(pool) < chr.num_routed(self.cache_cfg, self.routing, pivot * fpb, shots):  # shorter routed views:
+            chunks = [[-1]] + [ids[i:i + bs] for i in range(0, len(ids), bs)]  # the anchor in a batch of its own
         else:
             chunks = [samples[i:i + bs] for i in range(0, len(samples), bs)]
         out: dict[int, BranchRollout] = {}
@@ -156,11 +157,12 @@ class _ChunkPlan:
         ro, cc, routing = self.ro, self.ro.cache_cfg, self.ro.routing
         fpb, n_steps = cc.frames_per_block, ro.gen.sampler.num_steps
         s = b * fpb
-        default = cc.default_read_frames(s, fpb)
+        default, shots = self.cache.default_read_frames(s, fpb), self.cache.shot_starts
         branches = [g for g in self.chunk if g >= 0]
         routes = chr.sample_routes(cc, routing, s, self.cache.resident_frames(), num_branches=max(branches, default=0) + 1,
-                                   seed=ro.seed, iteration=self.iteration, prompt=self.prompt_index, block=b)
-        views = [default if g < 0 else chr.routed_read_frames(cc, routing, s, routes[g]) for g in self.chunk]
+                                   seed=ro.seed, iteration=self.iteration, prompt=self.prompt_index, block=b,
+                                   shots=shots)
+        views = [default if g < 0 else chr.routed_read_frames(cc, routing, s, routes[g], shots) for g in self.chunk]
         for r, g in zip(self.results, self.chunk):
             if g >= 0:
                 r.routes[b] = routes[g]

@@ -31,17 +31,19 @@ from kvpo_megatron.conditioning.vae import build_decoder
 from kvpo_megatron.config import to_dict
 from kvpo_megatron.data.prompts import PromptDataset, PromptLoader, PromptSample
 from kvpo_megatron.errors import ConfigError
-from kvpo_megatron.kvpo.metrics import MetricsLogger
+from kvpo_megatron.cli import log_single_rank
+from kvpo_megatron.kvpo.metrics import MetricsLogger, check_out_dir, remove_run_files
 from kvpo_megatron.kvpo.objective import (LossTerms, gibbs_log_policy, guard_passes, multi_advantages,
                                           tve_coefficients)
 from kvpo_megatron.kvpo.pipeline import ModelGuard, Timeline, check_overlap_supported, replay_generator, run_overlapped
 from kvpo_megatron.kvpo.replay import plan_replay, replay_gradients
 from kvpo_megatron.kvpo.rollout import Rollout
 from kvpo_megatron.kvpo.types import PromptContext, RolloutGroup
-from kvpo_megatron.kvpo.train_config import KVPOTrainConfig
+from kvpo_megatron.kvpo.train_config import KVPOTrainConfig, resume_changes
 from kvpo_megatron.accelerate import accelerate, fp8_enabled
 from kvpo_megatron.lora import adapters_disabled, apply_lora, lora_parameters, merged, save_adapter, unmerged
 from kvpo_megatron.model.build import build_model
+from kvpo_megatron.model.multishot import is_scene_cut
 from kvpo_megatron.parallel.data_parallel import clip_grad_norm, wrap_data_parallel
 from kvpo_megatron.parallel.state import init_parallel, validate_tokens
 from kvpo_megatron.rewards.composite import build_reward, spans_from_switch_frames
@@ -142,13 +144,18 @@ class KVPOTrainer:
             self.replay_gen = replay_generator(self.gen, guard)
         self.last_timeline: Timeline | None = None
         self.metrics = MetricsLogger(cfg.train.out_dir, enabled=self.rank == 0)
+        self.iteration = 0
+        self.consecutive_skips = 0
+        resume_from = ckpt.select_checkpoint(cfg.checkpoint)  # verified on rank 0 before any rank loads
+        if resume_from is None:
+            self._fresh_out_dir()
+        else:
+            self._resume(resume_from)
+        self.metrics.open(self.iteration)  # one history: rows and events after the resumed iteration are dropped
         self.archive = None
         if cfg.train.rollout_archive and self.rank == 0:
             from kvpo_megatron.data.rollout_archive import RolloutArchive
             self.archive = RolloutArchive(cfg.train.rollout_archive)
-        self.iteration = 0
-        self.consecutive_skips = 0
-        self._resume()
 
     # ---- execution forms of the one model -----------------------------------------------------
     @contextmanager
@@ -174,9 +181,11 @@ class KVPOTrainer:
 
     def _load_weights_and_lora(self):
         """Base weights, then LoRA. A converted checkpoint directory's LoRA becomes the trainable adapter."""
-        from kvpo_megatron.checkpoint.loading import checkpoint_lora_config, load_model_weights
+        from kvpo_megatron.checkpoint.loading import (checkpoint_lora_config, load_model_weights,
+                                                      warn_if_random_weights)
 
         path = self.cfg.model.checkpoint
+        warn_if_random_weights(self.cfg.model)
         lora_in_ckpt = path is not None and Path(path).is_dir() and checkpoint_lora_config(path) is not None
         if lora_in_ckpt:
             ck = checkpoint_lora_config(path)
@@ -190,19 +199,56 @@ class KVPOTrainer:
             load_model_weights(self.model, path, use_ema=self.cfg.model.use_ema)
         apply_lora(self.model, self.cfg.lora)
 
-    # ---- checkpoints -------------------------------------------------------------------------
-    def _resume(self):
-        path = ckpt.find_latest_checkpoint(self.cfg.checkpoint)
-        if path is None:
-            return
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def _fresh_out_dir(self):
+        """Nothing to resume: refuse an out_dir (or checkpoint.dir) holding another run, unless train.overwrite."""
+        tc, cc = self.cfg.train, self.cfg.checkpoint
+        old = []
+        if cc.dir and (ckpt.complete_checkpoints(cc.dir) or (Path(cc.dir) / ckpt.LATEST).exists()):
+            if not tc.overwrite:  # resume=never (auto would have resumed)
+                raise ConfigError(f"checkpoint.dir={cc.dir!r} holds another run's checkpoints and checkpoint.resume="
+                                  f"{cc.resume!r}; set train.overwrite=true to delete them, or choose another "
+                                  "checkpoint.dir")
+            old = [p for p in Path(cc.dir).iterdir() if p.name.startswith(("iter_", ckpt.LATEST))]
+        old += check_out_dir(tc.out_dir, overwrite=tc.overwrite)
+        dist.barrier()  # every rank has checked before rank 0 deletes
+        if self.rank == 0:
+            remove_run_files(old)
+        dist.barrier()
+
+    def _resume(self, path: Path):
+        self._check_resumed_config(path, ckpt.read_training_state(path)["extra"].get("config"))
         state = ckpt.load_training_checkpoint(path, model=self.model, optimizer=self.optimizer,
                                               pg_collection=self.pgs)
         self.iteration = state["iteration"]
         self.scheduler.load_state_dict(state["scheduler_state"])
+        self._apply_optim_config()
         self.loader.load_state_dict(state["data_state"])
         self.consecutive_skips = state["extra"].get("consecutive_skips", 0)
         self.metrics.history = list(state["extra"].get("history", []))
         log.info("resumed from %s at iteration %d", path, self.iteration)
+
+    def _check_resumed_config(self, path: Path, saved: dict | None):
+        """Changes allowed on resume (``train_config.RESUMABLE``) are applied and logged; others are refused."""
+        if saved is None:
+            log_single_rank(log, logging.WARNING, "%s holds no config: changed settings cannot be checked", path)
+            return
+        allowed, refused = resume_changes(saved, to_dict(self.cfg))
+        if refused:
+            raise ConfigError(f"resuming {path} with settings that cannot change on resume: {'; '.join(refused)}; "
+                              "restore them, or start a new run (checkpoint.resume=never, another checkpoint.dir)")
+        for line in allowed:  # hyper-parameters loudly, paths and loop settings quietly
+            level = logging.INFO if line.startswith(("train.", "checkpoint.")) else logging.WARNING
+            log_single_rank(log, level, "resume: %s (applied)", line)
+
+    def _apply_optim_config(self):
+        """optim.* of this run over the restored optimizer and schedule (no-op when unchanged)."""
+        o = self.cfg.optim
+        for i, g in enumerate(self.optimizer.param_groups):
+            g.update(weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps, initial_lr=o.lr,
+                     lr=o.lr * self.scheduler.lr_lambdas[i](self.scheduler.last_epoch))
+        self.scheduler.base_lrs = [o.lr] * len(self.optimizer.param_groups)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def _save(self):
         ckpt.save_training_checkpoint(
@@ -215,7 +261,8 @@ class KVPOTrainer:
     def _contexts(self, sample: PromptSample) -> list[PromptContext]:
         emb, _ = self.text_encoder.encode(sample.prompts)
         starts = [0, *sample.switch_frames]
-        return [PromptContext(start_frame=s, context=emb[i:i + 1].to(self.device)) for i, s in enumerate(starts)]
+        return [PromptContext(start_frame=s, context=emb[i:i + 1].to(self.device),
+                              shot_boundary=i > 0 and is_scene_cut(sample.prompts[i])) for i, s in enumerate(starts)]
 
     def _score(self, group: RolloutGroup, sample: PromptSample):
         videos = torch.cat([group.anchor.latents] + [b.latents for b in group.branches])
@@ -325,7 +372,13 @@ class KVPOTrainer:
             devs.append(float((rho - 1).abs().max()))
         return max(devs) if devs else 0.0
 
+    def _work(self) -> tuple[float, int]:
+        """(model FLOPs, block forwards of single samples) issued so far by this trainer's engines."""
+        gens = {id(g): g for g in (self.gen, self.replay_gen)}.values()
+        return sum(g.flops for g in gens), sum(g.sample_forwards for g in gens)
+
     def step(self) -> dict:
+        flops0, forwards0 = self._work()
         samples = self.loader.next()
         if self.cfg.train.overlap:
             results, times = self._pipelined_groups(samples)
@@ -363,6 +416,8 @@ class KVPOTrainer:
             self.scheduler.step()
         self.consecutive_skips = 0 if finite.item() > 0 else self.consecutive_skips + 1
         self.last_results = results  # for inspection (tests, debugging)
+        flops1, forwards1 = self._work()
+        times.update(tflop=(flops1 - flops0) / 1e12, block_forwards=float(forwards1 - forwards0))
         metrics = self._metrics(results, times, grad_norm, stepped, finite.item() > 0)
         if self.cfg.train.overlap and self.rank == 0:
             self.last_timeline.append_jsonl(Path(self.cfg.train.out_dir) / "timeline.jsonl", iteration=self.iteration)

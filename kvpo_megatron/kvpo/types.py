@@ -19,6 +19,8 @@ class PromptContext:
 
     start_frame: int
     context: torch.Tensor
+    shot_boundary: bool = False
+    """A new shot starts here (LongLive 2.0's scene cut; ``cache.shot_sinks``)."""
 
 
 @dataclass(kw_only=True)

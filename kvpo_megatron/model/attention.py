@@ -8,6 +8,8 @@ implement the same contract.
 """
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +55,33 @@ class TextKV:
                       mask=None if self.mask is None else ex(self.mask))
 
 
+_REPLAY_KERNEL = threading.local()
+
+
+@contextmanager
+def replay_attention():
+    """Inside this region every cached self-attention core attends ``[cache; current]`` with
+    :func:`~kvpo_megatron.model.split_attention.cached_attention` -- the kernel the replay's backward needs --
+    also without autograd, so no-grad scores (KVPO's TVE_old) evaluate exactly the function the replay
+    differentiates. Outside it, that kernel is used only when the current block needs gradients."""
+    before = getattr(_REPLAY_KERNEL, "on", False)
+    _REPLAY_KERNEL.on = True
+    try:
+        yield
+    finally:
+        _REPLAY_KERNEL.on = before
+
+
+def replay_attention_active() -> bool:
+    return getattr(_REPLAY_KERNEL, "on", False)
+
+
+def uses_replay_kernel(*current: torch.Tensor) -> bool:
+    """Whether a cached core attends with ``cached_attention`` (see :func:`replay_attention`)."""
+    return getattr(_REPLAY_KERNEL, "on", False) or (
+        torch.is_grad_enabled() and any(t.requires_grad for t in current))
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """[b, Lq, h, d] x [b, Lk, h, d] -> [b, Lq, h, d]."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask)
@@ -73,7 +102,7 @@ class CachedSDPA(nn.Module):
                 if attn_mask is not None:
                     raise ValueError("attn_mask is only supported without a KV cache (full-sequence mode)")
                 ck, cv = ctx[0].to(k.dtype), ctx[1].to(v.dtype)
-                if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+                if uses_replay_kernel(q, k, v):
                     return cached_attention(q, k, v, ck, cv)  # replay: no dK/dV for the detached cache
                 k, v = torch.cat([ck, k], 1), torch.cat([cv, v], 1)
         return sdpa(q, k, v, attn_mask)

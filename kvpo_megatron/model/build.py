@@ -13,7 +13,7 @@ from kvpo_megatron.parallel.state import check_group_sizes
 @dataclass(kw_only=True)
 class ModelSection:
     preset: str = "tiny"
-    """Named architecture: tiny | wan-1.3b | wan-14b."""
+    """Named architecture: tiny | tiny-wan2.2 | wan-1.3b | wan-14b | wan2.2-5b (model/config.py PRESETS)."""
     overrides: dict = field(default_factory=dict)
     """WanConfig field overrides (e.g. ``params_dtype``); unknown fields raise."""
     checkpoint: str | None = None

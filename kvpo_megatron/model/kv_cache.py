@@ -50,6 +50,8 @@ import torch
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.model.kv_pages import PagePool
 from kvpo_megatron.model.memory_bank import LOCAL, MemoryBankConfig, ScoreReduction, sparse_select
+from kvpo_megatron.model.multishot import MultiShotConfig, rope_frame_offset
+from kvpo_megatron.model.multishot import default_read_frames as multishot_read_frames
 
 
 @dataclass(kw_only=True, slots=True)
@@ -66,6 +68,12 @@ class CacheConfig:
     """Resident non-sink frames (routable history for CHR); older frames are dropped."""
     memory_bank: MemoryBankConfig | None = None
     """MemFlow's per-layer memory bank (None: none, LongLive)."""
+    shot_sinks: bool = False
+    """LongLive 2.0's multi-shot sinks (``model/multishot.py``): the first block of every shot (a prompt switch marked
+    ``shot_boundary``) is pinned after its commit and attended as a second sink once it leaves the recent window;
+    RoPE positions advance by ``shot_rope_offset`` per shot. Needs ``num_sink_frames == frames_per_block``."""
+    shot_rope_offset: int = 8
+    """Temporal RoPE positions added per shot boundary (``multi_shot_rope_offset``)."""
 
     def __post_init__(self):
         if self.frames_per_block < 1:
@@ -78,6 +86,22 @@ class CacheConfig:
                               f"cache.local_attn_frames ({self.local_attn_frames})")
         if self.num_sink_frames < 0:
             raise ConfigError(f"cache.num_sink_frames must be >= 0, got {self.num_sink_frames}")
+        if self.shot_sinks and self.num_sink_frames != self.frames_per_block:
+            raise ConfigError(f"cache.shot_sinks needs num_sink_frames ({self.num_sink_frames}) == frames_per_block "
+                              f"({self.frames_per_block}): the global and every shot sink are one block")
+        if self.shot_sinks and self.memory_bank is not None:
+            raise ConfigError("cache.shot_sinks and cache.memory_bank cannot be combined")
+
+    @property
+    def shot_pins(self) -> int:
+        """Logical slots reserved for the pinned shot sink (one block with ``shot_sinks``, else none)."""
+        return self.frames_per_block if self.shot_sinks else 0
+
+    def multishot(self):
+        """This layout as ``model.multishot.MultiShotConfig`` (``shot_sinks`` only)."""
+        return MultiShotConfig(frames_per_block=self.frames_per_block,
+                               attended_frames=self.num_sink_frames + self.local_attn_frames,
+                               rope_shot_offset=self.shot_rope_offset)
 
     def default_read_frames(self, start: int, num_frames: int | None = None) -> list[int]:
         """Unrouted context of a block starting at frame ``start``: sink + the local frames before it."""
@@ -170,6 +194,7 @@ class CacheSnapshot:
     bank_frames: list[torch.Tensor | None]
     """Per layer, the memory bank's frames [b, n] (None: no entry)."""
     private: tuple | None = None
+    pinned: dict = field(default_factory=dict)
 
 
 class KVCache:
@@ -190,7 +215,7 @@ class KVCache:
         self.sparse_log: list | None = None
         """Set to a list to record ``(layer, attended frames per sample)`` of every sparse read (tests)."""
         self.num_layers = num_layers
-        self.num_slots = cfg.num_sink_frames + cfg.history_frames  # frame table (sink + ring); bank slots follow
+        self.num_slots = cfg.num_sink_frames + cfg.shot_pins + cfg.history_frames  # sink, shot pins, ring; then bank
         self.bank_size = 0 if cfg.memory_bank is None else cfg.memory_bank.bank_size
         self.batch = batch
         per = self.num_slots + self.bank_size
@@ -205,17 +230,57 @@ class KVCache:
         self.frozen = False
         self._private: tuple[torch.Tensor, int] | None = None  # (first private page per sample [b], ring size)
         self._occupant: list[int | None] = []  # frame in each private ring position (forked caches)
+        self.shot_starts: list[int] = []
+        """Shot boundaries of the video (``cfg.shot_sinks``; set by the streaming engine from its prompts)."""
+        self.pinned: dict[int, int] = {}
+        """Shot-sink frame -> its pinned slot (``cfg.shot_sinks``)."""
 
     # ---- frame table -------------------------------------------------------------------------
-    def slot_for(self, frame: int) -> int:
+    def ring_slot(self, frame: int) -> int:
+        """The slot a write of ``frame`` goes to: pinned sink slots, else the history ring."""
         s = self.cfg.num_sink_frames
-        return frame if frame < s else s + (frame - s) % self.cfg.history_frames
+        return frame if frame < s else s + self.cfg.shot_pins + (frame - s) % self.cfg.history_frames
+
+    def slot_for(self, frame: int) -> int:
+        """The slot ``frame`` is read from (a pinned shot-sink frame's pin, else :meth:`ring_slot`)."""
+        return self.pinned.get(frame, self.ring_slot(frame))
 
     def _present(self, frame: int) -> bool:
         """A resident frame's pages still hold it (a private ring position may have been reused)."""
-        if self._private is None or self.page[0, self.slot_for(frame)] < self._private[0][0]:
+        if self._private is None or frame in self.pinned or self.page[0, self.slot_for(frame)] < self._private[0][0]:
             return True
         return self._occupant[frame % self._private[1]] == frame
+
+    # ---- layout rules that depend on the video's shots ------------------------------------------
+    def default_read_frames(self, start: int, num_frames: int | None = None) -> list[int]:
+        """Unrouted context of a block starting at ``start`` (``CacheConfig.default_read_frames``; with shot sinks,
+        ``model.multishot.default_read_frames`` over this video's shots)."""
+        if not self.cfg.shot_sinks:
+            return self.cfg.default_read_frames(start, num_frames)
+        return multishot_read_frames(self.cfg.multishot(), self.shot_starts, start, num_frames)
+
+    def rope_offset(self, start: int) -> int:
+        """RoPE position of frame ``start`` (shifted per shot with shot sinks)."""
+        if not self.cfg.shot_sinks:
+            return start
+        return rope_frame_offset(self.cfg.multishot(), self.shot_starts, start)
+
+    def pin_shot_sink(self, frames: list[int]) -> None:
+        """Pin the (just committed) first block of a shot as the shot sink: its K/V are copied into the pinned
+        slots; the previous shot sink loses its pin and stays only while the ring still holds it."""
+        if self.frozen:
+            raise RuntimeError("this KV cache is frozen (it is the shared prefix of a fork); write into a fork")
+        base = self.cfg.num_sink_frames
+        for f in list(self.pinned):
+            self.frame_of_slot[self.pinned.pop(f)] = None
+        src = self.page[:, self._slots(frames)]
+        slots = list(range(base, base + len(frames)))
+        if self._private is not None:  # a fork pins into private pages (the parent's stay untouched)
+            self.page[:, slots] = self._private[0][:, None] + self._private[1] + self.bank_size + torch.arange(len(frames))
+        self.pool.copy_pages(src, self.page[:, slots])
+        for f, slot in zip(frames, slots):
+            self.pinned[int(f)] = slot
+            self.frame_of_slot[slot] = int(f)
 
     def resident_frames(self) -> list[int]:
         return sorted(f for f in self.frame_of_slot if f is not None and self._present(f))
@@ -270,7 +335,7 @@ class KVCache:
         """Pages [b, F] that the next write of ``frames`` goes to; the frame table then names them."""
         if self.frozen:
             raise RuntimeError("this KV cache is frozen (it is the shared prefix of a fork); write into a fork")
-        slots = [self.slot_for(f) for f in frames]
+        slots = [self.ring_slot(f) for f in frames]
         if self._private is not None:
             base, ring = self._private
             if len(set(f % ring for f in frames)) != len(frames):
@@ -371,7 +436,8 @@ class KVCache:
         k, v = self.pool.clone_buffers()
         private = None if self._private is None else (self._private[0].clone(), self._private[1], list(self._occupant))
         return CacheSnapshot(k=k, v=v, frame_of_slot=list(self.frame_of_slot), page=self.page.clone(),
-                             bank_frames=[None if t is None else t.clone() for t in self.bank_frames], private=private)
+                             bank_frames=[None if t is None else t.clone() for t in self.bank_frames], private=private,
+                             pinned=dict(self.pinned))
 
     def restore(self, snap: CacheSnapshot) -> None:
         """Copy a snapshot of this cache back in place (buffers keep their storage)."""
@@ -382,10 +448,11 @@ class KVCache:
         self.bank_frames = [None if t is None else t.clone() for t in snap.bank_frames]
         self._private = None if snap.private is None else (snap.private[0].clone(), snap.private[1])
         self._occupant = [] if snap.private is None else list(snap.private[2])
+        self.pinned = dict(snap.pinned)
 
     def fork_pages(self, batch: int, private_frames: int) -> int:
         """Pages a :meth:`fork` of ``batch`` samples with ``private_frames`` ring pages needs beyond this cache's."""
-        return batch * (private_frames + self.bank_size)
+        return batch * (private_frames + self.bank_size + self.cfg.shot_pins)
 
     def fork(self, batch: int, private_frames: int, *, parent_sample: int = 0) -> "KVCache":
         """A batch of ``batch`` samples continuing from sample ``parent_sample`` of this cache (module doc).
@@ -398,7 +465,7 @@ class KVCache:
             raise ValueError(f"a fork's private ring ({private_frames} frames) must hold the local window "
                              f"({self.cfg.local_attn_frames} frames)")
         own_end = int(self.page.max()) + 1 if self._private is None else int(self._private[0].max()) + \
-            private_frames + self.bank_size
+            self._private[1] + self.bank_size + self.cfg.shot_pins
         first = own_end
         self.pool.grow(first + self.fork_pages(batch, private_frames))
         self.frozen = True
@@ -407,7 +474,7 @@ class KVCache:
         child.num_layers, child.num_slots, child.bank_size = self.num_layers, self.num_slots, self.bank_size
         child.batch, child.pool, child.frozen = batch, self.pool, False
         child.frame_of_slot = list(self.frame_of_slot)
-        stride = private_frames + self.bank_size
+        stride = private_frames + self.bank_size + self.cfg.shot_pins
         base = first + stride * torch.arange(batch, dtype=torch.long)
         child._private, child._occupant = (base, private_frames), [None] * private_frames
         child.page = self.page[parent_sample:parent_sample + 1].expand(batch, -1).clone()
@@ -419,4 +486,5 @@ class KVCache:
                                      child.page[:, self.num_slots:self.num_slots + n])
         child.bank_frames = [None if t is None else t[parent_sample:parent_sample + 1].expand(batch, -1).clone()
                              for t in self.bank_frames]
+        child.shot_starts, child.pinned = list(self.shot_starts), dict(self.pinned)
         return child

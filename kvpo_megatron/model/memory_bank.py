@@ -257,6 +257,21 @@ GENERATOR_PRESETS: dict[str, dict] = {
         "routing": {"num_local_slots": 9, "num_recent_fixed": 3},
         "recache_on_switch": True,
     },
+    # LongLive 2.0 (NVlabs/LongLive main, configs/inference.yaml; single-shot layout, multi-shot rules in
+    # model/multishot.py): Wan2.2-TI2V-5B at 1280x704 (44 x 80 latents, 880 tokens per frame), blocks of 8 frames,
+    # sink 8 + local 24 (span 32 = local_attn_size), no recache at prompt switches, 4-step UniPC at shift 5
+    # (model timesteps 999, 937, 833, 624), clean commit pass; 128 latent frames (509 video frames at 24 fps).
+    # CHR: the current block is fixed, 16 routed slots (model/multishot.py maps the paper's 3 + 9 slots).
+    "longlive2-5b": {
+        "model": {"preset": "wan2.2-5b"},
+        "cache": {"frames_per_block": 8, "num_sink_frames": 8, "local_attn_frames": 24, "history_frames": 40,
+                  "memory_bank": None, "shot_sinks": True, "shot_rope_offset": 8},
+        "sampler": {"timesteps": [999.0, 749.25, 499.5, 249.75], "shift": 5.0, "kind": "unipc", "context_noise": 0.0},
+        "video": {"num_frames": 128, "latent_height": 44, "latent_width": 80},
+        "decoder": {"latent_channels": 48},
+        "routing": {"num_local_slots": 24, "num_recent_fixed": 8},
+        "recache_on_switch": False,
+    },
 }
 
 

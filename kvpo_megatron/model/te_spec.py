@@ -40,7 +40,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from torch import nn
 
 from kvpo_megatron.errors import ConfigError
-from kvpo_megatron.model.attention import AttentionSubmodules, WanCrossAttention, WanSelfAttention, sdpa
+from kvpo_megatron.model.attention import (AttentionSubmodules, WanCrossAttention, WanSelfAttention, sdpa,
+                                           uses_replay_kernel)
 from kvpo_megatron.model.block import WanBlock, WanBlockSubmodules
 from kvpo_megatron.model.kv_cache import LayerKV
 from kvpo_megatron.model.split_attention import cached_attention
@@ -198,7 +199,7 @@ class TECachedAttention(nn.Module):
             if kv is not None:
                 kv.write(k, v)
             return sdpa(q, k, v, attn_mask)
-        if kv is not None and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if kv is not None and uses_replay_kernel(q, k, v):
             ctx = kv.read(q)  # replay: no gradient flows into the detached cache (model/split_attention.py)
             kv.write(k, v)
             if ctx is not None:

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvpo_megatron.errors import ConfigError
-from kvpo_megatron.flops import ForwardRecord
+from kvpo_megatron.flops import ForwardRecord, record_flops
 from kvpo_megatron.lora import lora_layers, lora_state
 from kvpo_megatron.model.attention import TextKV
 from kvpo_megatron.model.kv_cache import AttentionView, CacheConfig, KVCache
@@ -44,6 +44,13 @@ class PromptSwitch:
 
     start_frame: int
     text: TextKV
+    shot_boundary: bool = False
+    """A new shot starts here (LongLive 2.0's scene cut; used with ``cache.shot_sinks``)."""
+
+
+def shot_starts(prompts: list) -> list[int]:
+    """Frames where a new shot starts (prompt entries with ``shot_boundary``, after frame 0)."""
+    return [p.start_frame for p in prompts if getattr(p, "shot_boundary", False) and p.start_frame > 0]
 
 
 @dataclass(kw_only=True)
@@ -94,8 +101,10 @@ class StreamingGenerator:
         """Model forwards issued (one per call, whatever the batch)."""
         self.sample_forwards = 0
         """Forwards times their batch size (block forwards of single samples)."""
+        self.flops = 0.0
+        """Model FLOPs of every forward issued (+ its backward for forwards with gradients; ``flops.py``)."""
         self.forward_log: list | None = None
-        """Set to a list to record a ``flops.ForwardRecord`` of every forward (benchmarks: FLOPs, MFU)."""
+        """Set to a list to record a ``flops.ForwardRecord`` of every forward."""
 
     # ---- caches ------------------------------------------------------------------------------
     def new_cache(self, batch: int = 1, *, fork_batch: int = 0, private_frames: int = 0) -> KVCache:
@@ -127,24 +136,29 @@ class StreamingGenerator:
         self.sample_forwards += b
         if cache.cfg.memory_bank is not None:  # any cache this engine drives scores like its model's layout
             cache.reduction = self._reduction()
+        rec = self._record(x, view, compute_output)
+        self.flops += record_flops(self.model.config, rec)
         if self.forward_log is not None:
-            self.forward_log.append(self._record(x, view, compute_output))
+            self.forward_log.append(rec)
         if isinstance(t, torch.Tensor):
             ts = t.to(device=x.device, dtype=torch.float32)
         else:
             ts = torch.full((b,), float(t), dtype=torch.float32, device=x.device)
-        return self.runner(self.model, x, ts, text=text, frame_offset=start, cache=cache, view=view,
-                           compute_output=compute_output)
+        return self.runner(self.model, x, ts, text=text, frame_offset=cache.rope_offset(start), cache=cache,
+                           view=view, compute_output=compute_output)
 
     def _record(self, x, view: AttentionView, compute_output: bool) -> ForwardRecord:
         cfg = self.model.config
         pt, ph, pw = cfg.patch_size
         layer = next((m for _, m in lora_layers(self.model)), None)
-        rank = layer.r["default"] if layer is not None and lora_state(self.model) == "active" else 0
+        grad = torch.is_grad_enabled()
+        # forwards with gradients train the (active, unmerged) adapters; reading the state there could race with a
+        # rollout thread switching adapters (train.overlap)
+        rank = layer.r["default"] if layer is not None and (grad or lora_state(self.model) == "active") else 0
         n_read = view.read_slots.shape[-1] - view.sparse_candidates + view.sparse_top_k
         return ForwardRecord(batch=x.shape[0], frames=x.shape[2] // pt, tokens_per_frame=(x.shape[3] // ph) *
-                             (x.shape[4] // pw), cached_frames=n_read, head=compute_output,
-                             grad=torch.is_grad_enabled(), lora_rank=rank)
+                             (x.shape[4] // pw), cached_frames=n_read, head=compute_output, grad=grad,
+                             lora_rank=rank)
 
     # ---- one block ---------------------------------------------------------------------------
     def denoise_block(self, cache: KVCache, noise: torch.Tensor, start: int, text: TextKV, *,
@@ -152,7 +166,7 @@ class StreamingGenerator:
                       generator: torch.Generator | None = None, step_noise: StepNoise | None = None) -> torch.Tensor:
         """Denoise one block ([b, C, F, H, W]) starting at frame ``start``; returns the clean latents."""
         x = noise
-        default = self.cache_cfg.default_read_frames(start, noise.shape[2])
+        default = cache.default_read_frames(start, noise.shape[2])
         view_of: dict = {}
         block = start // self.cache_cfg.frames_per_block
         for i in range(self.sampler.num_steps):
@@ -174,11 +188,13 @@ class StreamingGenerator:
         """Write the block's clean K/V (at the unshifted ``context_noise`` timestep) into the cache; then update the
         memory bank (scored against ``text``) unless ``record_bank`` is False (recomputing an earlier block)."""
         nf = x0.shape[2]
-        frames = self.cache_cfg.default_read_frames(start, nf) if read_frames is None else read_frames
+        frames = cache.default_read_frames(start, nf) if read_frames is None else read_frames
         view = cache.view(frames, write_frames=list(range(start, start + nf)), device=x0.device)
         self.forward(x0, self.sampler.context_timestep(), start, text, cache, view, compute_output=False)
         if record_bank and cache.cfg.memory_bank is not None:
             update_after_commit(cache, start // cache.cfg.frames_per_block, text.expand(cache.batch_size))
+        if record_bank and start in cache.shot_starts:  # a shot's first block becomes its sink once committed
+            cache.pin_shot_sink(list(range(start, start + nf)))
 
     def recache(self, cache: KVCache, latents: torch.Tensor, start: int, text: TextKV) -> None:
         """LongLive-style prompt switch: recompute the K/V of the local frames before ``start`` (not the sink)
@@ -207,6 +223,8 @@ class StreamingGenerator:
         ([b, C, F_total, H, W], in place) and returns it. ``noise``: initial noise of the same shape (unused by
         blocks whose plan is ``given``)."""
         fpb = self.cache_cfg.frames_per_block
+        if self.cache_cfg.shot_sinks:
+            cache.shot_starts = shot_starts(prompts)
         for b in tqdm(list(blocks), disable=not progress, desc="blocks"):
             s = b * fpb
             text = self.enter_block(cache, latents, b, prompts)
