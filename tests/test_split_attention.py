@@ -55,6 +55,16 @@ def test_split_equals_plain_attention_float64(shape, monkeypatch):
     assert all(float(w.abs().max()) > 1e-3 for w in want)  # nothing compared is trivially zero
 
 
+def test_more_current_keys_than_queries_float64(monkeypatch):
+    """CP all-gather: a rank's queries attend every rank's current keys (M > L), gradients to all of them."""
+    monkeypatch.setattr(sa, "KEY_CHUNK", 8)
+    q, _, _, ck, cv, dout = make(2, 7, 13, 3, 16)
+    k, v = (t.requires_grad_() for t in make(2, 19, 0, 3, 16, seed=1)[1:3])
+    got = out_and_grads(lambda *a: sa.cached_attention(*a, fused="torch", kernels="torch"), q, k, v, ck, cv, dout)
+    want = out_and_grads(reference, q, k, v, ck, cv, dout)
+    assert got[2].shape == (2, 19, 3, 16) and max_err(got, want) < 1e-10
+
+
 def test_no_cache_is_plain_attention_and_scale_is_honoured():
     q, k, v, _, _, dout = make(2, 9, 0, 2, 8)
     got = out_and_grads(lambda q, k, v, *_: sa.cached_attention(q, k, v, scale=0.3, fused="torch"), q, k, v, None,
@@ -150,7 +160,8 @@ def test_custom_op_registration_passes_opcheck():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(k=torch.zeros(1, 5, 2, 8)), "q, k, v"),
+    (dict(k=torch.zeros(1, 4, 3, 8)), "q, k, v"),
+    (dict(v=torch.zeros(1, 5, 2, 8)), "q, k, v"),
     (dict(ck=torch.zeros(1, 3, 2, 8), cv=None), "both"),
     (dict(ck=torch.zeros(1, 3, 1, 8), cv=torch.zeros(1, 3, 1, 8)), "ck, cv must be"),
     (dict(fused="fa3"), "fused"),

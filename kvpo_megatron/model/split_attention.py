@@ -67,7 +67,9 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, ck: Tensor | None = None, 
     """Attention of q over [ck; k] / [cv; v] whose backward gives no gradient to ``ck``, ``cv``.
 
     Args:
-        q, k, v: [b, L, h, d] current block (may require grad; k, v get gradients for the current keys).
+        q, k, v: [b, L, h, d] queries and [b, M, h, d] keys/values of the current block (may require grad; k, v
+            get gradients); M = L, or M > L when every rank's queries attend all ranks' current keys (CP
+            all-gather).
         ck, cv: [b, N, h, d] cached keys/values, treated as constants (detached). None or N = 0: plain
             attention over the current block.
         scale: softmax scale; default ``1 / sqrt(d)``.
@@ -79,9 +81,9 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, ck: Tensor | None = None, 
     Returns:
         [b, L, h, d] in q's dtype.
     """
-    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must share one [b, L, h, d] shape; got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
+        raise ValueError(f"q, k, v must be [b, L, h, d], [b, M, h, d], [b, M, h, d] (CP all-gather: M > L); got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     b, _, h, d = q.shape
     if (ck is None) != (cv is None):
         raise ValueError("ck and cv must both be given or both be None")
