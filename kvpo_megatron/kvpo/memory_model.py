@@ -2,7 +2,7 @@
 
 Terms (bytes per GPU; ``t`` = TP, ``c`` = CP, ``d`` hidden, ``f`` FFN width, ``r`` LoRA rank, ``T`` tokens per
 latent frame, ``F`` frames per block, ``L = F T`` block tokens, ``Ls = L / c`` this rank's tokens, ``Lc`` cached
-tokens a block attends, ``Lk = Lc + L``, ``tl`` text tokens, ``h`` heads, ``hd`` head dim):
+tokens a block attends, ``tl`` text tokens, ``h`` heads, ``hd`` head dim):
 
 * weights: every block linear column- (q, k, v, fc1: weight and bias / t) or row-parallel (o, fc2: weight / t,
   bias whole), q/k RMSNorm weights / t, affine LayerNorm (float32) and modulation whole; the embeddings, time
@@ -21,11 +21,13 @@ tokens a block attends, ``Lk = Lc + L``, ``tl`` text tokens, ``h`` heads, ``hd``
 * replay activations per tuple and layer (autograd's saved tensors of one block-step, local spec, LoRA trains,
   base frozen; equal byte for byte to a small model's at TP=1, TP=2, CP=2 Ulysses and CP=2 all-gather:
   tests/test_memory_model.py, tests/test_parallel_kvpo.py), in the compute dtype ``B`` and float32:
-  ``B (2 Lk D_kv + 2 Ls f/t + 3 Ls d + 2 Ls d/t + Ls d/t + q_self + n_tok Ls r + 2 tl d/t + n_txt tl r)
+  ``B (2 Lc D_kv + cur + 2 Ls f/t + 3 Ls d + 2 Ls d/t + Ls d/t + n_tok Ls r + 2 tl d/t + n_txt tl r)
   + 4 (3 Ls d + 3 Ls d/t + 2 Ls hd + lse_self + Ls h/t + 9 Ls + 8 F d + tl d/t + tl)``
-  with ``D_kv = d/(t c)`` (``d/t`` under CP all-gather), ``q_self`` = ``L d/t`` (c = 1), ``4 L d/(t c)`` (Ulysses:
-  the stacked q, k, v after the all-to-all and the attention output), ``Ls d/t`` (all-gather); ``lse_self`` the
-  attention's log-sum-exp likewise; ``n_tok`` LoRA linears on video tokens (8 with every target), ``n_txt`` on
+  where the split attention (``model/split_attention.py``) keeps the cached K/V, ``D_kv = d/(t c)`` (``d/t``
+  under CP all-gather), and the current block's ``cur`` = q, k, v ``3 L d/t`` (c = 1), under Ulysses the
+  all-to-all's stacked q, k, v and the output ``4 L d/(t c)``, under all-gather the local q and all ranks'
+  current K/V ``Ls d/t + 2 L d/t``; ``lse_self`` the attention's log-sum-exp likewise (``L h/t``, ``L h/(t c)``,
+  ``Ls h/t``); ``n_tok`` LoRA linears on video tokens (8 with every target), ``n_txt`` on
   text (cross k, v). Per-layer recompute keeps each layer's input ``B Ls d`` and rebuilds one layer at a time.
 * replay schedule: tuples per batch and recompute as ``kvpo.replay.plan_replay`` picks them on a GPU
   (``replay.batch_size``/``memory_budget_gb``/``recompute``; it sizes with its own coarser estimate).
@@ -36,9 +38,8 @@ tokens a block attends, ``Lk = Lc + L``, ``tl`` text tokens, ``h`` heads, ``hd``
   the prompt's cross-attention K/V for generation (merged LoRA), scoring and the reference.
 
 Assumptions: Wan's patch (1, 2, 2); weights in ``bytes`` (the trainer builds float32 and the benches cast: that
-transient copy at build time is not counted); activations are the local spec's (TransformerEngine's fused
-attention and compiled element-wise code save a similar set, and an attention that gives the detached cache no
-gradient need not keep the concatenated K/V: fewer bytes). Not modelled: the CUDA context, NCCL buffers, allocator
+transient copy at build time is not counted); activations are the local spec's with the split replay attention
+(TransformerEngine's linears and compiled element-wise code save a similar set). Not modelled: the CUDA context, NCCL buffers, allocator
 fragmentation, TE/compile workspaces and CUDA-graph pools (keep ~10 GB of a GPU for them).
 """
 from __future__ import annotations
@@ -153,15 +154,14 @@ def activation_bytes_per_layer(plan: MemoryPlan, m: dict | None = None, *, cache
     L = F * tokens_per_frame(plan)
     Ls = L // c
     Lc = (plan.sink + plan.local - F if cached_frames is None else cached_frames) * tokens_per_frame(plan)
-    Lk = Lc + L
     ag = c > 1 and plan.cp_attention == "allgather"
     d_kv = d // t if ag else d // (t * c)
-    q_self, lse_self = ((Ls * d // t, Ls * h // t) if ag else (4 * L * d // (t * c), L * h // (t * c)) if c > 1
-                        else (L * d // t, L * h // t))
+    cur, lse_self = ((Ls * d // t + 2 * L * d // t, Ls * h // t) if ag else
+                     (4 * L * d // (t * c), L * h // (t * c)) if c > 1 else (3 * L * d // t, L * h // t))
     tg = set(plan.lora_targets)
     n_tok = 2 * len(tg & {"q", "o"}) + len(tg & {"k", "v"}) + len(tg & {"ffn_fc1", "ffn_fc2"})
     n_txt = len(tg & {"k", "v"})
-    low = 2 * Lk * d_kv + 2 * Ls * f // t + 3 * Ls * d + 2 * Ls * d // t + Ls * d // t + q_self + n_tok * Ls * r
+    low = 2 * Lc * d_kv + cur + 2 * Ls * f // t + 3 * Ls * d + 2 * Ls * d // t + Ls * d // t + n_tok * Ls * r
     fp32 = 3 * Ls * d + 3 * Ls * d // t + 2 * Ls * hd + lse_self + Ls * h // t + 9 * Ls + 8 * F * d
     text = plan.bytes * (2 * tl * d // t + n_txt * tl * r) + 4 * (tl * d // t + tl)
     return batch * (plan.bytes * low + 4 * fp32) + text
