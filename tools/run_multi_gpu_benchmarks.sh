@@ -25,8 +25,10 @@
 # 1-GPU iteration is issue 12's benchmark; scale FRAMES up when a call has the time.
 #
 # Knobs (environment): OUT (required), SECTIONS, TOTAL_BUDGET (s, 540), FRAMES (21), G (8), W (5), PIVOT (4),
-# DTYPE (bf16), PRESET (wan-1.3b), W14_PRESET (wan-14b), LATENT ("60 104"), LORA_RANK (256),
-# FAST (fast-path config overrides), LOCAL_FAST (the CP section's), W14_FRAMES (21), W14 (14B overrides: TE,
+# DTYPE (bf16), PRESET (wan-1.3b), W14_PRESET (wan-14b), LATENT ("60 104"), LORA_RANK (256), WARMUP (the
+# scaling runs' warm-up flags, "--warmup 1": one full untimed step per layout),
+# FAST (fast-path config overrides; without TransformerEngine the spec=te part is dropped), LOCAL_FAST (the CP
+# section's), W14_FRAMES (21), W14 (14B overrides: TE,
 # weights initialised on the GPUs -- seconds instead of minutes of CPU init -- and a replay of 4 tuples per batch
 # with per-block recompute: tools/memory_model.py predicts ~86 GB per GPU for it, ~140 GB with the trainer's
 # automatic replay batch of 13).
@@ -52,7 +54,8 @@ TR1="python3 -m torch.distributed.run --standalone --nproc_per_node 1"
 TR2="python3 -m torch.distributed.run --standalone --nproc_per_node 2"
 read -r LH LW <<< "$LATENT"
 SIZE="--latent-h $LH --latent-w $LW --lora-rank $LORA_RANK --branches $G --window $W --pivot $PIVOT --dtype $DTYPE"
-COMMON="--preset $PRESET --frames $FRAMES $SIZE --warmup 1 --repeats 1"
+WARMUP=${WARMUP-"--warmup 1"}
+COMMON="--preset $PRESET --frames $FRAMES $SIZE $WARMUP --repeats 1"
 EQ=$(mktemp -d)
 
 has() { [[ " $SECTIONS " == *" $1 "* ]]; }
@@ -83,6 +86,10 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda
 print("transformer_engine", importlib.util.find_spec("transformer_engine") is not None)
 EOF
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/env.txt" 2>&1
+if ! python3 -c "import transformer_engine.pytorch" > /dev/null 2>&1; then  # no TE here: the local spec instead
+  FAST=${FAST//model.overrides.spec=te/} W14=${W14//model.overrides.spec=te/}
+  echo "TransformerEngine missing: FAST='$FAST' W14='$W14'" | tee -a "$OUT/env.txt"
+fi
 
 if has equiv; then
   step equiv_refs 75 30 "$TR1 tools/kvpo_equivalence.py run --layouts ref,ref_split2,ref_split3 --out $EQ --dtype fp32,bf16" &&
