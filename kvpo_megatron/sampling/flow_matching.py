@@ -3,9 +3,14 @@
 Path: ``x_s = (1 - s) x0 + s eps``; the model predicts the velocity ``v = eps - x0`` at timestep ``1000 s``.
 Timesteps (default 1000, 750, 500, 250) are warped by ``shift``: ``s' = shift s / (1 + (shift - 1) s)``.
 
-* ``ode`` (default): deterministic Euler, ``x_{next} = x + (s_next - s) v`` with a final ``s_next = 0``.
-* ``renoise``: the sampler these checkpoints were distilled with: ``x0 = x - s v``, then
-  ``x_{next} = (1 - s_next) x0 + s_next eps'`` with fresh noise ``eps'`` (the last step returns ``x0``).
+* ``ode`` (the dataclass default): deterministic Euler, ``x_{next} = x + (s_next - s) v`` with a final
+  ``s_next = 0``. This is the KVPO paper's variant (an "ODE-native" rollout); on Self-Forcing / LongLive /
+  MemFlow checkpoints it does *not* reproduce their videos (a tiny converted checkpoint ends ~1 relative apart
+  from ``renoise`` after the first block; see README "Samplers").
+* ``renoise``: the sampler these checkpoints were distilled with and their inference code runs
+  (Self-Forcing ``pipeline/causal_inference.py``; LongLive and MemFlow copy it): ``x0 = x - s v``, then
+  ``x_{next} = (1 - s_next) x0 + s_next eps'`` with fresh noise ``eps'`` (the last step returns ``x0``). The
+  generator presets (``kvpo_megatron/presets.py``) and the example configs select it.
 Same contract as diffusers' schedulers: ``timesteps`` then ``step``.
 """
 from __future__ import annotations
@@ -30,7 +35,8 @@ class SamplerConfig:
     shift: float = 5.0
     """Timestep shift."""
     kind: SamplerKind = SamplerKind.ode
-    """``ode`` (deterministic Euler) or ``renoise`` (x0 prediction + fresh noise)."""
+    """``ode`` (deterministic Euler; the KVPO paper's variant) or ``renoise`` (x0 prediction + fresh noise: what
+    Self-Forcing / LongLive / MemFlow checkpoints need to give their upstream videos; set by the presets)."""
     context_noise: float = 0.0
     """Timestep of the commit pass that writes a finished block's K/V (0 = clean)."""
 
