@@ -1,0 +1,132 @@
+"""Issue 15 (1): with each generator preset, ``StreamingGenerator.generate`` equals the upstream inference loop
+(``tests/upstream_reference.py``, written from Self-Forcing / LongLive / MemFlow's code) block by block to fp32
+round-off, on a tiny random model with the same weights, initial noise, prompts and re-noising noise."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvpo_megatron.config import from_dict, load_config
+from kvpo_megatron.generation import GenerateConfig
+from kvpo_megatron.kvpo.train_config import KVPOTrainConfig
+from kvpo_megatron.presets import GENERATE_SECTIONS, GENERATOR_PRESETS, generator_preset
+from kvpo_megatron.sampling import FlowMatchSampler, PromptSwitch, SamplerConfig, StreamingGenerator
+from tests.helpers import tiny_model
+from tests.test_configs import CONFIGS
+from tests.upstream_reference import Layout, UpstreamSchedule, upstream_generate
+
+TOL = 1e-5  # per block: max |engine - reference| / max |reference|
+LAYOUTS = {  # upstream model_kwargs (presets.py names the files)
+    "self-forcing-1.3b": Layout(local_attn_size=-1, sink_size=0),
+    "longlive-1.3b": Layout(local_attn_size=12, sink_size=3),
+    "memflow-1.3b": Layout(local_attn_size=12, sink_size=3, bank_size=3, record_interval=3),
+}
+FRAMES = {"self-forcing-1.3b": 21, "longlive-1.3b": 30, "memflow-1.3b": 39}  # 7, 10 (rolls), 13 blocks (compresses)
+
+
+def _preset_config(name: str, **sampler) -> GenerateConfig:
+    tree = generator_preset(name, GENERATE_SECTIONS)
+    tree["model"] = {"preset": "tiny"}
+    tree["sampler"].update(sampler)
+    return from_dict(GenerateConfig, tree)
+
+
+def _prompt(model, seed: int, valid: int):
+    """A batch of 2 umT5-like prompts: zero rows past ``valid`` tokens (upstream's padding)."""
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.randn(2, model.config.text_len, model.config.text_dim, generator=g)
+    ctx[:, valid:] = 0
+    return model.encode_text(ctx)
+
+
+def _run(pgs, name: str, *, sampler: dict | None = None, switch: bool = False, cache_override=None):
+    """(engine latents, reference latents, number of blocks)."""
+    cfg = _preset_config(name, **(sampler or {}))
+    model = tiny_model(pgs).eval()
+    nf, fpb = FRAMES[name], cfg.cache.frames_per_block
+    noise = torch.randn(2, model.config.in_channels, nf, 8, 8, generator=torch.Generator().manual_seed(1))
+    prompts = [(0, _prompt(model, 2, 11))] + ([(15, _prompt(model, 3, 7))] if switch else [])
+    gen = StreamingGenerator(model, FlowMatchSampler(cfg.sampler), cache_override or cfg.cache,
+                             recache_on_switch=cfg.recache_on_switch)
+    draws, real = [], torch.randn
+
+    def record(*a, **kw):  # the fresh noise of each re-noising step, in the order the engine draws it
+        out = real(*a, **kw)
+        draws.append(out.clone())
+        return out
+
+    torch.randn = record
+    try:
+        got = gen.generate(noise, [PromptSwitch(s, t) for s, t in prompts])
+    finally:
+        torch.randn = real
+    nblocks, nsteps = nf // fpb, len(cfg.sampler.timesteps)
+    per_block = nsteps - 1 if cfg.sampler.kind == "renoise" else 0
+    assert len(draws) == nblocks * per_block, f"{len(draws)} noise draws for {nblocks} blocks"
+    eps = [draws[b * per_block:(b + 1) * per_block] for b in range(nblocks)]
+    if per_block == 0:  # ode: the reference still re-noises; any fixed noise shows the difference
+        eps = [[torch.randn(2, 4, fpb, 8, 8, generator=torch.Generator().manual_seed(b))] * (nsteps - 1)
+               for b in range(nblocks)]
+    ref = upstream_generate(model, noise, prompts, LAYOUTS[name], UpstreamSchedule(), eps=eps,
+                            context_noise=cfg.sampler.context_noise, recache=cfg.recache_on_switch)
+    return got, ref, nblocks
+
+
+def _block_errors(got, ref, nblocks, fpb=3) -> list[float]:
+    return [float((got[:, :, b * fpb:(b + 1) * fpb] - ref[:, :, b * fpb:(b + 1) * fpb]).abs().max()
+                  / ref[:, :, b * fpb:(b + 1) * fpb].abs().max()) for b in range(nblocks)]
+
+
+@pytest.mark.parametrize("context_noise", [
+    0.0,
+    # needs engine change (lead): upstream commits the clean latents at timestep context_noise as given (no
+    # shift, no noise added); the engine shifts it and noises the input.
+    pytest.param(50.0, marks=pytest.mark.xfail(strict=True, reason="needs engine change (lead): commit pass at "
+                                                "the unshifted context_noise without noise")),
+])
+@pytest.mark.parametrize("name", sorted(GENERATOR_PRESETS))
+def test_preset_equals_upstream_inference_block_by_block(pgs, name, context_noise):
+    got, ref, nblocks = _run(pgs, name, sampler={"context_noise": context_noise})
+    errs = _block_errors(got, ref, nblocks)
+    assert max(errs) <= TOL, [f"{e:.1e}" for e in errs]
+
+
+# needs engine change (lead): LongLive's recache is one forward of the window's non-sink frames (sink + those
+# frames, attending each other) under the new prompt; the engine re-commits the local blocks one by one.
+@pytest.mark.xfail(strict=True, reason="needs engine change (lead): LongLive's one-forward recache at a switch")
+def test_longlive_prompt_switch_equals_upstream_recache(pgs):
+    got, ref, nblocks = _run(pgs, "longlive-1.3b", switch=True)
+    assert max(_block_errors(got, ref, nblocks)) <= TOL
+
+
+def test_reference_tells_layouts_samplers_and_bank_rules_apart(pgs):
+    """The comparison can fail: a window one block short, the ODE sampler, issue 9's bank schedule or masked
+    padding in the bank scores each depart by far more than TOL (measured: >= 8e-2, >= 1.1, >= 1.2e-2, 9.9e-3)."""
+    import dataclasses
+
+    cfg = _preset_config("longlive-1.3b")
+    got, ref, n = _run(pgs, "longlive-1.3b", cache_override=dataclasses.replace(cfg.cache, local_attn_frames=6))
+    assert max(_block_errors(got, ref, n)) > 100 * TOL
+    got, ref, n = _run(pgs, "longlive-1.3b", sampler={"kind": "ode"})
+    assert min(_block_errors(got, ref, n)) > 100 * TOL
+    cfg = _preset_config("memflow-1.3b")
+    for change in ({"schedule": "interval"}, {"mask_padding": True}):
+        bank = dataclasses.replace(cfg.cache.memory_bank, **change)
+        got, ref, n = _run(pgs, "memflow-1.3b", cache_override=dataclasses.replace(cfg.cache, memory_bank=bank))
+        assert max(_block_errors(got, ref, n)) > 100 * TOL, change
+
+
+def test_presets_and_example_configs_select_the_upstream_sampler():
+    want = SamplerConfig(kind="renoise", timesteps=(1000, 750, 500, 250), shift=5.0, context_noise=0.0)
+    for name in GENERATOR_PRESETS:
+        train = from_dict(KVPOTrainConfig, generator_preset(name))
+        assert train.sampler == want and _preset_config(name).sampler == want, name
+        assert train.routing.num_local_slots == train.cache.local_attn_frames
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        cls = KVPOTrainConfig if path.name.startswith("kvpo_") else GenerateConfig
+        assert load_config(cls, path).sampler == want, path.name
+    sf = from_dict(GenerateConfig, generator_preset("self-forcing-1.3b", GENERATE_SECTIONS))
+    assert (sf.cache.num_sink_frames, sf.cache.local_attn_frames, sf.cache.memory_bank) == (0, 21, None)
+    assert sf.model.use_ema and sf.model.preset == "wan-1.3b" and not sf.recache_on_switch
+    from kvpo_megatron.model.memory_bank import generator_preset as old_path
+    assert old_path("memflow-1.3b") == generator_preset("memflow-1.3b")
