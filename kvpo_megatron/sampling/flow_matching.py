@@ -5,8 +5,8 @@ Timesteps (default 1000, 750, 500, 250) are warped by ``shift``: ``s' = shift s 
 
 * ``ode`` (the dataclass default): deterministic Euler, ``x_{next} = x + (s_next - s) v`` with a final
   ``s_next = 0``. This is the KVPO paper's variant (an "ODE-native" rollout); on Self-Forcing / LongLive /
-  MemFlow checkpoints it does *not* reproduce their videos (a tiny converted checkpoint ends ~1 relative apart
-  from ``renoise`` after the first block; see README "Samplers").
+  MemFlow checkpoints it does *not* reproduce their videos (on a tiny converted LongLive-format checkpoint,
+  same noise and prompt, every block ends 1.2-1.4 relative apart from ``renoise``; README "Samplers").
 * ``renoise``: the sampler these checkpoints were distilled with and their inference code runs
   (Self-Forcing ``pipeline/causal_inference.py``; LongLive and MemFlow copy it): ``x0 = x - s v``, then
   ``x_{next} = (1 - s_next) x0 + s_next eps'`` with fresh noise ``eps'`` (the last step returns ``x0``). The
