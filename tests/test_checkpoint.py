@@ -159,6 +159,28 @@ def test_import_export_round_trip_every_format(pgs, tmp_path):
     assert {k: cfg[k] for k in WAN_CONFIG} == WAN_CONFIG
 
 
+def _via_pipeline(adapter_dir: Path):
+    """The tiny reference transformer with an adapter loaded by ``WanPipeline.load_lora_weights``."""
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=tiny_diffusers(0))
+    pipe.load_lora_weights(str(adapter_dir))
+    return pipe.transformer
+
+
+def _via_transformer(adapter_dir: Path):
+    """... loaded by ``WanTransformer3DModel.load_lora_adapter``."""
+    transformer = tiny_diffusers(0)
+    transformer.load_lora_adapter(str(adapter_dir), weight_name="pytorch_lora_weights.safetensors")
+    return transformer
+
+
+def _lora_layers(model) -> int:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return sum(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
 def test_import_with_lora_matches_peft_and_exports(pgs, tmp_path):
     from diffusers import WanTransformer3DModel
 
@@ -186,12 +208,23 @@ def test_import_with_lora_matches_peft_and_exports(pgs, tmp_path):
     # export merged -> diffusers loads it and matches peft
     export_checkpoint(out, tmp_path / "merged", to="diffusers", merge_lora=True)
     assert _max_err(peft_ref, WanTransformer3DModel.from_pretrained(tmp_path / "merged").eval(), ours=False) <= 1e-5
-    # --lora-only: a peft adapter our loader reads back bitwise, and with Wan names the LongLive keys
-    export_lora(out, tmp_path / "adapter")
+    # --lora-only (default ComfyUI/Wan names + alpha, and diffusers' own format): diffusers' Wan LoRA loaders load
+    # every trained linear (2 blocks x 10) and give the merged export's output
+    merged = WanTransformer3DModel.from_pretrained(tmp_path / "merged").eval()
+    export_lora(out, tmp_path / "adapter_comfy")
+    export_lora(out, tmp_path / "adapter_diffusers", fmt="diffusers")
+    for load in (_via_pipeline(tmp_path / "adapter_comfy"), _via_pipeline(tmp_path / "adapter_diffusers"),
+                 _via_transformer(tmp_path / "adapter_diffusers")):
+        assert _lora_layers(load) == len(lora_ours) // 2 == 20
+        assert _max_err(merged, load.eval(), ours=False) <= 1e-5
+    # a peft adapter our loader reads back bitwise, and with Wan names the LongLive keys
+    export_lora(out, tmp_path / "adapter", fmt="peft")
     fresh = _ours(pgs, tmp_path / "imp_memflow", lcfg)
     load_adapter(fresh, tmp_path / "adapter")
     assert all(torch.equal(v, lora_full_state_dict(fresh)[k]) for k, v in lora_ours.items())
-    export_lora(out, tmp_path / "adapter_wan", names="wan")
+    with pytest.raises(ConfigError, match="--lora-names applies to --lora-format peft only"):
+        export_lora(out, tmp_path / "adapter_x", names="wan")
+    export_lora(out, tmp_path / "adapter_wan", fmt="peft", names="wan")
     from safetensors.torch import load_file
     assert load_file(str(tmp_path / "adapter_wan" / "adapter_model.safetensors")).keys() == _peft_lora().keys()
     raw, back = read_lora(tmp_path / "memflow_lora_raw.pt").pairs, read_lora(tmp_path / "adapter_wan").pairs

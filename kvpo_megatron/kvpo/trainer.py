@@ -374,8 +374,8 @@ class KVPOTrainer:
         self.metrics.close()
         if self.cfg.checkpoint.dir:
             self._save()
-        adapter_dir = out / "final_adapter"
-        save_adapter(self.model, self.cfg.lora, adapter_dir)
+        adapter_dir = out / "final_adapter"  # peft (lora.load_adapter); final_lora.safetensors: ComfyUI, diffusers
+        save_adapter(self.model, self.cfg.lora, adapter_dir, comfyui_file=out / "final_lora.safetensors")
         if self.archive is not None:
             self.archive.close()
         log.info("done: metrics %s, plot %s, adapter %s", out / "metrics.jsonl", out / "reward_curve.png", adapter_dir)
