@@ -132,6 +132,21 @@ def test_import_export_round_trip_every_format(pgs, tmp_path):
         assert _max_err(ref, WanTransformer3DModel.from_pretrained(exp).eval(), ours=False) <= 1e-5, case
     # the EMA choice is honoured (longlive.pt's 'generator' holds the other model)
     assert _max_err(ema, _ours(pgs, tmp_path / "imp_longlive"), ours=True) > 1e-3
+    # load_model_weights reads every source with the converter's reader (same EMA choice), sharded safetensors
+    # (directory or index file) included, into a model with LoRA injected too
+    from kvpo_megatron.checkpoint.loading import load_model_weights
+    from kvpo_megatron.lora import LoRAConfig, lora_full_state_dict
+    sharded = tmp_path / "wan_sharded" / "diffusion_pytorch_model.safetensors.index.json"
+    assert len(list((tmp_path / "wan_sharded").glob("*.safetensors"))) > 1
+    for case, (fmt, src, kw) in [*cases.items(), ("index", ("wan", sharded, {}))]:
+        for lora in (None, LoRAConfig(rank=RANK, alpha=ALPHA)):
+            model = _ours(pgs, tmp_path / "imp_wan", lora)
+            before = lora_full_state_dict(model) if lora else {}
+            load_model_weights(model, src, **kw)
+            assert _max_err(ref, model, ours=True) <= 1e-5, (case, lora)
+            assert all(torch.equal(v, lora_full_state_dict(model)[k]) for k, v in before.items())
+    with pytest.raises(ConfigError, match="expected a dict with 'generator_ema'"):
+        load_model_weights(_ours(pgs, tmp_path / "imp_wan"), tmp_path / "memflow_base.pt", use_ema=True)
     # loading the training file directly unwraps it as the converter does: 'generator', or 'generator_ema'
     from kvpo_megatron.checkpoint.loading import load_model_weights
     direct = _ours(pgs, tmp_path / "self_forcing.pt")
