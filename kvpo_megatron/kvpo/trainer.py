@@ -71,6 +71,9 @@ class GroupResult:
 
 class KVPOTrainer:
     def __init__(self, cfg: KVPOTrainConfig):
+        from kvpo_megatron.extras import check_job_extras
+
+        check_job_extras(cfg)  # a feature whose setup.py extra is missing stops here, naming the extra
         self.cfg = cfg
         par = cfg.parallel
         self.pgs = init_parallel(par)
