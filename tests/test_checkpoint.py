@@ -137,7 +137,6 @@ def test_import_export_round_trip_every_format(pgs, tmp_path):
     from kvpo_megatron.checkpoint.loading import load_model_weights
     from kvpo_megatron.lora import LoRAConfig, lora_full_state_dict
     sharded = tmp_path / "wan_sharded" / "diffusion_pytorch_model.safetensors.index.json"
-    assert len(list((tmp_path / "wan_sharded").glob("*.safetensors"))) > 1
     for case, (fmt, src, kw) in [*cases.items(), ("index", ("wan", sharded, {}))]:
         for lora in (None, LoRAConfig(rank=RANK, alpha=ALPHA)):
             model = _ours(pgs, tmp_path / "imp_wan", lora)
@@ -148,7 +147,6 @@ def test_import_export_round_trip_every_format(pgs, tmp_path):
     with pytest.raises(ConfigError, match="expected a dict with 'generator_ema'"):
         load_model_weights(_ours(pgs, tmp_path / "imp_wan"), tmp_path / "memflow_base.pt", use_ema=True)
     # loading the training file directly unwraps it as the converter does: 'generator', or 'generator_ema'
-    from kvpo_megatron.checkpoint.loading import load_model_weights
     direct = _ours(pgs, tmp_path / "self_forcing.pt")
     assert _max_err(ref, direct, ours=True) <= 1e-5
     load_model_weights(direct, tmp_path / "longlive.pt")
@@ -156,7 +154,6 @@ def test_import_export_round_trip_every_format(pgs, tmp_path):
     load_model_weights(direct, tmp_path / "longlive.pt", use_ema=True)
     assert _max_err(ref, direct, ours=True) <= 1e-5
     # ... also into a model that already has LoRA (base weights under .base_layer.; adapters untouched)
-    from kvpo_megatron.lora import LoRAConfig, lora_full_state_dict
     adapted = _ours(pgs, tmp_path / "memflow_base.pt", LoRAConfig(rank=RANK, alpha=ALPHA))
     before = lora_full_state_dict(adapted)
     assert _max_err(ref, adapted, ours=True) <= 1e-5  # LoRA B starts at zero
@@ -172,28 +169,6 @@ def test_import_export_round_trip_every_format(pgs, tmp_path):
     assert all(torch.equal(back.tensors[rename(k, "wan", "ours")].load(), v) for k, v in wan.items())
     cfg = json.loads((tmp_path / "wan_export" / "config.json").read_text())
     assert {k: cfg[k] for k in WAN_CONFIG} == WAN_CONFIG
-
-
-def _via_pipeline(adapter_dir: Path):
-    """The tiny reference transformer with an adapter loaded by ``WanPipeline.load_lora_weights``."""
-    from diffusers import WanPipeline
-
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=tiny_diffusers(0))
-    pipe.load_lora_weights(str(adapter_dir))
-    return pipe.transformer
-
-
-def _via_transformer(adapter_dir: Path):
-    """... loaded by ``WanTransformer3DModel.load_lora_adapter``."""
-    transformer = tiny_diffusers(0)
-    transformer.load_lora_adapter(str(adapter_dir), weight_name="pytorch_lora_weights.safetensors")
-    return transformer
-
-
-def _lora_layers(model) -> int:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return sum(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
 def test_import_with_lora_matches_peft_and_exports(pgs, tmp_path):
@@ -223,22 +198,12 @@ def test_import_with_lora_matches_peft_and_exports(pgs, tmp_path):
     # export merged -> diffusers loads it and matches peft
     export_checkpoint(out, tmp_path / "merged", to="diffusers", merge_lora=True)
     assert _max_err(peft_ref, WanTransformer3DModel.from_pretrained(tmp_path / "merged").eval(), ours=False) <= 1e-5
-    # --lora-only (default ComfyUI/Wan names + alpha, and diffusers' own format): diffusers' Wan LoRA loaders load
-    # every trained linear (2 blocks x 10) and give the merged export's output
-    merged = WanTransformer3DModel.from_pretrained(tmp_path / "merged").eval()
-    export_lora(out, tmp_path / "adapter_comfy")
-    export_lora(out, tmp_path / "adapter_diffusers", fmt="diffusers")
-    for load in (_via_pipeline(tmp_path / "adapter_comfy"), _via_pipeline(tmp_path / "adapter_diffusers"),
-                 _via_transformer(tmp_path / "adapter_diffusers")):
-        assert _lora_layers(load) == len(lora_ours) // 2 == 20
-        assert _max_err(merged, load.eval(), ours=False) <= 1e-5
-    # a peft adapter our loader reads back bitwise, and with Wan names the LongLive keys
+    # --lora-only as a peft adapter our loader reads back bitwise, and with Wan names the LongLive keys
+    # (the default ComfyUI/diffusers formats: tests/test_adapter_export.py)
     export_lora(out, tmp_path / "adapter", fmt="peft")
     fresh = _ours(pgs, tmp_path / "imp_memflow", lcfg)
     load_adapter(fresh, tmp_path / "adapter")
     assert all(torch.equal(v, lora_full_state_dict(fresh)[k]) for k, v in lora_ours.items())
-    with pytest.raises(ConfigError, match="--lora-names applies to --lora-format peft only"):
-        export_lora(out, tmp_path / "adapter_x", names="wan")
     export_lora(out, tmp_path / "adapter_wan", fmt="peft", names="wan")
     from safetensors.torch import load_file
     assert load_file(str(tmp_path / "adapter_wan" / "adapter_model.safetensors")).keys() == _peft_lora().keys()

@@ -160,51 +160,6 @@ def test_bank_bookkeeping_matches_hand_table(switches):
     assert max(len(f) for *_, f in model.seen) + 3 == 15  # sink 3 + bank 3 + local span 9 with the block
 
 
-# MemFlow's released schedule (the default): every commit records its block's first frame 3b into entry b // 3
-# until the bank is full, then compresses; padded text keys count (they flip the decisions of the masked rule:
-# score = -19.4 a in layer 0, +19.4 a in layer 1, so layer 0 keeps the smallest a and layer 1 the largest).
-A_RELEASE = dict(zip(range(0, 45, 3), [5, 10, 2, 7, 12, 4, 9, 1, 6, 11, 3, 8, 0, 13, 14]))
-RELEASE = """
-0  : 0         | 0
-1  : 3         | 3
-2  : 6         | 6
-3  : 6 9       | 6 9
-4  : 6 12      | 6 12
-5  : 6 15      | 6 15
-6  : 6 15 18   | 6 15 18
-7  : 6 15 21   | 6 15 21
-8  : 6 15 24   | 6 15 24
-9  : 6 15 27   | 15 24 27
-10 : 6 15 30   | 24 27 30
-11 : 6 30 33   | 24 27 33
-12 : 6 30 36   | 27 33 36
-13 : 6 36 39   | 27 33 39
-14 : 6 36 42   | 27 39 42
-"""
-
-
-def test_release_schedule_matches_hand_table():
-    model = KeyWriter(A_RELEASE)
-    gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()),
-                             CacheConfig(history_frames=12, memory_bank=MemoryBankConfig()), bank_reduction=LOCAL)
-    after, orig_commit = {}, gen.commit_block
-
-    def commit_and_log(cache_, x0, start, text, **kw):
-        orig_commit(cache_, x0, start, text, **kw)
-        after[start // 3] = tuple(cache_.bank_frames[i][0].tolist() for i in range(2))
-    gen.commit_block = commit_and_log
-    gen.generate(torch.zeros(1, 1, 45, 1, 1), [PromptSwitch(0, _text(1.0, 3))])
-    want = {int(b): tuple([int(f) for f in part.split()] for part in banks.split("|"))
-            for b, banks in (line.split(":") for line in RELEASE.strip().splitlines())}
-    assert after == want
-    done = -1  # every forward attended [sink ; bank after the previous block ; local window]
-    for s, commit, layer, frames in model.seen:
-        bank = list(want[done][layer]) if done >= 0 else []
-        assert frames == [0, 1, 2][:s] + bank + list(range(max(3, s - 6), s)), (s, commit, layer)
-        if commit and layer == 1:
-            done += 1
-
-
 # ---- (2) compression on hand-built tensors ------------------------------------------------------------------
 def _entries() -> torch.Tensor:
     """Three entries of 2 tokens, one head, head dim 4 (sqrt = 2), against text keys e_0, e_1 (+ a pad)."""

@@ -1,6 +1,7 @@
 """Issue 15 (1): with each generator preset, ``StreamingGenerator.generate`` equals the upstream inference loop
 (``tests/upstream_reference.py``, written from Self-Forcing / LongLive / MemFlow's code) block by block to fp32
-round-off, on a tiny random model with the same weights, initial noise, prompts and re-noising noise."""
+round-off, on a tiny random model with the same weights, initial noise, prompts and re-noising noise; MemFlow's
+released bank schedule against a hand-worked table."""
 from __future__ import annotations
 
 import pytest
@@ -9,10 +10,13 @@ import torch
 from kvpo_megatron.config import from_dict, load_config
 from kvpo_megatron.generation import GenerateConfig
 from kvpo_megatron.kvpo.train_config import KVPOTrainConfig
+from kvpo_megatron.model import CacheConfig
+from kvpo_megatron.model.memory_bank import LOCAL, MemoryBankConfig
 from kvpo_megatron.presets import GENERATE_SECTIONS, GENERATOR_PRESETS, generator_preset
 from kvpo_megatron.sampling import FlowMatchSampler, PromptSwitch, SamplerConfig, StreamingGenerator
 from tests.helpers import tiny_model
 from tests.test_configs import CONFIGS
+from tests.test_memory_bank import KeyWriter, _text
 from tests.upstream_reference import Layout, UpstreamSchedule, upstream_generate
 
 TOL = 1e-5  # per block: max |engine - reference| / max |reference|
@@ -130,3 +134,49 @@ def test_presets_and_example_configs_select_the_upstream_sampler():
     assert sf.model.use_ema and sf.model.preset == "wan-1.3b" and not sf.recache_on_switch
     from kvpo_megatron.model.memory_bank import generator_preset as old_path
     assert old_path("memflow-1.3b") == generator_preset("memflow-1.3b")
+
+
+# ---- MemFlow's bank on its released schedule, against a hand-worked table --------------------------------------
+# The release (the default): every commit records its block's first frame 3b into entry b // 3
+# until the bank is full, then compresses; padded text keys count (they flip the decisions of the masked rule:
+# score = -19.4 a in layer 0, +19.4 a in layer 1, so layer 0 keeps the smallest a and layer 1 the largest).
+A_RELEASE = dict(zip(range(0, 45, 3), [5, 10, 2, 7, 12, 4, 9, 1, 6, 11, 3, 8, 0, 13, 14]))
+RELEASE = """
+0  : 0         | 0
+1  : 3         | 3
+2  : 6         | 6
+3  : 6 9       | 6 9
+4  : 6 12      | 6 12
+5  : 6 15      | 6 15
+6  : 6 15 18   | 6 15 18
+7  : 6 15 21   | 6 15 21
+8  : 6 15 24   | 6 15 24
+9  : 6 15 27   | 15 24 27
+10 : 6 15 30   | 24 27 30
+11 : 6 30 33   | 24 27 33
+12 : 6 30 36   | 27 33 36
+13 : 6 36 39   | 27 33 39
+14 : 6 36 42   | 27 39 42
+"""
+
+
+def test_release_schedule_matches_hand_table():
+    model = KeyWriter(A_RELEASE)
+    gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()),
+                             CacheConfig(history_frames=12, memory_bank=MemoryBankConfig()), bank_reduction=LOCAL)
+    after, orig_commit = {}, gen.commit_block
+
+    def commit_and_log(cache_, x0, start, text, **kw):
+        orig_commit(cache_, x0, start, text, **kw)
+        after[start // 3] = tuple(cache_.bank_frames[i][0].tolist() for i in range(2))
+    gen.commit_block = commit_and_log
+    gen.generate(torch.zeros(1, 1, 45, 1, 1), [PromptSwitch(0, _text(1.0, 3))])
+    want = {int(b): tuple([int(f) for f in part.split()] for part in banks.split("|"))
+            for b, banks in (line.split(":") for line in RELEASE.strip().splitlines())}
+    assert after == want
+    done = -1  # every forward attended [sink ; bank after the previous block ; local window]
+    for s, commit, layer, frames in model.seen:
+        bank = list(want[done][layer]) if done >= 0 else []
+        assert frames == [0, 1, 2][:s] + bank + list(range(max(3, s - 6), s)), (s, commit, layer)
+        if commit and layer == 1:
+            done += 1
