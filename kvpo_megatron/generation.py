@@ -13,7 +13,9 @@ from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.model.build import ModelSection, build_model
 from kvpo_megatron.model.kv_cache import CacheConfig
 from kvpo_megatron.parallel.state import ParallelConfig, init_parallel
+from kvpo_megatron.accelerate import accelerate
 from kvpo_megatron.sampling import FlowMatchSampler, PromptSwitch, SamplerConfig, StreamingGenerator
+from kvpo_megatron.sampling.noise import StepNoise
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +77,19 @@ def run_generation(cfg: GenerateConfig, *, progress: bool = True) -> torch.Tenso
         load_model_weights(model, cfg.model.checkpoint, use_ema=cfg.model.use_ema)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model.to(device).eval()
+    runner = accelerate(model, cfg.model, device=device, cp=cfg.parallel.context_parallel_size)
     schedule = _prompt_schedule(cfg)
     encoder = build_text_encoder(dataclasses.replace(cfg.text, text_len=model.config.text_len,
                                                      text_dim=model.config.text_dim))
-    gen = StreamingGenerator(model, FlowMatchSampler(cfg.sampler), cfg.cache, recache_on_switch=cfg.recache_on_switch)
+    gen = StreamingGenerator(model, FlowMatchSampler(cfg.sampler), cfg.cache, recache_on_switch=cfg.recache_on_switch,
+                             runner=runner)
     v = cfg.video
     g = torch.Generator().manual_seed(cfg.seed)
     noise = torch.randn(1, model.config.in_channels, v.num_frames, v.latent_height, v.latent_width, generator=g)
     gen.check_video(noise)
     with torch.no_grad():
         switches = [PromptSwitch(s, model.encode_text(encoder.encode([p])[0].to(device))) for s, p in schedule]
-        latents = gen.generate(noise.to(device), switches, progress=progress)
+        latents = gen.generate(noise.to(device), switches, progress=progress, step_noise=StepNoise(cfg.seed))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(latents.cpu(), out / "latents.pt")

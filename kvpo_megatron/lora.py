@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kvpo_megatron.errors import ConfigError
-from kvpo_megatron.lora_layers import CUSTOM_MODULES, ParallelLoraLinear
+from kvpo_megatron.lora_layers import ParallelLoraLinear, lora_base_types
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def peft_lora_config(cfg: LoRAConfig):
     pcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                       target_modules=target_pattern(cfg.target_modules), bias="none", init_lora_weights=True)
     pcfg._register_custom_module({base: functools.partial(cls, init_seed=cfg.init_seed)
-                                  for base, cls in CUSTOM_MODULES.items()})
+                                  for base, cls in lora_base_types().items()})
     return pcfg
 
 
@@ -120,7 +120,6 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     Returns the same model object (mutated in place). Errors name the target that matched nothing or a
     matched module of a type without a LoRA layer here.
     """
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from peft import inject_adapter_in_model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -131,9 +130,11 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     for leaf in cfg.target_modules:
         if not any(n.rsplit(".", 1)[-1] == leaf for n, _ in matched):
             raise ConfigError(f"lora.target_modules: {leaf!r} matches no module inside the model's blocks")
-    wrong = [f"{n} ({type(m).__name__})" for n, m in matched if not isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    supported = tuple(lora_base_types())
+    wrong = [f"{n} ({type(m).__name__})" for n, m in matched if not isinstance(m, supported)]
     if wrong:
-        raise ConfigError(f"lora.target_modules: LoRA supports megatron Column/RowParallelLinear only, got {wrong[:5]}")
+        raise ConfigError(f"lora.target_modules: LoRA supports megatron Column/RowParallelLinear and the TE spec's "
+                          f"linears only, got {wrong[:5]}")
     for p in model.parameters():
         p.requires_grad_(False)
     inject_adapter_in_model(peft_lora_config(cfg), model, adapter_name=ADAPTER)
@@ -186,6 +187,46 @@ def merge_lora(model: nn.Module, *, exact: bool = True) -> None:
     with torch.no_grad():
         for _, layer in _require_lora(model):
             layer.merge(exact=exact)
+
+
+@contextmanager
+def merged(model: nn.Module):
+    """No-grad generation at base-model speed: adapters folded into the weights (exactly restorable), unmerged
+    again on exit. A no-op for a model without adapters."""
+    if not list(lora_layers(model)):
+        yield model
+        return
+    merge_lora(model, exact=True)
+    try:
+        yield model
+    finally:
+        unmerge_lora(model)
+
+
+@contextmanager
+def unmerged(model: nn.Module):
+    """The trainable (unmerged) form inside a :func:`merged` region (bitwise restore), merged again on exit."""
+    layers = [layer for _, layer in lora_layers(model) if layer.merged]
+    with torch.no_grad():
+        for layer in layers:
+            layer.unmerge()
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for layer in layers:
+                layer.merge(exact=True)
+
+
+def lora_state(model: nn.Module) -> str:
+    """``none`` | ``merged`` | ``disabled`` | ``active``: what an adapted forward computes now (adapters are
+    switched together by this module's functions, so the first layer tells)."""
+    layer = next((m for m in model.modules() if isinstance(m, ParallelLoraLinear)), None)
+    if layer is None:
+        return "none"
+    if layer.disable_adapters:
+        return "disabled"
+    return "merged" if layer.merged else "active"
 
 
 def unmerge_lora(model: nn.Module) -> None:

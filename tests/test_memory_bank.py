@@ -17,7 +17,8 @@ from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.kvpo.config import RolloutConfig, RoutingConfig
 from kvpo_megatron.kvpo.objective import tve_term
 from kvpo_megatron.kvpo.replay import replay_gradients
-from kvpo_megatron.kvpo.rollout import BlockDriver, PromptContext, Rollout, replay_velocity, text_at
+from kvpo_megatron.kvpo.rollout import Rollout
+from kvpo_megatron.kvpo.types import PromptContext
 from kvpo_megatron.model import CacheConfig, KVCache, TextKV
 from kvpo_megatron.model import memory_bank
 from kvpo_megatron.model.kv_cache import LayerKV
@@ -410,25 +411,26 @@ SHAPE = (1, 4, 24, 8, 8)
 
 
 def _replayed_tves(gen, grp, fork) -> list[float]:
-    """No-grad replay of every branch from ``fork``: the unrouted context rebuilt by the branch's commits."""
+    """No-grad replay of every branch from ``fork`` (a frozen prefix cache): the unrouted context rebuilt by the
+    branch's commits, one branch at a time."""
     out = []
+    fpb = gen.cache_cfg.frames_per_block
     with torch.no_grad():
         for br in grp.branches:
-            cache = gen.new_cache()
-            cache.restore(fork)
-            driver, tve = BlockDriver(gen, grp.prompts), 0.0
+            cache, tve = fork.fork(1, grp.private_frames), 0.0
             for b in grp.window:
-                driver.enter(cache, br.latents, b)
+                s = b * fpb
+                text = gen.enter_block(cache, br.latents, b, grp.prompts)
                 for tup in (t for t in br.tuples if t.block == b):
-                    tve += float(tve_term(tup.v_target, replay_velocity(gen, cache, tup,
-                                                                        text_at(grp.prompts, tup.start))).sum())
-                driver.commit(cache, br.latents, b, br.commit_frames[b])
+                    view = cache.view(gen.cache_cfg.default_read_frames(s, fpb))
+                    tve += float(tve_term(tup.v_target, gen.forward(tup.x, tup.timestep, s, text, cache, view)).sum())
+                gen.commit_block(cache, br.latents[:, :, s:s + fpb], s, text, read_frames=br.commit_frames[b])
             out.append(tve)
     return out
 
 
 @pytest.mark.parametrize("sma", [False, True])
-def test_kvpo_rollout_and_replay_with_bank(pgs, sma):
+def test_kvpo_rollout_and_replay_with_bank(pgs, sma, monkeypatch):
     model = tiny_model(pgs).eval()
     cc = CacheConfig(memory_bank=MemoryBankConfig(**ISSUE9, bank_size=2, record_interval=1, sma=sma, sma_top_k=2))
     gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cc, recache_on_switch=True)
@@ -437,22 +439,18 @@ def test_kvpo_rollout_and_replay_with_bank(pgs, sma):
     ctx = [PromptContext(start_frame=0, context=torch.randn(1, 16, 32, generator=g)),
            PromptContext(start_frame=18, context=torch.randn(1, 16, 32, generator=g))]  # switch inside the window
     views = []
-    orig_new = gen.new_cache
+    orig_view = KVCache.view
 
-    def new_cache():
-        cache = orig_new()
-        orig_view = cache.view
-
-        def view(read_frames, write_frames=(), device=None, **kw):
-            v = orig_view(read_frames, write_frames, device, **kw)
-            views.append((tuple(read_frames), v.bank_entries, cache.attended_frames(0, v)[0],
-                          cache.bank_frames[0][0].tolist() if cache.bank_len else []))
-            return v
-        cache.view = view
-        return cache
-    gen.new_cache = new_cache
+    def view(cache, read_frames, write_frames=(), device=None, **kw):
+        v = orig_view(cache, read_frames, write_frames, device, **kw)
+        per_sample = len(read_frames) > 0 and isinstance(read_frames[0], (list, tuple))
+        for i, fr in enumerate(read_frames if per_sample else [read_frames] * cache.batch_size):
+            views.append((tuple(fr), v.bank_entries, cache.attended_frames(0, v)[i],
+                          cache.bank_frames[0][i].tolist() if cache.bank_len else []))
+        return v
+    monkeypatch.setattr(KVCache, "view", view)
     grp = ro.run(ctx, SHAPE, iteration=0, prompt_index=0, pivot=5)
-    gen.new_cache = orig_new
+    monkeypatch.undo()
     # the fork state carries the bank: blocks 1..4 recorded frames 3, 6, 9, 12; 2 kept, the newest last
     for i in range(2):
         assert grp.fork_state.bank_frames[i].shape == (1, 2) and int(grp.fork_state.bank_frames[i][0, -1]) == 12
@@ -472,11 +470,11 @@ def test_kvpo_rollout_and_replay_with_bank(pgs, sma):
     assert torch.allclose(torch.tensor(got, dtype=torch.float64), torch.tensor(old, dtype=torch.float64), rtol=1e-5)
     assert sum(float(p.grad.abs().sum()) for p in model.parameters() if p.grad is not None) > 0
     # ... and the bank matters: a fork state with zeroed bank K/V replays to different TVEs
-    bad = dataclasses.replace(grp.fork_state, k=[t.clone() for t in grp.fork_state.k],
-                              v=[t.clone() for t in grp.fork_state.v])
-    base = gen.new_cache().num_slots
+    bad = gen.new_cache()
+    bad.restore(grp.fork_state.snapshot())
+    bank_pages = bad.page[:, bad.num_slots:].flatten()
     for t in bad.k + bad.v:
-        t[:, base:] = 0
+        t[bank_pages] = 0
     wrong = torch.tensor(_replayed_tves(gen, grp, bad), dtype=torch.float64)
     log.info("TVE_old %s, replayed %s, replayed with zeroed bank %s", old, got, wrong.tolist())
     assert ((wrong - torch.tensor(old, dtype=torch.float64)).abs() / torch.tensor(old) > 1e-3).all()
@@ -501,7 +499,7 @@ def _bank_scenario(model, mode: str | None) -> dict:
                                                       sma_top_k=2)
     cc = CacheConfig(history_frames=12, memory_bank=bank)
     gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cc, recache_on_switch=True)
-    cache = gen.new_cache()
+    cache = gen.new_cache(2)
     cache.sparse_log = []
     scores, orig = [], memory_bank.bank_scores
 

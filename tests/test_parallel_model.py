@@ -44,7 +44,7 @@ def _scenario(model, grads_fn) -> dict:
     cache_cfg = CacheConfig(history_frames=12)
     gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cache_cfg, recache_on_switch=True)
     # (a) cache filled by commit passes, then one denoise forward + backward
-    cache = gen.new_cache()
+    cache = gen.new_cache(x["noise"].shape[0])
     with torch.no_grad():
         text = model.encode_text(x["ctx1"])
         for s in range(0, 9, 3):
@@ -56,7 +56,7 @@ def _scenario(model, grads_fn) -> dict:
     (out * x["weight"]).mean().backward()
     res = dict(out=out.detach(), grads=grads_fn(model), step_nbytes=cache.nbytes())
     # (b) whole video: window roll (history 12), prompt switch at frame 15 with recache
-    cache = gen.new_cache()
+    cache = gen.new_cache(x["noise"].shape[0])
     with torch.no_grad():
         prompts = [PromptSwitch(0, model.encode_text(x["ctx1"])), PromptSwitch(15, model.encode_text(x["ctx2"]))]
         res["latents"] = gen.generate(x["noise"], prompts, cache=cache)
@@ -166,7 +166,7 @@ def _ddp_checks(rank, world, sd, ref_grads, outdir):
     x = _inputs()
     cache_cfg = CacheConfig(history_frames=12)
     gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cache_cfg)
-    cache = gen.new_cache()
+    cache = gen.new_cache(x["noise"].shape[0])
     with torch.no_grad():
         text = model.encode_text(x["ctx1"])
         for s in range(0, 9, 3):

@@ -14,6 +14,7 @@ from kvpo_megatron.model import CacheConfig
 from kvpo_megatron.model.memory_bank import LOCAL, MemoryBankConfig
 from kvpo_megatron.presets import GENERATE_SECTIONS, GENERATOR_PRESETS, generator_preset
 from kvpo_megatron.sampling import FlowMatchSampler, PromptSwitch, SamplerConfig, StreamingGenerator
+from kvpo_megatron.sampling.noise import StepNoise
 from tests.helpers import tiny_model
 from tests.test_configs import CONFIGS
 from tests.test_memory_bank import KeyWriter, _text
@@ -52,25 +53,10 @@ def _run(pgs, name: str, *, sampler: dict | None = None, switch: bool = False, c
     prompts = [(0, _prompt(model, 2, 11))] + ([(15, _prompt(model, 3, 7))] if switch else [])
     gen = StreamingGenerator(model, FlowMatchSampler(cfg.sampler), cache_override or cfg.cache,
                              recache_on_switch=cfg.recache_on_switch)
-    draws, real = [], torch.randn
-
-    def record(*a, **kw):  # the fresh noise of each re-noising step, in the order the engine draws it
-        out = real(*a, **kw)
-        draws.append(out.clone())
-        return out
-
-    torch.randn = record
-    try:
-        got = gen.generate(noise, [PromptSwitch(s, t) for s, t in prompts])
-    finally:
-        torch.randn = real
+    step_noise = StepNoise(7)  # the fresh noise of each re-noising (block, step): an input, like the initial noise
+    got = gen.generate(noise, [PromptSwitch(s, t) for s, t in prompts], step_noise=step_noise)
     nblocks, nsteps = nf // fpb, len(cfg.sampler.timesteps)
-    per_block = nsteps - 1 if cfg.sampler.kind == "renoise" else 0
-    assert len(draws) == nblocks * per_block, f"{len(draws)} noise draws for {nblocks} blocks"
-    eps = [draws[b * per_block:(b + 1) * per_block] for b in range(nblocks)]
-    if per_block == 0:  # ode: the reference still re-noises; any fixed noise shows the difference
-        eps = [[torch.randn(2, 4, fpb, 8, 8, generator=torch.Generator().manual_seed(b))] * (nsteps - 1)
-               for b in range(nblocks)]
+    eps = [[step_noise(b, i, noise[:, :, :fpb]) for i in range(nsteps - 1)] for b in range(nblocks)]
     ref = upstream_generate(model, noise, prompts, LAYOUTS[name], UpstreamSchedule(), eps=eps,
                             context_noise=cfg.sampler.context_noise, recache=cfg.recache_on_switch)
     return got, ref, nblocks
@@ -81,13 +67,7 @@ def _block_errors(got, ref, nblocks, fpb=3) -> list[float]:
                   / ref[:, :, b * fpb:(b + 1) * fpb].abs().max()) for b in range(nblocks)]
 
 
-@pytest.mark.parametrize("context_noise", [
-    0.0,
-    # needs engine change (lead): upstream commits the clean latents at timestep context_noise as given (no
-    # shift, no noise added); the engine shifts it and noises the input.
-    pytest.param(50.0, marks=pytest.mark.xfail(strict=True, reason="needs engine change (lead): commit pass at "
-                                                "the unshifted context_noise without noise")),
-])
+@pytest.mark.parametrize("context_noise", [0.0, 50.0])  # upstream: the clean latents at context_noise as given
 @pytest.mark.parametrize("name", sorted(GENERATOR_PRESETS))
 def test_preset_equals_upstream_inference_block_by_block(pgs, name, context_noise):
     got, ref, nblocks = _run(pgs, name, sampler={"context_noise": context_noise})

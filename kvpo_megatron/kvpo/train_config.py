@@ -15,7 +15,7 @@ from kvpo_megatron.conditioning.text_encoder import TextEncoderConfig
 from kvpo_megatron.conditioning.vae import DecoderConfig
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.generation import VideoConfig
-from kvpo_megatron.kvpo.config import ObjectiveConfig, RolloutConfig, RoutingConfig
+from kvpo_megatron.kvpo.config import ObjectiveConfig, ReplayConfig, RolloutConfig, RoutingConfig
 from kvpo_megatron.lora import LoRAConfig
 from kvpo_megatron.model.build import ModelSection
 from kvpo_megatron.model.kv_cache import CacheConfig
@@ -78,6 +78,7 @@ class KVPOTrainConfig:
     video: VideoConfig = field(default_factory=lambda: VideoConfig(num_frames=21, latent_height=60, latent_width=104))
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -13,6 +13,7 @@ With ``train.overlap`` the rollout of group j+1 overlaps steps 2-4 of group j (`
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -31,12 +32,15 @@ from kvpo_megatron.config import to_dict
 from kvpo_megatron.data.prompts import PromptDataset, PromptLoader, PromptSample
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.kvpo.metrics import MetricsLogger
-from kvpo_megatron.kvpo.objective import guard_passes, multi_advantages, tve_coefficients
+from kvpo_megatron.kvpo.objective import (LossTerms, gibbs_log_policy, guard_passes, multi_advantages,
+                                          tve_coefficients)
 from kvpo_megatron.kvpo.pipeline import ModelGuard, Timeline, check_overlap_supported, replay_generator, run_overlapped
-from kvpo_megatron.kvpo.replay import replay_gradients
-from kvpo_megatron.kvpo.rollout import PromptContext, Rollout, RolloutGroup
+from kvpo_megatron.kvpo.replay import plan_replay, replay_gradients
+from kvpo_megatron.kvpo.rollout import Rollout
+from kvpo_megatron.kvpo.types import PromptContext, RolloutGroup
 from kvpo_megatron.kvpo.train_config import KVPOTrainConfig
-from kvpo_megatron.lora import adapters_disabled, apply_lora, lora_parameters, save_adapter
+from kvpo_megatron.accelerate import accelerate, fp8_enabled
+from kvpo_megatron.lora import adapters_disabled, apply_lora, lora_parameters, merged, save_adapter, unmerged
 from kvpo_megatron.model.build import build_model
 from kvpo_megatron.parallel.data_parallel import clip_grad_norm, wrap_data_parallel
 from kvpo_megatron.parallel.state import init_parallel, validate_tokens
@@ -48,8 +52,18 @@ log = logging.getLogger(__name__)
 
 @contextmanager
 def _timer(times: dict, key: str):
+    """Wall time of the block (device-synchronised on a GPU) into ``times[key]``; on a GPU also the peak device
+    memory allocated during it, in GB, into ``times["mem_" + phase + "_peak_gb"]`` (max over calls)."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     yield
+    if cuda:
+        torch.cuda.synchronize()
+        mem = "mem_" + key.removeprefix("time_") + "_peak_gb"
+        times[mem] = max(times.get(mem, 0.0), torch.cuda.max_memory_allocated() / 1e9)
     times[key] = times.get(key, 0.0) + time.perf_counter() - t0
 
 
@@ -63,10 +77,12 @@ class GroupResult:
     adv: torch.Tensor
     coeffs: torch.Tensor
     """dLoss/dTVE of this rank's branches."""
-    terms: object
+    terms: LossTerms
     tve: torch.Tensor
     """TVE_old of all G branches."""
     passed_guard: bool
+    tve_replay: torch.Tensor | None = None
+    """TVE of this rank's branches as the replay recomputed them (at pi_old's parameters), when it ran."""
 
 
 class KVPOTrainer:
@@ -86,6 +102,7 @@ class KVPOTrainer:
         validate_tokens(self.model.config, par, cfg.video.latent_height, cfg.video.latent_width)
         self._load_weights_and_lora()
         self.model.to(self.device)
+        self.runner = accelerate(self.model, cfg.model, device=self.device, cp=par.context_parallel_size)
         self.ddp = wrap_data_parallel(self.model, self.pgs)
         self.params = [p for _, p in lora_parameters(self.model)]
         o = cfg.optim
@@ -114,13 +131,15 @@ class KVPOTrainer:
         self.loader = PromptLoader(dataset, dp_rank=shard[0], dp_size=shard[1], seed=cfg.train.seed,
                                    prompts_per_rank=cfg.data.prompts_per_rank)
         self.gen = StreamingGenerator(self.model, FlowMatchSampler(cfg.sampler), cfg.cache,
-                                      recache_on_switch=cfg.recache_on_switch)
-        self.rollout = Rollout(self.gen, cfg.routing, cfg.rollout, seed=cfg.train.seed,
-                               reference=lambda: adapters_disabled(self.model))
+                                      recache_on_switch=cfg.recache_on_switch, runner=self.runner)
+        self.rollout = Rollout(self.gen, cfg.routing, cfg.rollout, seed=cfg.train.seed, reference=self._reference,
+                               scoring=self._training_form, generation=self._generation_form)
+        self.replay_plan = plan_replay(cfg.replay, self.model.config, cfg.video, self.device)
         self.replay_gen = self.gen
         if cfg.train.overlap:  # the pipeline's worker replays on its own generator; pi_ref under a lock
             check_overlap_supported(tp=par.tensor_model_parallel_size, cp=par.context_parallel_size,
-                                    te_spec=self.model.config.spec == "te", context_noise=cfg.sampler.context_noise)
+                                    te_spec=self.model.config.spec == "te", merge_lora=cfg.rollout.merge_lora,
+                                    cuda_graphs=cfg.model.cuda_graphs)
             guard = ModelGuard(self.model, adapters_disabled)
             self.rollout.reference = guard.reference
             self.replay_gen = replay_generator(self.gen, guard)
@@ -133,6 +152,28 @@ class KVPOTrainer:
         self.iteration = 0
         self.consecutive_skips = 0
         self._resume()
+
+    # ---- execution forms of the one model -----------------------------------------------------
+    @contextmanager
+    def _generation_form(self):
+        """No-grad generation: merged adapters (``rollout.merge_lora``) and FP8 where the spec built it."""
+        with contextlib.ExitStack() as st:
+            if self.cfg.rollout.merge_lora:
+                st.enter_context(merged(self.model))
+            st.enter_context(fp8_enabled(self.model, True))
+            yield
+
+    @contextmanager
+    def _training_form(self):
+        """pi_theta as the replay differentiates it: unmerged adapters, FP8 only with ``model.fp8_replay``."""
+        with unmerged(self.model), fp8_enabled(self.model, self.cfg.model.fp8_replay):
+            yield
+
+    @contextmanager
+    def _reference(self):
+        """pi_ref: adapters disabled, in the training form's precision."""
+        with fp8_enabled(self.model, self.cfg.model.fp8_replay), adapters_disabled(self.model):
+            yield
 
     def _load_weights_and_lora(self):
         """Base weights, then LoRA. A converted checkpoint directory's LoRA becomes the trainable adapter."""
@@ -253,12 +294,39 @@ class KVPOTrainer:
                 res = self._coefficients(group, rewards, anchor)
             if res.passed_guard:
                 with tl.phase("replay", j):
-                    replay_gradients(self.replay_gen, group, res.coeffs, loss_scale=scale)
+                    res.tve_replay = self._replay(group, res.coeffs, scale, tl_times=None)
             return res
 
         results = run_overlapped(len(samples), produce, consume, device=self.device, timeline=tl)
         self.last_timeline = tl
         return results, tl.metrics()
+
+    def _replay(self, group: RolloutGroup, coeffs: torch.Tensor, scale: float, *,
+                tl_times: dict | None) -> torch.Tensor:
+        """Gradient phase of one group; returns this rank's branch TVEs as the replay recomputed them."""
+        plan = self.replay_plan
+        self.model.recompute_blocks = plan.recompute
+        try:
+            tve = replay_gradients(self.replay_gen, group, coeffs, loss_scale=scale, batch_size=plan.batch_size,
+                                   commit_pass=self.cfg.routing.commit_pass, generation=self._generation_form,
+                                   training=self._training_form, times=tl_times)
+        finally:
+            self.model.recompute_blocks = False
+        return torch.tensor(tve)
+
+    def _ratio_deviation(self, results: list[GroupResult]) -> float:
+        """max_k |pi_theta(k) / pi_old(k) - 1| at the update's parameters: the replay's TVEs against the rollout's
+        TVE_old (0 when both evaluate the same function; merged-LoRA generation and bf16 kernels make it small,
+        not 0); 0 when no group was replayed."""
+        devs = []
+        for r in results:
+            if r.tve_replay is None:
+                continue
+            full = self._gather_dp(r.tve_replay) if self.branch_ids is not None else r.tve_replay
+            tau = self.cfg.objective.tau
+            rho = (gibbs_log_policy(full.double(), tau) - gibbs_log_policy(r.tve.double(), tau)).exp()
+            devs.append(float((rho - 1).abs().max()))
+        return max(devs) if devs else 0.0
 
     def step(self) -> dict:
         samples = self.loader.next()
@@ -282,7 +350,7 @@ class KVPOTrainer:
             with _timer(times, "time_replay"):
                 for r in results:
                     if r.passed_guard:
-                        replay_gradients(self.gen, r.group, r.coeffs, loss_scale=scale)
+                        r.tve_replay = self._replay(r.group, r.coeffs, scale, tl_times=times)
         with _timer(times, "time_update"):
             self.ddp.finish_grad_sync()
             for p in self.params:
@@ -316,6 +384,7 @@ class KVPOTrainer:
             "clip_frac": sum(r.terms.clip_frac for r in results) / len(results),
             "kl": sum(float(r.terms.kl.detach()) for r in results) / len(results),
             "skipped_by_guard": sum(not r.passed_guard for r in results) / len(results),
+            "ratio_dev": self._ratio_deviation(results),
             **times,
         }
         for name in results[0].rewards:

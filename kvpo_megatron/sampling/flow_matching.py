@@ -4,13 +4,18 @@ Path: ``x_s = (1 - s) x0 + s eps``; the model predicts the velocity ``v = eps - 
 Timesteps (default 1000, 750, 500, 250) are warped by ``shift``: ``s' = shift s / (1 + (shift - 1) s)``.
 
 * ``ode`` (the dataclass default): deterministic Euler, ``x_{next} = x + (s_next - s) v`` with a final
-  ``s_next = 0``. This is the KVPO paper's variant (an "ODE-native" rollout); on Self-Forcing / LongLive /
+  ``s_next = 0``. This is the KVPO paper's variant (deterministic, ODE-native); on Self-Forcing / LongLive /
   MemFlow checkpoints it does *not* reproduce their videos (on a tiny converted LongLive-format checkpoint,
-  same noise and prompt, every block ends 1.2-1.4 relative apart from ``renoise``; README "Samplers").
+  same noise and prompt, every block ends 1.2-1.4 relative apart from ``renoise``; README "Generators and
+  samplers").
 * ``renoise``: the sampler these checkpoints were distilled with and their inference code runs
   (Self-Forcing ``pipeline/causal_inference.py``; LongLive and MemFlow copy it): ``x0 = x - s v``, then
   ``x_{next} = (1 - s_next) x0 + s_next eps'`` with fresh noise ``eps'`` (the last step returns ``x0``). The
-  generator presets (``kvpo_megatron/presets.py``) and the example configs select it.
+  streaming engine draws ``eps'`` from a keyed noise source (``sampling/noise.py``). The generator presets
+  (``kvpo_megatron/presets.py``) and the example configs select it.
+
+Commit pass: a finished block's clean latents are written into the KV cache by one forward at timestep
+``context_noise`` *as given* (not shifted) and without adding noise, as upstream inference does.
 Same contract as diffusers' schedulers: ``timesteps`` then ``step``.
 """
 from __future__ import annotations
@@ -38,7 +43,8 @@ class SamplerConfig:
     """``ode`` (deterministic Euler; the KVPO paper's variant) or ``renoise`` (x0 prediction + fresh noise: what
     Self-Forcing / LongLive / MemFlow checkpoints need to give their upstream videos; set by the presets)."""
     context_noise: float = 0.0
-    """Timestep of the commit pass that writes a finished block's K/V (0 = clean)."""
+    """Model timestep of the commit pass that writes a finished block's K/V, used as given (not shifted); the
+    clean latents are passed without added noise (upstream inference). 0 = clean."""
 
     def __post_init__(self):
         self.timesteps = tuple(float(t) for t in self.timesteps)
@@ -64,7 +70,6 @@ class FlowMatchSampler:
         self.cfg = cfg
         s = torch.tensor(cfg.timesteps, dtype=torch.float64) / 1000.0
         self.sigmas = torch.cat([shift_sigma(s, cfg.shift), torch.zeros(1, dtype=torch.float64)])
-        self.context_sigma = float(shift_sigma(torch.tensor(cfg.context_noise / 1000.0), cfg.shift))
 
     @property
     def num_steps(self) -> int:
@@ -75,15 +80,21 @@ class FlowMatchSampler:
         return float(self.sigmas[i]) * 1000.0
 
     def context_timestep(self) -> float:
-        return self.context_sigma * 1000.0
+        """Model timestep of the commit pass: ``context_noise`` as given (upstream inference does not shift it)."""
+        return float(self.cfg.context_noise)
 
-    def step(self, x: torch.Tensor, v: torch.Tensor, i: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    @property
+    def needs_noise(self) -> bool:
+        """Whether :meth:`step` draws fresh noise (``renoise`` with more than one step)."""
+        return self.cfg.kind == SamplerKind.renoise and self.num_steps > 1
+
+    def step(self, x: torch.Tensor, v: torch.Tensor, i: int, generator: torch.Generator | None = None, *,
+             noise: torch.Tensor | None = None) -> torch.Tensor:
+        """One solver step from ``x`` (at step ``i``) with velocity ``v``. ``noise``: the re-noising sampler's
+        fresh noise for this step (shape of ``x``); drawn from ``generator`` when None."""
         s, s_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         if self.cfg.kind == SamplerKind.ode or s_next == 0.0:
             return (x.double() + (s_next - s) * v.double()).to(x.dtype)
         x0 = x.double() - s * v.double()
-        eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        return ((1 - s_next) * x0 + s_next * eps.double()).to(x.dtype)
-
-    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, sigma: float) -> torch.Tensor:
-        return ((1 - sigma) * x0.double() + sigma * eps.double()).to(x0.dtype)
+        eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device) if noise is None else noise
+        return ((1 - s_next) * x0 + s_next * eps.to(x.device).double()).to(x.dtype)
