@@ -15,6 +15,9 @@ from packaging.requirements import Requirement
 ROOT = Path(__file__).resolve().parent.parent
 # Imports that need a distribution although their top-level module is torch's (torch imports it inside).
 INDIRECT = {"torch.utils.tensorboard": "tensorboard"}
+# Probed by the package and optional on a CPU machine: the job must run on without them.
+OPTIONAL = {"triton": "GPU kernels; ships with CUDA torch, a PyTorch fallback runs without it",
+            "transformer_engine": "the te extra (model.spec=te)"}
 
 
 def install_requires() -> list[str]:
@@ -83,8 +86,9 @@ def test_main_job_runs_on_what_setup_py_installs(tmp_path):
            "train.progress=false"]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
-    blocked = log.read_text() if log.exists() else ""
-    assert not blocked, f"imports outside setup.py's install_requires:\n{blocked}"
+    blocked = log.read_text().splitlines() if log.exists() else []
+    required = [line for line in blocked if line.split(" imports ")[1].split(".")[0] not in OPTIONAL]
+    assert not required, "imports outside setup.py's install_requires:\n" + "\n".join(required)
     assert p.returncode == 0, p.stderr[-3000:]
     for f in ("metrics.jsonl", "reward_curve.png", "final_adapter/adapter_model.safetensors", "final_lora.safetensors"):
         assert (out / f).is_file(), f
