@@ -27,8 +27,9 @@ def setup_logging() -> None:
 def parse_args(description: str, argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--config", default=None, help="YAML config file (fields override the defaults)")
-    ap.add_argument("--preset", default=None, help="named generator preset (longlive-1.3b | memflow-1.3b | "
-                    "longlive2-5b) applied under the YAML file and the overrides")
+    ap.add_argument("--preset", default=None, help="named generator preset (self-forcing-1.3b | longlive-1.3b | "
+                    "memflow-1.3b | longlive2-5b: the generator's own sampler and cache) applied under the YAML file "
+                    "and the overrides")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. video.num_frames=24")
     return ap.parse_args(argv)
 

@@ -75,8 +75,10 @@ def run_generation(cfg: GenerateConfig, *, progress: bool = True) -> torch.Tenso
 
     from kvpo_megatron.checkpoint.loading import load_model_weights, warn_if_random_weights
     from kvpo_megatron.conditioning.text_encoder import build_text_encoder
+    from kvpo_megatron.extras import check_job_extras
     from kvpo_megatron.parallel.state import validate_tokens
 
+    check_job_extras(cfg)
     pgs = init_parallel(cfg.parallel)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, pg_collection=pgs, tp=cfg.parallel.tensor_model_parallel_size,

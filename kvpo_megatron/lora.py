@@ -280,8 +280,11 @@ def _check_matches_model(model: nn.Module, r: int, alpha: float, source: str) ->
                           f"r={layer.r[ADAPTER]}, alpha={layer.lora_alpha[ADAPTER]}")
 
 
-def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir: str | Path) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft format) into ``out_dir``.
+def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir: str | Path, *,
+                 comfyui_file: str | Path | None = None) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft format) into ``out_dir``, and with
+    ``comfyui_file`` also that single file in ComfyUI / Wan names with ``.alpha``, which ComfyUI and diffusers'
+    ``WanPipeline.load_lora_weights`` load (``checkpoint/adapter_formats.py``).
 
     Every rank must call it (the TP gather is collective); global rank 0 writes. Returns ``out_dir``.
     """
@@ -297,6 +300,11 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir: str | Path) -> Path
     save_file({PEFT_PREFIX + k: v.cpu().contiguous() for k, v in sd.items()}, str(out_dir / WEIGHTS_FILE),
               metadata={"format": "pt"})
     logger.info("saved LoRA adapter (%d tensors) to %s", len(sd), out_dir)
+    if comfyui_file is not None:
+        from kvpo_megatron.checkpoint.adapter_formats import write_comfyui
+        Path(comfyui_file).parent.mkdir(parents=True, exist_ok=True)
+        write_comfyui({k: v.cpu() for k, v in sd.items()}, cfg.alpha, comfyui_file)
+        logger.info("saved the LoRA for ComfyUI / diffusers (WanPipeline.load_lora_weights) to %s", comfyui_file)
     return out_dir
 
 

@@ -25,12 +25,16 @@ from kvpo_megatron.model.kv_cache import LayerKV
 from kvpo_megatron.model.memory_bank import (LOCAL, MemoryBankConfig, bank_scores, generator_preset, keep_indices,
                                              update_after_commit)
 from kvpo_megatron.sampling import FlowMatchSampler, PromptSwitch, SamplerConfig, StreamingGenerator
+from kvpo_megatron.presets import GENERATE_SECTIONS
 from tests.dist_utils import run_workers
 from tests.helpers import tiny_full_state_dict, tiny_model
 
 log = logging.getLogger(__name__)
 T_TOK, HEADS, HDIM = 4, 2, 4  # tokens per frame, heads, head dim of the hand-built tensors
 U = torch.full((HEADS, HDIM), 1 / math.sqrt(HDIM))  # <u_h, u_h> = 1 in every head
+# The rules issue 9 specified (record every record_interval-th block, padding masked); MemFlow's released
+# schedule (the default) is checked against a reference of its inference code in tests/test_upstream_inference.py.
+ISSUE9 = dict(schedule="interval", mask_padding=True)
 
 
 # ---- (1) bookkeeping: a 40-block video against a table worked out by hand ---------------------------------
@@ -93,8 +97,9 @@ class KeyWriter(nn.Module):
     """Test double of the model's cache contract: per layer, read the view, then write for each frame f the key
     a_i(f) * u on every token (a_0 = A0, a_1 = -A0; 0 for other frames). Records what every layer attended."""
 
-    def __init__(self):
+    def __init__(self, relevance: dict[int, int] = A0):
         super().__init__()
+        self.a = relevance
         self.config = SimpleNamespace(num_layers=2)
         self.seen: list[tuple[int, bool, int, list[int]]] = []  # (frame_offset, commit, layer, attended frames)
 
@@ -106,7 +111,7 @@ class KeyWriter(nn.Module):
             self.seen.append((frame_offset, bool(view.write_frames), i, frames))
             ctx = kv.read()
             assert (ctx is None and not frames) or ctx[0].shape[1] == len(frames) * T_TOK
-            a = torch.tensor([(1 - 2 * i) * A0.get(frame_offset + j, 0) for j in range(nf)], dtype=torch.float32)
+            a = torch.tensor([(1 - 2 * i) * self.a.get(frame_offset + j, 0) for j in range(nf)], dtype=torch.float32)
             k = (a[:, None, None, None] * U).expand(nf, T_TOK, HEADS, HDIM).reshape(1, -1, HEADS, HDIM)
             kv.write(k.expand(b, -1, -1, -1), k.expand(b, -1, -1, -1))
         return torch.zeros_like(x) if compute_output else None
@@ -120,11 +125,11 @@ def _text(p: float, valid: int, length: int = 5) -> TextKV:
 @pytest.mark.parametrize("switches", [False, True])
 def test_bank_bookkeeping_matches_hand_table(switches):
     model = KeyWriter()
-    cc = CacheConfig(history_frames=12, memory_bank=MemoryBankConfig())
+    cc = CacheConfig(history_frames=12, memory_bank=MemoryBankConfig(**ISSUE9))
     gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cc, recache_on_switch=True,
                              bank_reduction=LOCAL)
     prompts = [PromptSwitch(0, _text(1.0, 3))]
-    if switches:  # the recache at block 20 re-commits blocks 18 and 19: it must not record frame 54 again
+    if switches:  # the recache at block 20 rewrites frames 51..59 (incl. recorded 54): it must not record again
         prompts += [PromptSwitch(60, _text(-1.0, 4)), PromptSwitch(90, _text(1.0, 2))]
     table = _parse(TWO_SWITCHES if switches else NO_SWITCH)
     cache = gen.new_cache()
@@ -144,15 +149,17 @@ def test_bank_bookkeeping_matches_hand_table(switches):
         for j, f in enumerate(cache.bank_frames[i][0].tolist()):
             assert torch.equal(k[0, j], ((1 - 2 * i) * A0[f] * U).expand(T_TOK, -1, -1)), (i, f)
     assert not cache.is_resident(table[39][1][0])
-    # (3) every forward of every layer attended exactly [sink ; bank after the previous block ; local window]
-    done = -1
-    for s, commit, layer, frames in model.seen:
-        bank = table[done][layer] if done >= 0 else []
-        local = list(range(max(3, s - 6), s))
-        assert frames == [0, 1, 2][:s] + bank + local, (s, commit, layer)
-        if commit and layer == 1 and s // 3 == done + 1:
-            done += 1
-    assert done == 39 and len(model.seen) == 40 * 5 * 2 + (2 * 2 * 2 if switches else 0)
+    # (3) every forward of every layer attended exactly [sink ; bank after the previous block ; local window]; a
+    # recache (LongLive: one forward of the 9 frames before the switch) attends [sink ; bank] and itself
+    want_seen = []
+    for b in range(40):
+        bank = lambda layer: table[b - 1][layer] if b > 0 else []  # noqa: E731
+        if switches and 3 * b in (60, 90):
+            want_seen += [(3 * b - 9, True, i, [0, 1, 2] + bank(i)) for i in range(2)]
+        local = list(range(max(3, 3 * b - 6), 3 * b))
+        for step in range(5):  # 4 solver steps, then the commit
+            want_seen += [(3 * b, step == 4, i, [0, 1, 2][:3 * b] + bank(i) + local) for i in range(2)]
+    assert model.seen == want_seen
     assert max(len(f) for *_, f in model.seen) + 3 == 15  # sink 3 + bank 3 + local span 9 with the block
 
 
@@ -204,7 +211,7 @@ def test_compression_scores_and_picks_by_hand():
 def test_full_bank_keeps_best_plus_newest_through_the_cache(mode, kept):
     """The same entries as frames 1..3 of a cache (one frame per block), then frame 4 arrives."""
     cc = CacheConfig(frames_per_block=1, num_sink_frames=1, local_attn_frames=1, history_frames=4,
-                     memory_bank=MemoryBankConfig(bank_size=3, record_interval=1, bank_score=mode))
+                     memory_bank=MemoryBankConfig(**ISSUE9, bank_size=3, record_interval=1, bank_score=mode))
     cache = KVCache(cc, 1)
     k, mask = _hand_text(2)
     text = TextKV(layers=[(k, k)], mask=mask)
@@ -228,16 +235,19 @@ def test_config_and_presets():
         MemoryBankConfig(bank_size=0)
     with pytest.raises(ConfigError, match="sma_top_k must be >= 1, got 0"):
         MemoryBankConfig(sma=True, sma_top_k=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="bank_score must be one of"):
         MemoryBankConfig(bank_score="max")
+    with pytest.raises(ConfigError, match="schedule must be one of"):
+        MemoryBankConfig(schedule="every")
     mem = from_dict(KVPOTrainConfig, generator_preset("memflow-1.3b"))
     ll = from_dict(KVPOTrainConfig, generator_preset("longlive-1.3b"))
-    assert mem.cache.memory_bank == MemoryBankConfig(bank_size=3, record_interval=3, bank_score="dot")
+    assert mem.cache.memory_bank == MemoryBankConfig(bank_size=3, record_interval=3, schedule="release",
+                                                     bank_score="dot", mask_padding=False)
     assert mem.routing.num_recent_fixed == 3 and mem.model.preset == "wan-1.3b" and mem.recache_on_switch
     assert ll.cache.memory_bank is None
     assert dataclasses.replace(mem.cache, memory_bank=None) == ll.cache and mem.routing == ll.routing
-    gen = from_dict(GenerateConfig, generator_preset("memflow-1.3b", {"model", "cache", "recache_on_switch"}))
-    assert gen.cache == mem.cache
+    gen = from_dict(GenerateConfig, generator_preset("memflow-1.3b", GENERATE_SECTIONS))
+    assert gen.cache == mem.cache and gen.sampler == mem.sampler
     with pytest.raises(ConfigError, match="unknown generator preset 'memflow'"):
         generator_preset("memflow")
 
@@ -246,7 +256,7 @@ def test_config_and_presets():
 def _sparse_cache(top_k: int, sma: bool = True) -> KVCache:
     """Frames 0..11 resident, keys per head h: a_h(f) * u + an alternating +-10 e_0 that cancels in the token mean.
     Bank (every layer) = frames 3, 6, 9. a_0 / a_1 per frame below; values are arbitrary, chosen by hand."""
-    cc = CacheConfig(history_frames=12, memory_bank=MemoryBankConfig(sma=sma, sma_top_k=top_k))
+    cc = CacheConfig(history_frames=12, memory_bank=MemoryBankConfig(**ISSUE9, sma=sma, sma_top_k=top_k))
     cache = KVCache(cc, num_layers=1)
     a = {0: (1, 0), 1: (-2, 0), 2: (3, 0), 3: (5, 0), 4: (0, 0), 5: (0, 0), 6: (1, 2), 7: (0, 0), 8: (0, 0),
          9: (-4, 0), 10: (0, 0), 11: (0, 0)}
@@ -315,8 +325,8 @@ def test_real_model_sparse_activation_attends_top_k_plus_local(pgs):
     text = model.encode_text(torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(2)))
     out, logs = {}, {}
     for sma in (False, True):
-        cc = CacheConfig(history_frames=12, memory_bank=MemoryBankConfig(bank_size=2, record_interval=1, sma=sma,
-                                                                        sma_top_k=2))
+        cc = CacheConfig(history_frames=12, memory_bank=MemoryBankConfig(**ISSUE9, bank_size=2, record_interval=1,
+                                                                        sma=sma, sma_top_k=2))
         gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cc)
         cache = gen.new_cache()
         cache.sparse_log = []
@@ -351,7 +361,7 @@ class SpyKV(LayerKV):
 # ---- (3) the real model: attended K = [sink ; bank ; local], entries = commit-pass K/V after eviction -------
 def test_real_model_attends_sink_bank_local_and_keeps_committed_kv(pgs):
     model = tiny_model(pgs).eval()
-    cc = CacheConfig(history_frames=12, memory_bank=MemoryBankConfig())
+    cc = CacheConfig(history_frames=12, memory_bank=MemoryBankConfig(**ISSUE9))
     gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cc)
     cache = gen.new_cache()
     reads, committed = [], {}
@@ -424,7 +434,7 @@ def _replayed_tves(gen, grp, fork) -> list[float]:
 @pytest.mark.parametrize("sma", [False, True])
 def test_kvpo_rollout_and_replay_with_bank(pgs, sma, monkeypatch):
     model = tiny_model(pgs).eval()
-    cc = CacheConfig(memory_bank=MemoryBankConfig(bank_size=2, record_interval=1, sma=sma, sma_top_k=2))
+    cc = CacheConfig(memory_bank=MemoryBankConfig(**ISSUE9, bank_size=2, record_interval=1, sma=sma, sma_top_k=2))
     gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cc, recache_on_switch=True)
     ro = Rollout(gen, RoutingConfig(window_blocks=2), RolloutConfig(num_branches=3), seed=3)
     g = torch.Generator().manual_seed(5)
@@ -486,8 +496,9 @@ def _bank_scenario(model, mode: str | None) -> dict:
     ctx1, ctx2 = torch.randn(2, 16, 32, generator=g), torch.randn(2, 16, 32, generator=g)
     ctx1[0, 9:], ctx1[1, 13:], ctx2[0, 5:] = 0, 0, 0  # per-sample padding
     noise = torch.randn(2, 4, 30, h, w, generator=g)
-    bank = None if mode is None else MemoryBankConfig(bank_size=2, record_interval=1, bank_score=mode.split("+")[0],
-                                                      sma=mode.endswith("+sma"), sma_top_k=2)
+    bank = None if mode is None else MemoryBankConfig(**ISSUE9, bank_size=2, record_interval=1,
+                                                      bank_score=mode.split("+")[0], sma=mode.endswith("+sma"),
+                                                      sma_top_k=2)
     cc = CacheConfig(history_frames=12, memory_bank=bank)
     gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cc, recache_on_switch=True)
     cache = gen.new_cache(2)

@@ -58,9 +58,10 @@ def test_presets_and_predictions():
     full = mm.predict(mm.MemoryPlan(replay_batch=2, recompute="none"))
     rc = mm.predict(mm.MemoryPlan(replay_batch=2, recompute="blocks"))
     assert rc["replay_activations_gb"] < full["replay_activations_gb"] / 5
-    small = mm.predict(mm.MemoryPlan(branch_batch=2))
-    assert small["rollout_cache_gb"] < base["rollout_cache_gb"] and small["rollout_batch"] == 2
-    assert base["rollout_batch"] == 8  # the 48 GB KV budget holds the prefix and 8 private rings, not 9
+    big = mm.predict(mm.MemoryPlan(kv_budget_gb=48))
+    assert big["rollout_batch"] == 8  # 48 GB hold the prefix (33 frames, 9.5 GB) and 8 rings of 15 frames, not 9
+    small = mm.predict(mm.MemoryPlan(kv_budget_gb=48, branch_batch=2))
+    assert small["rollout_cache_gb"] < big["rollout_cache_gb"] and small["rollout_batch"] == 2
 
 
 def test_fit_finds_a_cheaper_plan():

@@ -88,7 +88,7 @@ def test_torchrun_main_job_and_exact_resume_after_sigkill(tmp_path):
     log = p.communicate(timeout=900)[0]
     assert p.returncode == 0, log[-3000:]
     for f in ("metrics.jsonl", "reward_curve.png", "final_adapter/adapter_model.safetensors",
-              "final_adapter/adapter_config.json"):
+              "final_adapter/adapter_config.json", "final_lora.safetensors"):
         assert (straight / f).is_file(), f
     assert (straight / "ckpt" / "latest").read_text().strip() == "iter_0000004"
 

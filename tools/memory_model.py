@@ -27,10 +27,10 @@ SCENARIOS = {  # name -> plan: the layouts issue 16 asks to predict (G=8, W=5, 4
     "1.3b-1gpu-147f": MemoryPlan(),
     "1.3b-1gpu-147f-legacy-bench": MemoryPlan(cache="legacy", lora_bytes=2),  # the engine measured at 43.5 GB
     "14b-tp2-21f": MemoryPlan(preset="wan-14b", tp=2, frames=21),
-    "14b-tp2-21f-script": MemoryPlan(preset="wan-14b", tp=2, frames=21, lora_bytes=2, replay_batch=4,
-                                     recompute="blocks"),  # tools/run_multi_gpu_benchmarks.sh's 14B step
+    "14b-tp2-21f-script": MemoryPlan(preset="wan-14b", tp=2, frames=21, lora_bytes=2, branch_batch=9,
+                                     replay_batch=4, recompute="blocks"),  # run_multi_gpu_benchmarks.sh's 14B step
     "14b-tp2-147f": MemoryPlan(preset="wan-14b", tp=2),
-    "14b-tp2-147f-batch9": MemoryPlan(preset="wan-14b", tp=2, branch_batch=9, kv_budget_gb=200),
+    "14b-tp2-147f-batch9": MemoryPlan(preset="wan-14b", tp=2, branch_batch=9),
     "14b-8gpu-tp8": MemoryPlan(preset="wan-14b", tp=8),
     "14b-8gpu-tp4-dp2-branches": MemoryPlan(preset="wan-14b", tp=4, branches_over_dp=2),
     "14b-8gpu-tp2-cp4": MemoryPlan(preset="wan-14b", tp=2, cp=4),
@@ -50,7 +50,7 @@ def parse_args(argv=None):
         elif f.name in ("latent_hw", "lora_targets"):
             ap.add_argument(flag, default=",".join(map(str, f.default)), help="comma-separated")
         else:
-            typ = {"int": int, "str": str, "int | None": int, "float": float}[f.type]
+            typ = {"int": int, "str": str, "int | None": int, "float": float, "float | None": float}[f.type]
             ap.add_argument(flag, type=typ, default=f.default)
     return ap.parse_args(argv)
 

@@ -29,9 +29,9 @@
 # scaling runs' warm-up flags, "--warmup 1": one full untimed step per layout),
 # FAST (fast-path config overrides; without TransformerEngine the spec=te part is dropped), LOCAL_FAST (the CP
 # section's), W14_FRAMES (21), W14 (14B overrides: TE,
-# weights initialised on the GPUs -- seconds instead of minutes of CPU init -- and a replay of 4 tuples per batch
-# with per-block recompute: tools/memory_model.py predicts ~86 GB per GPU for it, ~140 GB with the trainer's
-# automatic replay batch of 13).
+# weights initialised on the GPUs -- seconds instead of minutes of CPU init --, the anchor and 8 branches in one
+# batch (the default 24 GB KV budget would run them one at a time) and a replay of 4 tuples per batch with
+# per-block recompute: tools/memory_model.py predicts ~115 GB per GPU for it).
 # Files in $OUT: steps.jsonl (rc, seconds and budget of every step), run.log (all output), env.txt,
 # equivalence.json, scaling.jsonl, wan14b.jsonl, scaling_cp.jsonl.
 set -u
@@ -48,7 +48,8 @@ PRESET=${PRESET:-wan-1.3b} W14_PRESET=${W14_PRESET:-wan-14b} LATENT=${LATENT:-"6
 FAST=${FAST-"model.overrides.spec=te model.compile=true model.cuda_graphs=true"}
 LOCAL_FAST=${LOCAL_FAST-"model.compile=true model.cuda_graphs=true"}
 W14_FRAMES=${W14_FRAMES:-21}
-W14=${W14-"model.overrides.spec=te model.overrides.use_cpu_initialization=false replay.batch_size=4 replay.recompute=blocks"}
+W14=${W14-"model.overrides.spec=te model.overrides.use_cpu_initialization=false rollout.batch_size=9 \
+replay.batch_size=4 replay.recompute=blocks"}
 T0=$(date +%s)
 TR1="python3 -m torch.distributed.run --standalone --nproc_per_node 1"
 TR2="python3 -m torch.distributed.run --standalone --nproc_per_node 2"

@@ -376,18 +376,28 @@ def _write_dir(out: Path, force: bool, write) -> list[Path]:
     return [out / n for n in names]
 
 
-def export_lora(path: str | Path, out: str | Path, *, names: str = "ours", force: bool = False) -> list[Path]:
-    """The checkpoint's LoRA as a peft adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
+def export_lora(path: str | Path, out: str | Path, *, fmt: str = "comfyui", names: str = "ours",
+                force: bool = False) -> list[Path]:
+    """The checkpoint's LoRA as an adapter other tools load (``checkpoint/adapter_formats.py``).
 
-    ``names``: ``ours`` (loads with ``lora.load_adapter``) or ``wan`` (original module names, e.g. ``ffn.0``,
-    as LongLive/MemFlow's peft models name them).
+    ``fmt``: ``comfyui`` (default; ``lora.safetensors`` that ComfyUI and diffusers' ``WanPipeline.load_lora_weights``
+    load), ``diffusers`` (``pytorch_lora_weights.safetensors``), or ``peft`` (``adapter_config.json`` +
+    ``adapter_model.safetensors``); ``names`` (peft only): ``ours`` (loads with ``lora.load_adapter``) or ``wan``
+    (original module names, e.g. ``ffn.0``, as LongLive/MemFlow's peft models name them).
     """
     from safetensors.torch import save_file
 
+    from kvpo_megatron.checkpoint.adapter_formats import COMFYUI_FILE, AdapterFormat, write_comfyui, write_diffusers
     from kvpo_megatron.lora import PEFT_PREFIX, WEIGHTS_FILE, LoRAConfig, peft_lora_config
 
+    try:
+        fmt = AdapterFormat(fmt)
+    except ValueError:
+        raise ConfigError(f"--lora-format must be one of {[f.value for f in AdapterFormat]}, got {fmt!r}") from None
     if names not in ("ours", "wan"):
-        raise ConfigError(f"--lora-only names must be ours or wan, got {names!r}")
+        raise ConfigError(f"--lora-names must be ours or wan, got {names!r}")
+    if names != "ours" and fmt != AdapterFormat.peft:
+        raise ConfigError("--lora-names applies to --lora-format peft only (comfyui uses Wan names, diffusers its own)")
     path, out = Path(path), Path(out)
     check_output(out, force)
     _single_process()
@@ -398,6 +408,10 @@ def export_lora(path: str | Path, out: str | Path, *, names: str = "ours", force
     lcfg = info["lora"]
     full = load_full_tensors(path, prefix=LORA_PREFIX, meta=meta)
     cfg = LoRAConfig(rank=int(lcfg["rank"]), alpha=float(lcfg["alpha"]), target_modules=tuple(lcfg["target_modules"]))
+    if fmt == AdapterFormat.comfyui:
+        return _write_dir(out, force, lambda tmp: [write_comfyui(full, cfg.alpha, tmp / COMFYUI_FILE)])
+    if fmt == AdapterFormat.diffusers:
+        return _write_dir(out, force, lambda tmp: [write_diffusers(full, cfg, tmp)])
     pcfg = peft_lora_config(cfg)
     if names == "wan":
         conv = {}

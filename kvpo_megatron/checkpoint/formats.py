@@ -1,6 +1,7 @@
 """Readers and writers for the checkpoint files users bring and take away.
 
-Sources (``read_source``):
+Every weights file users bring is read by one function, :func:`read_weights` (the converter's import through
+:func:`read_source`, and ``checkpoint/loading.py``). Sources (``read_source``):
 
 * ``wan``: original Wan2.1 — a directory with ``config.json`` and ``diffusion_pytorch_model.safetensors`` (or
   sharded ``*.safetensors`` + ``*.safetensors.index.json``), or one ``.safetensors``/``.pth`` file;
@@ -327,10 +328,42 @@ def unwrap_training_dict(sd: dict, *, use_ema: bool, source_name: str) -> dict:
                       f"generator's weights; top-level keys are {sorted(sd)[:20]}")
 
 
-def read_source(fmt: str, path: str | Path, *, config_path: str | Path | None = None,
-                use_ema: bool = False) -> Source:
-    """Open a checkpoint of format ``fmt`` (see ``SOURCE_FORMATS``) lazily, in our names."""
-    if fmt not in SOURCE_FORMATS:
+@dataclass(kw_only=True)
+class Weights:
+    """A weights file or directory read lazily, in our names (:func:`read_weights`)."""
+
+    tensors: dict[str, LazyTensor] = field(default_factory=dict)
+    """Our parameter name -> lazy tensor."""
+    unknown: list[str] = field(default_factory=list)
+    """Keys with no name in the key format (always empty when the format was detected)."""
+    files: list[Path] = field(default_factory=list)
+    name: str = ""
+    key_format: str = ""
+    """The names found: ``ours``, ``wan`` (also Self-Forcing/LongLive/MemFlow) or ``diffusers``."""
+
+
+def _rename_all(raw: dict, key_fmt: str) -> tuple[dict[str, LazyTensor], list[str]]:
+    tensors, unknown = {}, []
+    for k, t in raw.items():
+        ours = rename(k if key_fmt == "diffusers" else clean_key(k), key_fmt, "ours")
+        if ours is None:
+            unknown.append(k)
+        else:
+            tensors[ours] = t
+    return tensors, unknown
+
+
+def read_weights(path: str | Path, *, fmt: str | None = None, use_ema: bool = False) -> Weights:
+    """The one reader of users' weight files, shared by the converter's import and ``load_model_weights``.
+
+    ``path``: one ``.safetensors`` / torch file (``weights_only``), a directory with one ``*.safetensors`` or
+    sharded ``*.safetensors`` + ``*.safetensors.index.json``, or that index file. Training dicts (Self-Forcing,
+    LongLive, MemFlow) are unwrapped by :func:`unwrap_training_dict`: ``generator`` (else ``model``), or
+    ``generator_ema`` with ``use_ema``; wrapper fragments and the ``model.`` prefix are dropped.
+    ``fmt``: a ``SOURCE_FORMATS`` name, or None to detect the key names (ours, Wan, diffusers) and to unwrap a
+    nested (or ``use_ema``) dict; keys no format names are an error then.
+    """
+    if fmt is not None and fmt not in SOURCE_FORMATS:
         raise ConfigError(f"--from must be one of {list(SOURCE_FORMATS)}, got {fmt!r}")
     path = Path(path)
     if fmt == "diffusers" and (path / "transformer" / "config.json").exists():
@@ -339,18 +372,31 @@ def read_source(fmt: str, path: str | Path, *, config_path: str | Path | None = 
     name = str(path)
     if fmt in TRAINING_FORMATS:
         check_not_nvfp4(raw, source_name=name)
-        raw = unwrap_training_dict(raw, use_ema=use_ema, source_name=name)
     nested = [k for k, v in raw.items() if not isinstance(v, LazyTensor)]
+    if fmt in TRAINING_FORMATS or (fmt is None and (nested or use_ema)):
+        raw = unwrap_training_dict(raw, use_ema=use_ema, source_name=name)
+        nested = [k for k, v in raw.items() if not isinstance(v, LazyTensor)]
     if nested:
         raise ConfigError(f"{name}: expected a flat dict of tensors, found non-tensor entries {nested[:10]}")
-    key_fmt = "diffusers" if fmt == "diffusers" else "wan"
-    tensors, unknown = {}, []
-    for k, t in raw.items():
-        ours = rename(clean_key(k) if key_fmt == "wan" else k, key_fmt, "ours")
-        if ours is None:
-            unknown.append(k)
-        else:
-            tensors[ours] = t
+    if fmt is not None:
+        key_fmt = "diffusers" if fmt == "diffusers" else "wan"
+        tensors, unknown = _rename_all(raw, key_fmt)
+        return Weights(tensors=tensors, unknown=unknown, files=files, name=name, key_format=key_fmt)
+    for key_fmt in ("ours", "wan", "diffusers"):
+        tensors, unknown = _rename_all(raw, key_fmt)
+        if not unknown:
+            return Weights(tensors=tensors, files=files, name=name, key_format=key_fmt)
+    raise ConfigError(f"{name}: keys match neither our, Wan's nor diffusers' names, e.g. keys with no Wan name "
+                      f"{_rename_all(raw, 'wan')[1][:5]}")
+
+
+def read_source(fmt: str, path: str | Path, *, config_path: str | Path | None = None,
+                use_ema: bool = False) -> Source:
+    """Open a checkpoint of format ``fmt`` (see ``SOURCE_FORMATS``) lazily, in our names."""
+    if fmt not in SOURCE_FORMATS:
+        raise ConfigError(f"--from must be one of {list(SOURCE_FORMATS)}, got {fmt!r}")
+    w = read_weights(path, fmt=fmt, use_ema=use_ema)
+    path = Path(w.name)
     cfg_file = Path(config_path) if config_path else (path / "config.json" if path.is_dir() else None)
     if cfg_file is not None and cfg_file.exists():
         try:
@@ -360,9 +406,9 @@ def read_source(fmt: str, path: str | Path, *, config_path: str | Path | None = 
     elif config_path:
         raise ConfigError(f"config not found: {config_path}")
     else:
-        arch = infer_arch({k: t.shape for k, t in tensors.items()}, source_name=name)
-        arch["num_attention_heads"] = heads_from_presets(arch, source_name=name)
-    return Source(tensors=tensors, section=arch_to_section(arch), unknown=unknown, files=files, name=name)
+        arch = infer_arch({k: t.shape for k, t in w.tensors.items()}, source_name=w.name)
+        arch["num_attention_heads"] = heads_from_presets(arch, source_name=w.name)
+    return Source(tensors=w.tensors, section=arch_to_section(arch), unknown=w.unknown, files=w.files, name=w.name)
 
 
 # ------------------------------------------------------------------------------------------ LoRA

@@ -72,7 +72,7 @@ class RolloutConfig:
     batch_size: int | None = None
     """Samples (anchor + branches) advanced together as one batch after the pivot; None = automatic (all of them
     when their KV pages fit ``kv_budget_gb``, else the largest count that fits)."""
-    kv_budget_gb: float = 48.0
+    kv_budget_gb: float = 24.0
     """Device memory the rollout's KV pages may take (shared prefix + every batched sample's private frames);
     sets the automatic ``batch_size`` on a GPU."""
     merge_lora: bool = True
@@ -104,8 +104,9 @@ class ReplayConfig:
     memory left on a GPU; every tuple of the block on the CPU)."""
     recompute: Recompute = Recompute.auto
     """Per-block activation recompute in the replay's backward."""
-    memory_budget_gb: float = 40.0
-    """Device memory the replay's activations may take; sets the automatic batch size and recompute."""
+    memory_budget_gb: float = 24.0
+    """Device memory the replay's activations may take; sets the automatic batch size and recompute (with
+    ``rollout.kv_budget_gb`` and the model, what bounds an iteration's peak)."""
 
     def __post_init__(self):
         try:

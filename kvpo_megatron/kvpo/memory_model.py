@@ -89,12 +89,12 @@ class MemoryPlan:
     one GPU measurement of it)."""
     branch_batch: int | None = None
     """``rollout.batch_size``: samples advancing together (None: as many as ``kv_budget_gb`` allows)."""
-    kv_budget_gb: float = 48.0
-    """``rollout.kv_budget_gb``."""
+    kv_budget_gb: float | None = None
+    """``rollout.kv_budget_gb`` (None: the config's default)."""
     replay_batch: int | None = None
     """``replay.batch_size``: tuples per forward + backward (None: from ``replay_budget_gb``, as the trainer)."""
-    replay_budget_gb: float = 40.0
-    """``replay.memory_budget_gb``."""
+    replay_budget_gb: float | None = None
+    """``replay.memory_budget_gb`` (None: the config's default)."""
     recompute: str = "auto"
     """``replay.recompute``: auto | none | blocks."""
 
@@ -189,7 +189,10 @@ def rollout_batch(plan: MemoryPlan, kv_frame: int, samples: int, private: int) -
     rule, ``kvpo/rollout.py``)."""
     if plan.branch_batch is not None:
         return min(plan.branch_batch, samples)
-    fit = int((plan.kv_budget_gb * GB - (plan.sink + plan.history) * kv_frame) // (private * kv_frame))
+    from kvpo_megatron.kvpo.config import RolloutConfig
+
+    budget = RolloutConfig().kv_budget_gb if plan.kv_budget_gb is None else plan.kv_budget_gb
+    fit = int((budget * GB - (plan.sink + plan.history) * kv_frame) // (private * kv_frame))
     return max(1, min(samples, fit))
 
 
@@ -198,6 +201,7 @@ def replay_schedule(plan: MemoryPlan, m: dict) -> tuple[int, bool]:
     its own, coarser estimate)."""
     from types import SimpleNamespace
 
+    from kvpo_megatron.kvpo.config import ReplayConfig
     from kvpo_megatron.kvpo.replay import activation_bytes
 
     cfg = SimpleNamespace(hidden_size=m["hidden_size"], ffn_hidden_size=m["ffn_hidden_size"],
@@ -205,7 +209,7 @@ def replay_schedule(plan: MemoryPlan, m: dict) -> tuple[int, bool]:
                           context_parallel_size=plan.cp)
     tokens = plan.frames_per_block * tokens_per_frame(plan)
     full, rc = (activation_bytes(cfg, tokens, recompute=r) for r in (False, True))
-    budget = plan.replay_budget_gb * GB
+    budget = (ReplayConfig().memory_budget_gb if plan.replay_budget_gb is None else plan.replay_budget_gb) * GB
     recompute = (plan.replay_batch or 1) * full > budget if plan.recompute == "auto" else plan.recompute == "blocks"
     return plan.replay_batch or max(1, int(budget // (rc if recompute else full))), recompute
 

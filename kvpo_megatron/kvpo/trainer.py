@@ -89,6 +89,9 @@ class GroupResult:
 
 class KVPOTrainer:
     def __init__(self, cfg: KVPOTrainConfig):
+        from kvpo_megatron.extras import check_job_extras
+
+        check_job_extras(cfg)  # a feature whose setup.py extra is missing stops here, naming the extra
         self.cfg = cfg
         par = cfg.parallel
         self.pgs = init_parallel(par)
@@ -498,8 +501,8 @@ class KVPOTrainer:
         self.metrics.close()
         if self.cfg.checkpoint.dir:
             self._save()
-        adapter_dir = out / "final_adapter"
-        save_adapter(self.model, self.cfg.lora, adapter_dir)
+        adapter_dir = out / "final_adapter"  # peft (lora.load_adapter); final_lora.safetensors: ComfyUI, diffusers
+        save_adapter(self.model, self.cfg.lora, adapter_dir, comfyui_file=out / "final_lora.safetensors")
         if self.archive is not None:
             self.archive.close()
         log.info("done: metrics %s, plot %s, adapter %s", out / "metrics.jsonl", out / "reward_curve.png", adapter_dir)

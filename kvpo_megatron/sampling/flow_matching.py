@@ -3,12 +3,16 @@
 Path: ``x_s = (1 - s) x0 + s eps``; the model predicts the velocity ``v = eps - x0`` at timestep ``1000 s``.
 Timesteps (default 1000, 750, 500, 250) are warped by ``shift``: ``s' = shift s / (1 + (shift - 1) s)``.
 
-* ``ode`` (default): deterministic Euler, ``x_{next} = x + (s_next - s) v`` with a final ``s_next = 0``.
-* ``renoise``: the sampler these checkpoints were distilled with (LongLive / Self-Forcing / MemFlow inference):
-  ``x0 = x - s v``, then ``x_{next} = (1 - s_next) x0 + s_next eps'`` with fresh noise ``eps'`` (the last step
-  returns ``x0``). The streaming engine draws ``eps'`` from a keyed noise source (``sampling/noise.py``).
-The ``ode`` sampler is the paper's variant (deterministic, ODE-native); distilled checkpoints reproduce their
-upstream videos only with ``renoise`` (the generator presets set it).
+* ``ode`` (the dataclass default): deterministic Euler, ``x_{next} = x + (s_next - s) v`` with a final
+  ``s_next = 0``. This is the KVPO paper's variant (deterministic, ODE-native); on Self-Forcing / LongLive /
+  MemFlow checkpoints it does *not* reproduce their videos (on a tiny converted LongLive-format checkpoint,
+  same noise and prompt, every block ends 1.2-1.4 relative apart from ``renoise``; README "Generators and
+  samplers").
+* ``renoise``: the sampler these checkpoints were distilled with and their inference code runs
+  (Self-Forcing ``pipeline/causal_inference.py``; LongLive and MemFlow copy it): ``x0 = x - s v``, then
+  ``x_{next} = (1 - s_next) x0 + s_next eps'`` with fresh noise ``eps'`` (the last step returns ``x0``). The
+  streaming engine draws ``eps'`` from a keyed noise source (``sampling/noise.py``). The generator presets
+  (``kvpo_megatron/presets.py``) and the example configs select it.
 * ``unipc``: the 2nd-order UniPC multistep predictor-corrector on the flow prediction that Wan2.2 and LongLive 2.0
   inference use (NVlabs/LongLive ``pipeline/causal_diffusion_inference.py``: ``FlowUniPCMultistepScheduler``,
   ``set_timesteps(sampling_steps, shift)``), run by diffusers' ``UniPCMultistepScheduler(prediction_type=
@@ -17,6 +21,7 @@ upstream videos only with ``renoise`` (the generator presets set it).
   timesteps the scheduler exposes (``int(1000 s')``: 999, 937, 833, 624) as upstream. Its first step is the Euler
   step; later ones also use earlier model outputs of the same block, so steps run 0..n-1 in order per block
   (a ``step(0)`` starts a new block).
+
 Commit pass: a finished block's clean latents are written into the KV cache by one forward at timestep
 ``context_noise`` *as given* (not shifted) and without adding noise, as upstream inference does.
 Same contract as diffusers' schedulers: ``timesteps`` then ``step``.
@@ -45,7 +50,9 @@ class SamplerConfig:
     shift: float = 5.0
     """Timestep shift."""
     kind: SamplerKind = SamplerKind.ode
-    """``ode`` (deterministic Euler), ``renoise`` (x0 prediction + fresh noise) or ``unipc`` (multistep UniPC)."""
+    """``ode`` (deterministic Euler; the KVPO paper's variant), ``renoise`` (x0 prediction + fresh noise: what
+    Self-Forcing / LongLive / MemFlow checkpoints need to give their upstream videos; set by the presets) or ``unipc``
+    (multistep UniPC: LongLive 2.0)."""
     context_noise: float = 0.0
     """Model timestep of the commit pass that writes a finished block's K/V, used as given (not shifted); the
     clean latents are passed without added noise (upstream inference). 0 = clean."""
