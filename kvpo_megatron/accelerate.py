@@ -152,7 +152,7 @@ class GraphRunner:
         self.seen: set = set()
         self.mempool = None
         self.captures = 0
-        self._pool_id = None
+        self._pools: dict[int, int] = {}  # pool id -> the generation graphs were captured at
 
     def key(self, model, x, t, text, cache, view, compute_output) -> tuple:
         pool = cache.pool
@@ -165,10 +165,11 @@ class GraphRunner:
         if torch.is_grad_enabled() or not x.is_cuda or cache is None or cache.sparse_log is not None:
             return eager_runner(model, x, t, text=text.expand(x.shape[0]), frame_offset=frame_offset, cache=cache,
                                 view=view, compute_output=compute_output)
-        if self._pool_id != id(cache.pool):  # a new page pool: graphs over the old one are dead
-            self.graphs.clear()
-            self.seen.clear()
-            self._pool_id = id(cache.pool)
+        pool = (id(cache.pool), cache.pool.generation)
+        if self._pools.get(pool[0], pool[1]) != pool[1]:  # the pool grew: its graphs read freed buffers
+            self.graphs = {k: g for k, g in self.graphs.items() if k[5] != pool[0]}
+            self.seen = {k for k in self.seen if k[5] != pool[0]}
+        self._pools[pool[0]] = pool[1]
         key = self.key(model, x, t, text, cache, view, compute_output)
         g = self.graphs.get(key)
         if g is None:

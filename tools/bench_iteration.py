@@ -61,8 +61,8 @@ import torch._dynamo
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # noqa: E402
-from bench_common import cast_model, peak_memory_gb, reset_peak, sync  # noqa: E402
-from bench_rollout import DTYPES  # noqa: E402
+from bench_common import (DTYPES, TORCH_DTYPE_NAMES, device_peak_tflops, peak_memory_gb, reset_peak,  # noqa: E402
+                          sync)
 
 WORKLOAD_KEYS = ("preset", "generator", "layers", "frames", "latent", "branches", "window", "pivot", "lora_rank",
                  "dtype", "prompts_per_rank", "overlap", "overrides")
@@ -154,7 +154,9 @@ def train_config(args, layout: dict, out_dir: str):
     args.latent_h = args.latent_h or video.get("latent_height", 60)
     args.latent_w = args.latent_w or video.get("latent_width", 104)
     tree = {
-        "model": {"preset": args.preset, "overrides": {} if args.layers is None else {"num_layers": args.layers}},
+        "model": {"preset": args.preset, "overrides": {  # the model is built in the bench's dtype (LoRA: fp32 master)
+            "params_dtype": TORCH_DTYPE_NAMES[args.dtype], "bf16": args.dtype == "bf16",
+            **({} if args.layers is None else {"num_layers": args.layers})}},
         "parallel": {"tensor_model_parallel_size": layout["tp"], "context_parallel_size": layout["cp"],
                      "cp_attention": layout["cp_attention"], "branches_over_dp": layout["branches_over_dp"]},
         "video": {"num_frames": args.frames, "latent_height": args.latent_h, "latent_width": args.latent_w},
@@ -218,6 +220,15 @@ def peak_of(metrics: dict, device: torch.device) -> float:
     return max(mem) if mem and device.type == "cuda" else peak_memory_gb(device)
 
 
+def model_flops_summary(tflop: float, sec: float, device: torch.device) -> dict:
+    """The iteration's model TFLOP per GPU (the engine's count: ``kvpo_megatron/flops.py``), MFU against the dense
+    bf16 peak, and the time the work would take at 800 TFLOP/s (the measured H100/H200 bf16 matmul rate)."""
+    peak = device_peak_tflops(device)
+    bound = tflop / 800.0
+    return {"tflop_per_gpu": tflop, "mfu": tflop / sec / peak if peak and sec else None,
+            "bound_800_s": bound, "sec_over_bound": sec / bound if bound else None}
+
+
 def gather(value) -> list:
     """``value`` of every rank, in rank order."""
     out = [None] * dist.get_world_size()
@@ -261,7 +272,6 @@ def bench_layout(args, layout: dict, baseline: dict | None) -> dict:
     cfg = train_config(args, layout, out_dir)
     t0 = time.perf_counter()
     trainer = KVPOTrainer(cfg)
-    cast_model(trainer.model, DTYPES[args.dtype])
     build_s = time.perf_counter() - t0
     dev, world = trainer.device, dist.get_world_size()
     warm = [timed_step(trainer)[0] for _ in range(args.warmup)]
@@ -295,7 +305,12 @@ def bench_layout(args, layout: dict, baseline: dict | None) -> dict:
         workload=work.to_dict(), groups_per_iteration=groups,
         video_fps_per_gpu=groups * work.video_frames / sec / world,
         tuples_per_s_per_gpu=groups * work.tuples / sec / world,
+        rollout_video_fps_per_gpu=groups * work.video_frames / phases["time_rollout"] / world
+        if phases.get("time_rollout") else None,
+        replay_s_per_tuple=phases["time_replay_tuples"] / (groups * work.tuples / world)
+        if phases.get("time_replay_tuples") else None,
         peak_mem_gb=[r["peak_mem_gb"] for r in ranks], peak_mem_gb_max=max(r["peak_mem_gb"] for r in ranks),
+        **model_flops_summary(phases.get("tflop", 0.0), sec, dev),
         reward_stand_in="brightness + preview decoder (fixed, near-zero cost; time_reward)")
     if comm:
         res.update(comm_s=[r["comm_s"] for r in ranks], comm_s_max=max(r["comm_s"] for r in ranks),
@@ -375,7 +390,6 @@ def compare_overlap(args) -> dict:
     cfg = train_config(args, parse_layout("dp", 1), tempfile.mkdtemp(prefix="bench_iteration_"))
     t0 = time.perf_counter()
     trainer = KVPOTrainer(cfg)
-    cast_model(trainer.model, DTYPES[args.dtype])
     build_s = time.perf_counter() - t0
     device = trainer.device
     cursor = trainer.loader.cursor

@@ -90,8 +90,9 @@ class Rollout:
     @torch.no_grad()
     def run(self, contexts: list[PromptContext], shape: tuple[int, ...], *, iteration: int, prompt_index: int,
             pivot: int | None = None, branch_ids: list[int] | None = None, device=None,
-            dtype: torch.dtype | None = None) -> RolloutGroup:
-        """Roll out one prompt group. ``branch_ids`` selects which branches this rank runs (branches over DP)."""
+            dtype: torch.dtype | None = None, slot: int = 0) -> RolloutGroup:
+        """Roll out one prompt group. ``branch_ids`` selects which branches this rank runs (branches over DP);
+        ``slot``: the group's position in the iteration (groups replayed later keep their own KV pages)."""
         gen, fpb = self.gen, self.cache_cfg.frames_per_block
         nblocks = shape[2] // fpb
         f0, s0 = gen.forward_count, gen.sample_forwards
@@ -113,7 +114,7 @@ class Rollout:
                              private_frames=private)
         noise = self.noise(shape, iteration=iteration, prompt=prompt_index, branch=-1).to(device)
         step_noise = self.step_noise(iteration=iteration, prompt=prompt_index)
-        prefix = gen.new_cache(1, fork_batch=bs, private_frames=private)
+        prefix = gen.new_cache(1, fork_batch=bs, private_frames=private, pool_key=slot)
         latents = torch.zeros_like(noise)
         with self.generation():
             gen.run(prefix, latents, noise, prompts, range(pivot), step_noise=step_noise)

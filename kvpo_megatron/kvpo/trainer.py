@@ -276,19 +276,22 @@ class KVPOTrainer:
         comps = {k: v.float().cpu() for k, v in out.components.items()}
         return {k: v[1:] for k, v in comps.items()}, {k: float(v[0]) for k, v in comps.items()}
 
-    def _group(self, sample: PromptSample, prompt_index: int) -> tuple[GroupResult, dict]:
+    def _group(self, sample: PromptSample, prompt_index: int, slot: int) -> tuple[GroupResult, dict]:
         times: dict = {}
         with _timer(times, "time_rollout"):
-            group = self._rollout_group(sample, prompt_index)
+            group = self._rollout_group(sample, prompt_index, slot)
         with _timer(times, "time_reward"), torch.no_grad():
             rewards, anchor = self._score(group, sample)
         return self._coefficients(group, rewards, anchor), times
 
-    def _rollout_group(self, sample: PromptSample, prompt_index: int) -> RolloutGroup:
+    def _rollout_group(self, sample: PromptSample, prompt_index: int, slot: int) -> RolloutGroup:
+        """Rollout of one prompt group; ``slot`` (its position in the iteration) keeps its KV pages apart from the
+        other groups', whose replays come after all rollouts."""
         shape = (1, self.model.config.in_channels, self.cfg.video.num_frames, self.cfg.video.latent_height,
                  self.cfg.video.latent_width)
         return self.rollout.run(self._contexts(sample), shape, iteration=self.iteration,
-                                prompt_index=prompt_index, branch_ids=self.branch_ids, device=self.device)
+                                prompt_index=prompt_index, branch_ids=self.branch_ids, device=self.device,
+                                slot=slot)
 
     def _coefficients(self, group: RolloutGroup, rewards: dict[str, torch.Tensor],
                       anchor: dict[str, float]) -> GroupResult:
@@ -332,7 +335,7 @@ class KVPOTrainer:
 
         def produce(j: int) -> RolloutGroup:
             with tl.phase("rollout", j):
-                return self._rollout_group(samples[j], samples[j].index)
+                return self._rollout_group(samples[j], samples[j].index, j)
 
         def consume(j: int, group: RolloutGroup) -> GroupResult:
             with tl.phase("reward", j), torch.no_grad():
@@ -391,7 +394,7 @@ class KVPOTrainer:
             times = {}
             results = []
             for j, sample in enumerate(samples):
-                res, t = self._group(sample, prompt_index=sample.index)
+                res, t = self._group(sample, prompt_index=sample.index, slot=j)
                 results.append(res)
                 for k, v in t.items():
                     times[k] = times.get(k, 0.0) + v

@@ -96,7 +96,7 @@ class StreamingGenerator:
         self.recache_on_switch = recache_on_switch
         self.bank_reduction = bank_reduction
         self.runner = runner or eager_runner
-        self._pool = None  # a runner with ``reuse_pool`` (CUDA graphs) keeps one page pool across rollouts
+        self._pools: dict = {}  # a runner with ``reuse_pool`` (CUDA graphs) keeps page pools across rollouts
         self.forward_count = 0
         """Model forwards issued (one per call, whatever the batch)."""
         self.sample_forwards = 0
@@ -107,16 +107,21 @@ class StreamingGenerator:
         """Set to a list to record a ``flops.ForwardRecord`` of every forward."""
 
     # ---- caches ------------------------------------------------------------------------------
-    def new_cache(self, batch: int = 1, *, fork_batch: int = 0, private_frames: int = 0) -> KVCache:
-        """A root cache of ``batch`` samples; ``fork_batch``/``private_frames`` reserve pages for a later fork."""
+    def new_cache(self, batch: int = 1, *, fork_batch: int = 0, private_frames: int = 0, pool_key=0) -> KVCache:
+        """A root cache of ``batch`` samples; ``fork_batch``/``private_frames`` reserve pages for a later fork.
+
+        With a runner that reuses pools (CUDA graphs), caches of the same ``pool_key`` share one page pool (the
+        graphs captured over it stay valid): give caches that must coexist (several prompt groups of one
+        iteration, whose prefixes the replay reads after all rollouts) different keys."""
         spare = 0
         if fork_batch:
             bank = 0 if self.cache_cfg.memory_bank is None else self.cache_cfg.memory_bank.bank_size
             spare = fork_batch * (private_frames + bank)
+        reuse = getattr(self.runner, "reuse_pool", False)
         cache = KVCache(self.cache_cfg, self.model.config.num_layers, reduction=self._reduction(), batch=batch,
-                        spare_pages=spare, pool=self._pool if getattr(self.runner, "reuse_pool", False) else None)
-        if getattr(self.runner, "reuse_pool", False):
-            self._pool = cache.pool
+                        spare_pages=spare, pool=self._pools.get(pool_key) if reuse else None)
+        if reuse:
+            self._pools[pool_key] = cache.pool
         return cache
 
     def _reduction(self) -> ScoreReduction:
