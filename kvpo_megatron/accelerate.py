@@ -171,14 +171,22 @@ class GraphRunner:
             self.seen = {k for k in self.seen if k[5] != pool[0]}
         self._pools[pool[0]] = pool[1]
         key = self.key(model, x, t, text, cache, view, compute_output)
-        g = self.graphs.get(key)
-        if g is None:
+        if key not in self.graphs:
             if key not in self.seen:  # first forward of this shape: eager (warms kernels and caches up)
                 self.seen.add(key)
                 return eager_runner(model, x, t, text=text.expand(x.shape[0]), frame_offset=frame_offset,
                                     cache=cache, view=view, compute_output=compute_output)
             if self.mempool is None:
                 self.mempool = torch.cuda.graph_pool_handle()
-            g = self.graphs[key] = _Graph(model, x, t, text, frame_offset, cache, view, compute_output, self.mempool)
-            self.captures += 1
+            try:
+                g = _Graph(model, x, t, text, frame_offset, cache, view, compute_output, self.mempool)
+            except RuntimeError as e:  # a forward that cannot be captured runs eagerly (logged once per shape)
+                log.warning("CUDA graph capture failed for %s; running it eagerly: %s", key[:5], e)
+                g = None
+            self.graphs[key] = g
+            self.captures += g is not None
+        g = self.graphs[key]
+        if g is None:
+            return eager_runner(model, x, t, text=text.expand(x.shape[0]), frame_offset=frame_offset, cache=cache,
+                                view=view, compute_output=compute_output)
         return g(x, t, text, frame_offset, view)

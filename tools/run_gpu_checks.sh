@@ -3,8 +3,9 @@
 # (GPU 0 and GPU 1 run independent single-GPU jobs; one GPU runs both lanes one after the other).
 # Every result lands under $OUT (JSON lines, logs). Run from the project root with TransformerEngine and
 # megatron-core importable (PYTHONPATH), e.g. on the GPU machine after ../shared/device staging:
-#   PYTHONPATH=$PWD:/tmp/site bash tools/run_gpu_checks.sh tests      # GPU tests + rollout/replay/attention benches
-#   PYTHONPATH=$PWD:/tmp/site bash tools/run_gpu_checks.sh iteration  # 147-frame KVPO iterations, bf16 and FP8
+#   PYTHONPATH=$PWD:/tmp/site bash tools/run_gpu_checks.sh all    # GPU tests, rollout/replay/attention benches, and
+#                                                                 # 147-frame KVPO iterations (bf16; FP8 rollout)
+#   PYTHONPATH=$PWD:/tmp/site bash tools/run_gpu_checks.sh tests  # GPU tests only
 # Each lane has a time budget (LANE_S, seconds) so that the command returns with whatever finished.
 set -uo pipefail
 part=${1:-tests}
@@ -23,31 +24,29 @@ lane() {  # lane GPU NAME COMMANDS...: run the commands on one GPU, in order, wi
   echo "lane $name exit $?" >>"$OUT/lanes.txt"
 }
 
+FASTCFG="model.overrides.spec=te model.overrides.use_cpu_initialization=false model.compile=true model.cuda_graphs=true"
+FP8CFG="model.overrides.fp8=hybrid model.overrides.fp8_recipe=delayed model.overrides.fp8_dot_product_attention=true \
+  model.fp8_linears=[ffn]"
+IT="python3 tools/bench_iteration.py --preset wan-1.3b --frames 147 --branches 8 --window 5 --lora-rank 256 \
+  --warmup 1 --json-out $OUT/iteration.jsonl"
+
 case $part in
-tests)
-  lane 0 tests "KVPO_GPU_REPORT=$OUT/gpu_report.jsonl python3 -m pytest -m gpu -q -x tests/test_gpu_fast_path.py \
-      tests/test_gpu.py tests/test_split_attention.py -p no:cacheprovider;
-    python3 tools/bench_replay.py --config wan-1.3b $W13 --branches 2 --spec te --compile --no-reference \
-      | tail -1 >> $OUT/bench.jsonl;
-    python3 tools/bench_replay.py --config wan-1.3b $W13 --branches 4 --spec te --compile --recompute \
-      --no-reference | tail -1 >> $OUT/bench.jsonl" &
-  lane "$second" rollout "python3 tools/bench_rollout.py --config wan-1.3b $W13 $FAST --lora-rank 256 \
-      | tail -1 >> $OUT/bench.jsonl;
-    python3 tools/bench_rollout.py --config wan-1.3b $W13 $FAST --lora-rank 256 --batch 9 --no-reference \
-      | tail -1 >> $OUT/bench.jsonl;
-    python3 tools/bench_rollout.py --config wan-1.3b $W13 $FAST --lora-rank 256 --fp8 hybrid --fp8-recipe delayed \
-      --fp8-dpa --fp8-linears ffn --no-reference | tail -1 >> $OUT/bench.jsonl;
+all)  # GPU tests, then the 147-frame bf16 iteration | rollout and replay benches, then the FP8-rollout iteration
+  lane 0 tests_iter_bf16 "KVPO_GPU_REPORT=$OUT/gpu_report.jsonl python3 -m pytest -m gpu -q --timeout 300 \
+      tests/test_gpu_fast_path.py tests/test_gpu.py tests/test_split_attention.py -p no:cacheprovider;
+    $IT $FASTCFG;
     python3 tools/bench_attention.py --batch 1,2 | tail -1 >> $OUT/bench.jsonl;
     python3 tools/bench_rollout.py --config wan2.2-5b --generator longlive2-5b --latent-h 44 --latent-w 80 \
       --frames 48 $FAST --lora-rank 128 --no-reference | tail -1 >> $OUT/bench.jsonl" &
+  lane "$second" bench_iter_fp8 "python3 tools/bench_rollout.py --config wan-1.3b $W13 $FAST --lora-rank 256 \
+      | tail -1 >> $OUT/bench.jsonl;
+    python3 tools/bench_replay.py --config wan-1.3b $W13 --branches 2 --spec te --compile --no-reference \
+      | tail -1 >> $OUT/bench.jsonl;
+    $IT $FASTCFG $FP8CFG" &
   wait ;;
-iteration)
-  IT="python3 tools/bench_iteration.py --preset wan-1.3b --frames 147 --branches 8 --window 5 --lora-rank 256 \
-      $FAST --warmup-frames 30"
-  lane 0 iter_bf16 "$IT --json-out $OUT/iteration.jsonl" &
-  lane "$second" iter_fp8 "$IT --fp8 hybrid --fp8-recipe delayed --fp8-dpa --fp8-linears ffn \
-      --json-out $OUT/iteration.jsonl" &
-  wait ;;
-*) echo "usage: $0 tests|iteration" >&2; exit 2 ;;
+tests)
+  lane 0 tests "KVPO_GPU_REPORT=$OUT/gpu_report.jsonl python3 -m pytest -m gpu -q --timeout 300 \
+      tests/test_gpu_fast_path.py tests/test_gpu.py tests/test_split_attention.py -p no:cacheprovider" ;;
+*) echo "usage: $0 all|tests" >&2; exit 2 ;;
 esac
 cat "$OUT/lanes.txt"
