@@ -1,19 +1,23 @@
-"""KVPO trainer: convergence of the tiny default (3 seeds, with a reversed-target control), non-finite skips,
-and the torchrun main job with exact resume after a SIGKILL."""
+"""KVPO trainer: convergence of the tiny default (3 seeds) with lr=0 and sign-flipped controls, non-finite skips,
+sample videos / branch tables / W&B logging, and the torchrun main job with exact resume (EMA included) after a
+SIGKILL."""
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
 from kvpo_megatron.config import deep_merge, from_dict, parse_overrides
+from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.kvpo.train_config import TINY_DEFAULT, KVPOTrainConfig
 from kvpo_megatron.kvpo.trainer import KVPOTrainer
 
@@ -77,9 +81,9 @@ def _metrics(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
 
 
-def _final_lora(out: Path) -> dict:
+def _final_lora(out: Path, name: str = "final_adapter") -> dict:
     from safetensors.torch import load_file
-    return load_file(str(out / "final_adapter" / "adapter_model.safetensors"))
+    return load_file(str(out / name / "adapter_model.safetensors"))
 
 
 def test_torchrun_main_job_and_exact_resume_after_sigkill(tmp_path):
@@ -114,6 +118,10 @@ def test_torchrun_main_job_and_exact_resume_after_sigkill(tmp_path):
     assert _metrics(killed) [-4:] == _metrics(straight)[-4:] or _metrics(killed)[-4:] == _metrics(straight)
     a, b = _final_lora(straight), _final_lora(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the EMA of the LoRA (on in the tiny default) is saved in the checkpoints and restored bitwise
+    ea, eb = _final_lora(straight, "final_adapter_ema"), _final_lora(killed, "final_adapter_ema")
+    assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
+    assert any(not torch.equal(ea[k], a[k]) for k in a)  # the EMA is not the raw weights
 
 
 def test_tiny_default_with_memory_bank_and_rollout_archive(tmp_path):
@@ -135,3 +143,52 @@ def test_tiny_default_with_memory_bank_and_rollout_archive(tmp_path):
     assert rec["branch_latents"].shape == (4, 4, 18, 8, 8) and rec["anchor_latents"].shape == (1, 4, 18, 8, 8)
     assert rec["routes"].shape == (4, 2, 6) and rec["tve"].shape == (4,)
     assert {"reward_brightness", "advantages", "pivot"} <= set(rec)
+
+
+class _FakeWandb(types.ModuleType):
+    """Records what the trainer hands to ``wandb`` (the package is optional and not installed here)."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+        self.calls = []
+        self.util = types.SimpleNamespace(generate_id=lambda: "run123")
+        self.Video = lambda path, **kw: ("video", path)
+        self.Table = lambda columns, data: ("table", columns, data)
+
+    def init(self, **kw):
+        self.calls.append(("init", kw))
+        return types.SimpleNamespace(log=lambda d, step: self.calls.append(("log", step, d)),
+                                     finish=lambda: self.calls.append(("finish",)))
+
+
+def test_sample_videos_branch_table_and_wandb(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with pytest.raises(ConfigError, match="wandb package is not installed"):
+        _cfg(tmp_path, "logging.wandb.project=p")
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    hist = _run(tmp_path, "train.iterations=2", "logging.sample_every=2", "logging.wandb.project=p",
+                "logging.wandb.mode=offline")
+    run = tmp_path / "run"
+    for kind in ("anchor", "best", "worst"):
+        assert (run / "samples" / f"iter_0000002_{kind}.mp4").stat().st_size > 0
+    assert not list((run / "samples").glob("iter_0000001_*"))  # every 2 iterations
+    ev = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "tensors": 0}).Reload()
+    img = ev.Images("samples/anchor_best_worst")
+    assert [e.step for e in img] == [2] and img[0].height == 3 * 65  # 3 rows of 8x8 frames enlarged x8, + border
+    text = ev.Tensors("samples/branches/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "| branch | route | brightness | total | advantage | tve | pi | shown |" in text
+    assert text.count("| b4:[") == 4 and "best" in text and "worst" in text  # each branch's route of block 4..
+    init = [c for c in fake.calls if c[0] == "init"]
+    assert len(init) == 1 and init[0][1]["project"] == "p" and init[0][1]["mode"] == "offline"
+    assert init[0][1]["config"]["rollout"]["num_branches"] == 4 and (run / "wandb_run_id").read_text() == "run123"
+    logs = [c for c in fake.calls if c[0] == "log"]
+    scalars = [c for c in logs if "reward_mean" in c[2]]
+    assert [c[1] for c in scalars] == [1, 2] and scalars[1][2]["entropy"] == hist[1]["entropy"]
+    media = [c for c in logs if "samples/branches" in c[2]]
+    assert len(media) == 1 and media[0][1] == 2 and media[0][2]["samples/best"][0] == "video"
+    cols, rows = media[0][2]["samples/branches"][1:]
+    assert cols[:3] == ["branch", "route", "brightness"] and len(rows) == 5  # anchor + 4 branches
+    assert fake.calls[-1] == ("finish",)

@@ -6,7 +6,7 @@ and export them back to diffusers or original Wan files (or a peft LoRA adapter)
         [--lora LORA.pt [--lora-alpha A]] [--config config.json] [--use-ema] --out DIR
         [--tp N --cp N] [--dtype auto|bf16|fp32] [--dry-run] [--force]
   python tools/convert_checkpoint.py export DIR --to {diffusers,wan} OUT [--merge-lora] [--dtype keep|bf16|fp32]
-  python tools/convert_checkpoint.py export DIR --lora-only OUT [--lora-names ours|wan]
+  python tools/convert_checkpoint.py export DIR --lora-only OUT [--lora-names ours|wan] [--weights raw|ema]
 
 The imported directory loads at any TP/CP with ``kvpo_megatron.checkpoint.loading.load_model_weights`` (set
 ``model.checkpoint: DIR``); its ``kvpo_checkpoint.json`` holds the model preset/overrides and the LoRA config.
@@ -45,13 +45,16 @@ def parser() -> argparse.ArgumentParser:
     imp.add_argument("--force", action="store_true", help="replace an existing output directory")
     imp.add_argument("--no-progress", action="store_true")
     exp = sub.add_parser("export", help="dist checkpoint directory -> diffusers / Wan files or a peft adapter")
-    exp.add_argument("src", help="model checkpoint directory (from import)")
+    exp.add_argument("src", help="model checkpoint directory (from import); with --lora-only also a training "
+                     "checkpoint (iter_NNNNNNN)")
     exp.add_argument("out", help="output directory")
     what = exp.add_mutually_exclusive_group(required=True)
     what.add_argument("--to", choices=("diffusers", "wan"))
     what.add_argument("--lora-only", action="store_true", help="write the LoRA as a peft adapter")
     exp.add_argument("--merge-lora", action="store_true", help="fold alpha/r * B A into the exported weights")
     exp.add_argument("--lora-names", default="ours", choices=("ours", "wan"), help="module names of --lora-only")
+    exp.add_argument("--weights", default="raw", choices=("raw", "ema"),
+                     help="--lora-only from a training checkpoint: the trained LoRA or its EMA")
     exp.add_argument("--dtype", default="keep", choices=("keep", "bf16", "fp32"))
     exp.add_argument("--force", action="store_true", help="replace an existing output directory")
     return ap
@@ -67,8 +70,10 @@ def run(argv: list[str] | None = None) -> None:
     elif a.lora_only:
         if a.merge_lora:
             raise ConfigError("--merge-lora and --lora-only exclude each other")
-        export_lora(a.src, a.out, names=a.lora_names, force=a.force)
+        export_lora(a.src, a.out, names=a.lora_names, force=a.force, weights=a.weights)
     else:
+        if a.weights != "raw":
+            raise ConfigError("--weights applies to --lora-only exports")
         export_checkpoint(a.src, a.out, to=a.to, merge_lora=a.merge_lora, dtype=a.dtype, force=a.force)
 
 

@@ -360,26 +360,38 @@ def _write_dir(out: Path, force: bool, write) -> list[Path]:
     return [out / n for n in names]
 
 
-def export_lora(path: str | Path, out: str | Path, *, names: str = "ours", force: bool = False) -> list[Path]:
+def export_lora(path: str | Path, out: str | Path, *, names: str = "ours", force: bool = False,
+                weights: str = "raw") -> list[Path]:
     """The checkpoint's LoRA as a peft adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
 
-    ``names``: ``ours`` (loads with ``lora.load_adapter``) or ``wan`` (original module names, e.g. ``ffn.0``,
-    as LongLive/MemFlow's peft models name them).
+    ``path``: a model checkpoint directory (from import) or a training checkpoint (``iter_NNNNNNN``), whose
+    ``weights`` are ``raw`` or ``ema`` (``checkpoint/training_adapter.py``). ``names``: ``ours`` (loads with
+    ``lora.load_adapter``) or ``wan`` (original module names, e.g. ``ffn.0``, as LongLive/MemFlow's peft
+    models name them).
     """
     from safetensors.torch import save_file
 
+    from kvpo_megatron.checkpoint import training_adapter as ta
     from kvpo_megatron.lora import PEFT_PREFIX, WEIGHTS_FILE, LoRAConfig, peft_lora_config
 
     if names not in ("ours", "wan"):
         raise ConfigError(f"--lora-only names must be ours or wan, got {names!r}")
+    if weights not in ("raw", "ema"):
+        raise ConfigError(f"--weights must be raw or ema, got {weights!r}")
     path, out = Path(path), Path(out)
     check_output(out, force)
     _single_process()
-    info, meta = read_info(path) or {}, tensor_metadata(path)
-    if not any(k.startswith(LORA_PREFIX) for k in meta) or not info.get("lora"):
-        raise ConfigError(f"--lora-only: {path} holds no LoRA")
-    lcfg = info["lora"]
-    full = load_full_tensors(path, prefix=LORA_PREFIX, meta=meta)
+    if ta.is_training_checkpoint(path):
+        lcfg = ta.training_config(path).get("lora") or {}
+        full = ta.read_training_adapter(path, weights)
+    else:
+        if weights != "raw":
+            raise ConfigError(f"--weights {weights}: {path} is not a training checkpoint (only those hold EMA)")
+        info, meta = read_info(path) or {}, tensor_metadata(path)
+        if not any(k.startswith(LORA_PREFIX) for k in meta) or not info.get("lora"):
+            raise ConfigError(f"--lora-only: {path} holds no LoRA")
+        lcfg = info["lora"]
+        full = load_full_tensors(path, prefix=LORA_PREFIX, meta=meta)
     cfg = LoRAConfig(rank=int(lcfg["rank"]), alpha=float(lcfg["alpha"]), target_modules=tuple(lcfg["target_modules"]))
     pcfg = peft_lora_config(cfg)
     if names == "wan":

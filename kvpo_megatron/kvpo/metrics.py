@@ -21,6 +21,11 @@ class MetricsLogger:
                 except ImportError:  # tensorboard is an optional extra
                     self._tb = None
 
+    @property
+    def writer(self):
+        """The TensorBoard ``SummaryWriter`` (None when disabled or tensorboard is not installed)."""
+        return self._tb
+
     def log(self, iteration: int, metrics: dict) -> None:
         row = {"iteration": iteration, **{k: (float(v) if isinstance(v, (int, float)) else v)
                                           for k, v in metrics.items()}}

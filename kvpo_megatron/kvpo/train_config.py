@@ -16,6 +16,8 @@ from kvpo_megatron.conditioning.vae import DecoderConfig
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.generation import VideoConfig
 from kvpo_megatron.kvpo.config import ObjectiveConfig, RolloutConfig, RoutingConfig
+from kvpo_megatron.kvpo.ema import EMAConfig
+from kvpo_megatron.kvpo.samples import LoggingConfig
 from kvpo_megatron.lora import LoRAConfig
 from kvpo_megatron.model.build import ModelSection
 from kvpo_megatron.model.kv_cache import CacheConfig
@@ -87,6 +89,10 @@ class KVPOTrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    """EMA of the LoRA weights (saved in checkpoints, ``final_adapter_ema/``)."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Sample videos during training, Weights & Biases."""
     recache_on_switch: bool = True
     """LongLive recache of the local window at prompt switches."""
 
@@ -113,4 +119,6 @@ TINY_DEFAULT: dict = {
     "decoder": {"kind": "preview", "latent_channels": 4},
     "reward": {"components": [{"kind": "brightness", "weight": 1.0, "params": {"target": 1.0}}]},
     "train": {"iterations": 30, "out_dir": "runs/kvpo_tiny"},
+    "ema": {"decay": 0.9},
+    "logging": {"sample_every": 10},
 }

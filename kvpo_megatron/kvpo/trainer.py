@@ -30,13 +30,15 @@ from kvpo_megatron.conditioning.vae import build_decoder
 from kvpo_megatron.config import to_dict
 from kvpo_megatron.data.prompts import PromptDataset, PromptLoader, PromptSample
 from kvpo_megatron.errors import ConfigError
+from kvpo_megatron.kvpo.ema import ParameterEMA
 from kvpo_megatron.kvpo.metrics import MetricsLogger
 from kvpo_megatron.kvpo.objective import guard_passes, multi_advantages, tve_coefficients
 from kvpo_megatron.kvpo.pipeline import ModelGuard, Timeline, check_overlap_supported, replay_generator, run_overlapped
 from kvpo_megatron.kvpo.replay import replay_gradients
 from kvpo_megatron.kvpo.rollout import PromptContext, Rollout, RolloutGroup
+from kvpo_megatron.kvpo.samples import SampleLogger
 from kvpo_megatron.kvpo.train_config import KVPOTrainConfig
-from kvpo_megatron.lora import adapters_disabled, apply_lora, lora_parameters, save_adapter
+from kvpo_megatron.lora import adapters_disabled, lora_parameters, save_adapter
 from kvpo_megatron.model.build import build_model
 from kvpo_megatron.parallel.data_parallel import clip_grad_norm, wrap_data_parallel
 from kvpo_megatron.parallel.state import init_parallel, validate_tokens
@@ -90,6 +92,7 @@ class KVPOTrainer:
                                            eps=o.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / max(1, o.warmup_steps)))
+        self.ema = ParameterEMA(lora_parameters(self.model), cfg.ema.decay) if cfg.ema.enabled else None
         mc = self.model.config
         text_cfg = dataclasses.replace(cfg.text, text_len=mc.text_len, text_dim=mc.text_dim)
         self.text_encoder = build_text_encoder(text_cfg)
@@ -123,6 +126,8 @@ class KVPOTrainer:
             self.replay_gen = replay_generator(self.gen, guard)
         self.last_timeline: Timeline | None = None
         self.metrics = MetricsLogger(cfg.train.out_dir, enabled=self.rank == 0)
+        self.samples = SampleLogger(cfg.logging, out_dir=cfg.train.out_dir, enabled=self.rank == 0, decoder=self.decoder,
+                                    tau=cfg.objective.tau, tensorboard=self.metrics.writer, run_config=to_dict(cfg))
         self.archive = None
         if cfg.train.rollout_archive and self.rank == 0:
             from kvpo_megatron.data.rollout_archive import RolloutArchive
@@ -133,21 +138,9 @@ class KVPOTrainer:
 
     def _load_weights_and_lora(self):
         """Base weights, then LoRA. A converted checkpoint directory's LoRA becomes the trainable adapter."""
-        from kvpo_megatron.checkpoint.loading import checkpoint_lora_config, load_model_weights
+        from kvpo_megatron.checkpoint.loading import load_weights_with_lora
 
-        path = self.cfg.model.checkpoint
-        lora_in_ckpt = path is not None and Path(path).is_dir() and checkpoint_lora_config(path) is not None
-        if lora_in_ckpt:
-            ck = checkpoint_lora_config(path)
-            if (ck.rank, ck.alpha) != (self.cfg.lora.rank, self.cfg.lora.alpha):
-                raise ConfigError(f"checkpoint {path} holds a LoRA of rank {ck.rank}, alpha {ck.alpha}; set "
-                                  f"lora.rank/lora.alpha to match (got {self.cfg.lora.rank}, {self.cfg.lora.alpha})")
-            apply_lora(self.model, self.cfg.lora)
-            load_model_weights(self.model, path, use_ema=self.cfg.model.use_ema)
-            return
-        if path is not None:
-            load_model_weights(self.model, path, use_ema=self.cfg.model.use_ema)
-        apply_lora(self.model, self.cfg.lora)
+        load_weights_with_lora(self.model, self.cfg.model, self.cfg.lora)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _resume(self):
@@ -155,7 +148,10 @@ class KVPOTrainer:
         if path is None:
             return
         state = ckpt.load_training_checkpoint(path, model=self.model, optimizer=self.optimizer,
-                                              pg_collection=self.pgs)
+                                              pg_collection=self.pgs, ema=self.ema.shadow if self.ema else None)
+        if self.ema is not None and not state["ema_restored"]:
+            log.warning("%s holds no EMA: the EMA restarts at its weights", path)
+            self.ema.reset()
         self.iteration = state["iteration"]
         self.scheduler.load_state_dict(state["scheduler_state"])
         self.loader.load_state_dict(state["data_state"])
@@ -168,7 +164,7 @@ class KVPOTrainer:
             self.cfg.checkpoint, self.iteration, model=self.model, optimizer=self.optimizer,
             scheduler_state=self.scheduler.state_dict(), data_state=self.loader.state_dict(),
             extra={"consecutive_skips": self.consecutive_skips, "history": self.metrics.history,
-                   "config": to_dict(self.cfg)}, pg_collection=self.pgs)
+                   "config": to_dict(self.cfg)}, pg_collection=self.pgs, ema=self.ema.shadow if self.ema else None)
 
     # ---- one prompt group --------------------------------------------------------------------
     def _contexts(self, sample: PromptSample) -> list[PromptContext]:
@@ -292,6 +288,8 @@ class KVPOTrainer:
             stepped = bool(any_update.item() > 0 and finite.item() > 0)
             if stepped:
                 self.optimizer.step()
+                if self.ema is not None:
+                    self.ema.update()
             self.scheduler.step()
         self.consecutive_skips = 0 if finite.item() > 0 else self.consecutive_skips + 1
         self.last_results = results  # for inspection (tests, debugging)
@@ -346,13 +344,15 @@ class KVPOTrainer:
             m = self.step()
             self.iteration += 1
             self.metrics.log(self.iteration, m)
+            self.samples.after_iteration(self.iteration, m, self.last_results, self.loader.dataset)
             bar.update(1)
             bar.set_postfix(reward=f"{m['reward_mean']:.4f}", anchor=f"{m['anchor_reward']:.4f}",
-                            kl=f"{m['kl']:.2e}", gnorm=f"{m['grad_norm']:.2e}")
-            log.info("it %d | reward %.4f anchor %.4f | adv %.2f+-%.2f | tve %.3e (spread %.2e) | H %.3f clip %.2f "
-                     "kl %.2e | gnorm %.2e | guard-skip %.2f | rollout %.1fs reward %.1fs replay %.1fs update %.2fs",
-                     self.iteration, m["reward_mean"], m["anchor_reward"], m["adv_mean"], m["adv_std"],
-                     m["tve_mean"], m["tve_spread"], m["entropy"], m["clip_frac"], m["kl"], m["grad_norm"],
+                            H=f"{m['entropy']:.3f}", kl=f"{m['kl']:.2e}", gnorm=f"{m['grad_norm']:.2e}")
+            log.info("it %d | reward %.4f anchor %.4f | adv %.2f+-%.2f | tve %.3e (spread %.2e) | H %.3f (ln G %.3f) "
+                     "kl %.2e clip %.2f | gnorm %.2e | guard-skip %.2f | rollout %.1fs reward %.1fs replay %.1fs "
+                     "update %.2fs", self.iteration, m["reward_mean"], m["anchor_reward"], m["adv_mean"], m["adv_std"],
+                     m["tve_mean"], m["tve_spread"], m["entropy"], math.log(self.cfg.rollout.num_branches), m["kl"],
+                     m["clip_frac"], m["grad_norm"],
                      m["skipped_by_guard"], m.get("time_rollout", 0), m.get("time_reward", 0),
                      m.get("time_replay", 0), m.get("time_update", 0))
             if m["nonfinite_skip"]:
@@ -376,6 +376,10 @@ class KVPOTrainer:
             self._save()
         adapter_dir = out / "final_adapter"
         save_adapter(self.model, self.cfg.lora, adapter_dir)
+        if self.ema is not None:
+            with self.ema.applied():
+                save_adapter(self.model, self.cfg.lora, out / "final_adapter_ema")
+        self.samples.close()
         if self.archive is not None:
             self.archive.close()
         log.info("done: metrics %s, plot %s, adapter %s", out / "metrics.jsonl", out / "reward_curve.png", adapter_dir)
