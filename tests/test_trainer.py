@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import json
+import math
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cfg(tmp_path, *overrides):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("a red fox running through fresh snow at dawn\n")
     return from_dict(KVPOTrainConfig, deep_merge(TINY_DEFAULT, parse_overrides(
@@ -35,20 +37,39 @@ def _run(tmp_path, *overrides):
     return KVPOTrainer(_cfg(tmp_path, *overrides)).train()
 
 
+# Margin of the convergence tests and their controls (first-5 vs last-5 mean brightness of a 20-iteration run).
+# Random drift measured with optim.lr=0 (same prompts and noise, no update) over seeds 0-5: +0.0009, -0.0075,
+# -0.0004, -0.0009, -0.0039, -0.0041 (rms 0.004). Trained runs measured: rises +0.064/+0.099/+0.075 (seeds 0/1/2);
+# sign-flipped reward: falls -0.101/-0.137/-0.091. The margin is 4x the largest drift and under half the smallest
+# effect.
+MARGIN = 0.03
+ITERATIONS = 20
+
+
+def _first_last(hist, key="reward/brightness"):
+    r = [h[key] for h in hist]
+    return sum(r[:5]) / 5, sum(r[-5:]) / 5
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_reward_rises(tmp_path, seed):
-    hist = _run(tmp_path, "train.iterations=14", f"train.seed={seed}")
-    r = [h["reward_mean"] for h in hist]
-    first, last = sum(r[:5]) / 5, sum(r[-5:]) / 5
-    assert last > first + 0.02, (seed, r)
+    hist = _run(tmp_path, f"train.iterations={ITERATIONS}", f"train.seed={seed}")
+    first, last = _first_last(hist)
+    assert last > first + MARGIN, (seed, first, last)
+    # the method shows, not only the direction of the update: a non-uniform Gibbs policy and an active KL
+    assert min(h["entropy"] for h in hist) < math.log(4) - 0.1
+    assert max(h["kl"] for h in hist) > 1e-2
 
 
-def test_reversed_target_makes_reward_fall_control(tmp_path):
-    """Control: the same run rewarding darkness moves brightness the other way (the signal is the reward's)."""
-    hist = _run(tmp_path, "train.iterations=14", "reward.components=[{kind: brightness, params: {target: 1.0}}]",
-                "reward.components=[{kind: brightness, params: {target: 0.0}}]")
-    r = [h["reward_mean"] for h in hist]
-    assert sum(r[-5:]) / 5 > sum(r[:5]) / 5 + 0.02, r  # reward (closeness to black) rises
+def test_controls_no_learning_rate_and_flipped_reward_sign(tmp_path):
+    """With lr=0 the brightness does not rise; with the reward's sign flipped training makes it fall."""
+    first, last = _first_last(_run(tmp_path / "lr0", f"train.iterations={ITERATIONS}", "optim.lr=0"))
+    assert last < first + MARGIN and abs(last - first) < MARGIN, (first, last)
+    flipped = _run(tmp_path / "flip", f"train.iterations={ITERATIONS}",
+                   "reward.components=[{kind: brightness, weight: -1.0, params: {target: 1.0}}]")
+    first, last = _first_last(flipped)
+    assert last < first - MARGIN, (first, last)
+    assert all(h["reward_mean"] == -h["reward/brightness"] for h in flipped)  # the total is the flipped component
 
 
 def test_nonfinite_rewards_skip_updates_then_stop(tmp_path):
