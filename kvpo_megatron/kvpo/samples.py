@@ -106,7 +106,7 @@ def branch_table(result, *, tau: float, chosen: dict[int, str]) -> tuple[list[st
     for k in range(len(result.total)):
         b = local.get(k)
         route = "; ".join(f"b{blk}:{b.routes[blk]}" for blk in g.window if blk in b.routes) if b else "(other rank)"
-        rows.append([k, route, *[float(result.rewards[n][k]) for n in names], float(result.total[k]),
+        rows.append([str(k), route, *[float(result.rewards[n][k]) for n in names], float(result.total[k]),
                      float(result.adv[k]), float(result.tve[k]), float(pi[k]), chosen.get(k, "")])
     return cols, rows
 
