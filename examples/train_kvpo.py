@@ -15,7 +15,7 @@ from kvpo_megatron.config import load_config
 def main() -> None:
     from kvpo_megatron.kvpo.train_config import TINY_DEFAULT, KVPOTrainConfig
     from kvpo_megatron.kvpo.trainer import KVPOTrainer
-    from kvpo_megatron.model.memory_bank import generator_preset
+    from kvpo_megatron.presets import generator_preset
 
     args = parse_args(__doc__)
     if args.config is None and args.preset is None:

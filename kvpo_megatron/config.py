@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,32 +21,54 @@ T = TypeVar("T")
 
 
 def _coerce(tp, value, path: str):
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+    """``value`` (from YAML or an override) as type ``tp``, or a ``ConfigError`` naming ``path``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path) if len(inner) == 1 else value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} is a section: give its fields ({path}.<field>=... or a mapping), "
+                              f"got {value!r}")
         return from_dict(tp, value, path)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         try:
             return tp(value)
         except ValueError:
-            raise ConfigError(f"{path} must be one of {[e.value for e in tp]}, got {value!r}")
-    if origin is tuple and isinstance(value, (list, tuple)):
-        return tuple(value)
-    if tp is float and not isinstance(value, bool):
+            raise ConfigError(f"{path} must be one of {[e.value for e in tp]}, got {value!r}") from None
+    if origin is tuple or origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis and len(args) != len(value):
+            raise ConfigError(f"{path} must have {len(args)} entries, got {len(value)}: {list(value)!r}")
+        kinds = args[:1] if origin is list or (args and args[-1] is Ellipsis) else args
+        items = [_coerce(kinds[min(i, len(kinds) - 1)], v, f"{path}[{i}]") if kinds else v
+                 for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if (origin is dict or tp is dict) and not isinstance(value, dict):
+        raise ConfigError(f"{path} must be a mapping, got {value!r}")
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{path} must be true or false, got {value!r}")
+    if tp is int and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError(f"{path} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
         if isinstance(value, int):
             return float(value)
         if isinstance(value, str):  # YAML 1.1 reads "1e-2" as a string
             try:
                 return float(value)
             except ValueError:
-                raise ConfigError(f"{path} must be a number, got {value!r}")
-    if tp is int and not isinstance(value, int):
-        raise ConfigError(f"{path} must be an integer, got {value!r}")
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        if len(args) == 1:
-            return _coerce(args[0], value, path)
+                raise ConfigError(f"{path} must be a number, got {value!r}") from None
+        if not isinstance(value, float):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+    if tp is str and not isinstance(value, str):
+        raise ConfigError(f"{path} must be a string, got {value!r} (quote it)")
     return value
 
 
@@ -95,11 +118,18 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+            raise ConfigError(f"config file {'is a directory' if p.is_dir() else 'not found'}: {p}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}")
+            raise ConfigError(f"config file {p} is not valid YAML: {' '.join(str(e).split())}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must be a mapping of sections (e.g. 'optim: {{lr: 1e-5}}'), got a "
+                              f"{type(data).__name__}: {data!r:.80}")
     return from_dict(cls, deep_merge(deep_merge(base or {}, data), parse_overrides(overrides or [])))
 
 

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kvpo_megatron.errors import ConfigError
-from kvpo_megatron.lora_layers import CUSTOM_MODULES, ParallelLoraLinear
+from kvpo_megatron.lora_layers import ParallelLoraLinear, lora_base_types
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def peft_lora_config(cfg: LoRAConfig):
     pcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                       target_modules=target_pattern(cfg.target_modules), bias="none", init_lora_weights=True)
     pcfg._register_custom_module({base: functools.partial(cls, init_seed=cfg.init_seed)
-                                  for base, cls in CUSTOM_MODULES.items()})
+                                  for base, cls in lora_base_types().items()})
     return pcfg
 
 
@@ -120,7 +120,6 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     Returns the same model object (mutated in place). Errors name the target that matched nothing or a
     matched module of a type without a LoRA layer here.
     """
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from peft import inject_adapter_in_model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -131,9 +130,11 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     for leaf in cfg.target_modules:
         if not any(n.rsplit(".", 1)[-1] == leaf for n, _ in matched):
             raise ConfigError(f"lora.target_modules: {leaf!r} matches no module inside the model's blocks")
-    wrong = [f"{n} ({type(m).__name__})" for n, m in matched if not isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    supported = tuple(lora_base_types())
+    wrong = [f"{n} ({type(m).__name__})" for n, m in matched if not isinstance(m, supported)]
     if wrong:
-        raise ConfigError(f"lora.target_modules: LoRA supports megatron Column/RowParallelLinear only, got {wrong[:5]}")
+        raise ConfigError(f"lora.target_modules: LoRA supports megatron Column/RowParallelLinear and the TE spec's "
+                          f"linears only, got {wrong[:5]}")
     for p in model.parameters():
         p.requires_grad_(False)
     inject_adapter_in_model(peft_lora_config(cfg), model, adapter_name=ADAPTER)
@@ -188,6 +189,46 @@ def merge_lora(model: nn.Module, *, exact: bool = True) -> None:
             layer.merge(exact=exact)
 
 
+@contextmanager
+def merged(model: nn.Module):
+    """No-grad generation at base-model speed: adapters folded into the weights (exactly restorable), unmerged
+    again on exit. A no-op for a model without adapters."""
+    if not list(lora_layers(model)):
+        yield model
+        return
+    merge_lora(model, exact=True)
+    try:
+        yield model
+    finally:
+        unmerge_lora(model)
+
+
+@contextmanager
+def unmerged(model: nn.Module):
+    """The trainable (unmerged) form inside a :func:`merged` region (bitwise restore), merged again on exit."""
+    layers = [layer for _, layer in lora_layers(model) if layer.merged]
+    with torch.no_grad():
+        for layer in layers:
+            layer.unmerge()
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for layer in layers:
+                layer.merge(exact=True)
+
+
+def lora_state(model: nn.Module) -> str:
+    """``none`` | ``merged`` | ``disabled`` | ``active``: what an adapted forward computes now (adapters are
+    switched together by this module's functions, so the first layer tells)."""
+    layer = next((m for m in model.modules() if isinstance(m, ParallelLoraLinear)), None)
+    if layer is None:
+        return "none"
+    if layer.disable_adapters:
+        return "disabled"
+    return "merged" if layer.merged else "active"
+
+
 def unmerge_lora(model: nn.Module) -> None:
     """Inverse of :func:`merge_lora` (bitwise when merged with ``exact=True``); merged layers only."""
     with torch.no_grad():
@@ -239,8 +280,11 @@ def _check_matches_model(model: nn.Module, r: int, alpha: float, source: str) ->
                           f"r={layer.r[ADAPTER]}, alpha={layer.lora_alpha[ADAPTER]}")
 
 
-def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir: str | Path) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft format) into ``out_dir``.
+def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir: str | Path, *,
+                 comfyui_file: str | Path | None = None) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft format) into ``out_dir``, and with
+    ``comfyui_file`` also that single file in ComfyUI / Wan names with ``.alpha``, which ComfyUI and diffusers'
+    ``WanPipeline.load_lora_weights`` load (``checkpoint/adapter_formats.py``).
 
     Every rank must call it (the TP gather is collective); global rank 0 writes. Returns ``out_dir``.
     """
@@ -256,12 +300,17 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir: str | Path) -> Path
     save_file({PEFT_PREFIX + k: v.cpu().contiguous() for k, v in sd.items()}, str(out_dir / WEIGHTS_FILE),
               metadata={"format": "pt"})
     logger.info("saved LoRA adapter (%d tensors) to %s", len(sd), out_dir)
+    if comfyui_file is not None:
+        from kvpo_megatron.checkpoint.adapter_formats import write_comfyui
+        Path(comfyui_file).parent.mkdir(parents=True, exist_ok=True)
+        write_comfyui({k: v.cpu() for k, v in sd.items()}, cfg.alpha, comfyui_file)
+        logger.info("saved the LoRA for ComfyUI / diffusers (WanPipeline.load_lora_weights) to %s", comfyui_file)
     return out_dir
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> None:
     """Load a peft-format adapter directory (ours or any peft LoRA with the same module names and r/alpha)."""
-    from safetensors.torch import load_file
+    from kvpo_megatron.checkpoint.formats import read_safetensors
 
     path = Path(path)
     cfg_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
@@ -275,6 +324,6 @@ def load_adapter(model: nn.Module, path: str | Path) -> None:
         if meta.get(field) == bad:
             raise ConfigError(f"{cfg_file}: {field}={bad} is not supported")
     _check_matches_model(model, meta.get("r"), meta.get("lora_alpha"), str(cfg_file))
-    sd = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(weights_file)).items()}
+    sd = {k.removeprefix(PEFT_PREFIX): v for k, v in read_safetensors(weights_file).items()}
     sd = {re.sub(rf"\.(lora_[AB])\.{ADAPTER}\.", r".\1.", k): v for k, v in sd.items()}
     load_lora_full_state_dict(model, sd, source_name=str(weights_file))

@@ -33,6 +33,7 @@ import zlib
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, copy_to_tensor_model_parallel_region,
                                            reduce_from_tensor_model_parallel_region)
 from megatron.core.tensor_parallel.layers import (set_defaults_if_not_set_tensor_model_parallel_attributes,
@@ -163,16 +164,19 @@ class ParallelLoraLinear(nn.Module, LoraLayer):
                                    "gradient; call unmerge_lora(model) before training forwards")
             return self.base_layer(x, *args, **kwargs)
         y, bias = self.base_layer(x, *args, **kwargs)
+        # compute in the activations' dtype when it is a low-precision one (bf16 models: bf16 matmuls, float32
+        # master weights and gradients); float32 otherwise
+        dt = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
         for name in self.active_adapters:
             if name not in self.lora_A:
                 continue
-            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-            h = lora_a(self.lora_dropout[name](x.to(lora_a.weight.dtype)))  # [..., r] (partial sum on row)
+            a, b = self.lora_A[name].weight.to(dt), self.lora_B[name].weight.to(dt)
+            h = F.linear(self.lora_dropout[name](x.to(dt)), a)  # [..., r] (partial sum on row)
             if self.row_parallel:
                 h = reduce_from_tensor_model_parallel_region(h, group=self.tp_group)
             else:
                 h = copy_to_tensor_model_parallel_region(h, group=self.tp_group)
-            y = y + (lora_b(h) * self.scaling[name]).to(y.dtype)
+            y = y + (F.linear(h, b) * self.scaling[name]).to(y.dtype)
         return y, bias
 
     # ---- merge ---------------------------------------------------------------------------------
@@ -188,7 +192,7 @@ class ParallelLoraLinear(nn.Module, LoraLayer):
         for name in names:
             if exact and self._unmerged_weight is None and not self.merged:
                 self._unmerged_weight = weight.detach().clone()
-            merged = weight.data + self.get_delta_weight(name).to(weight.dtype)
+            merged = (weight.data.float() + self.get_delta_weight(name)).to(weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"{self.module_name}: NaN/Inf in merged weights of adapter {name!r}")
             weight.data.copy_(merged)
@@ -229,3 +233,19 @@ CUSTOM_MODULES: dict[type[nn.Module], type[ParallelLoraLinear]] = {
     RowParallelLinear: LoraRowParallelLinear,
 }
 """Base megatron linear type -> our LoRA layer (what ``LoraConfig._register_custom_module`` receives)."""
+
+
+def lora_base_types() -> dict[type[nn.Module], type[ParallelLoraLinear]]:
+    """Every adaptable linear type: megatron's parallel linears and, when TransformerEngine is installed, the TE
+    column/row parallel linears of the TE spec (``model/te_spec.py``), which keep the same contract (local input,
+    ``(output, bias)`` result, ``weight`` [out/tp, in] or [out, in/tp], ``input_size``/``output_size`` full sizes,
+    ``tp_group``), so the same LoRA layers wrap them."""
+    types = dict(CUSTOM_MODULES)
+    try:
+        from kvpo_megatron.model.te_spec import te_linear_classes
+        column, row = te_linear_classes()
+    except Exception:  # TransformerEngine absent (CPU machines): local-spec linears only
+        return types
+    types[column] = LoraColumnParallelLinear
+    types[row] = LoraRowParallelLinear
+    return types

@@ -84,3 +84,23 @@ def test_te_spec_without_transformer_engine():
         spec = te_spec(cfg)
         assert "TECachedAttention" in repr(spec.block.submodules.self_attention.submodules.core_attention)
     assert {g.value for g in LinearGroup} == {"self_attn", "cross_attn", "ffn"}
+
+
+def test_bench_tools_take_the_longlive2_generator_layout(pgs, capsys):
+    """--generator longlive2-5b: blocks of 8, a 32-frame span and UniPC in bench_rollout (ours == the plain
+    reference) and bench_iteration, here on the tiny Wan2.2-shaped model with small latents."""
+    import bench_iteration
+
+    res = bench_rollout.main(["--config", "tiny-wan2.2", "--generator", "longlive2-5b", "--latent-h", "4",
+                              "--latent-w", "4", "--frames", "40", "--device", "cpu", "--dtype", "fp32"])
+    assert (res["frames_per_block"], res["span_frames"], res["steps"], res["sampler"]) == (8, 32, 4, "unipc")
+    assert res["steady_blocks"] == 2 and res["rel_err_vs_reference"] < 1e-5  # blocks 3, 4 see the full span
+    assert res["video_fps"] == pytest.approx(32 / res["sec_per_block"])
+    it = bench_iteration.main(["--generator", "longlive2-5b", "--preset", "tiny-wan2.2", "--frames", "40",
+                               "--latent-h", "4", "--latent-w", "4", "--branches", "2", "--window", "1",
+                               "--lora-rank", "4", "--device", "cpu", "--dtype", "fp32"])
+    assert (it["preset"], it["generator"], it["frames"], it["latent"]) == ("tiny-wan2.2", "longlive2-5b", 40, [4, 4])
+    assert it["time_rollout"] > 0
+    with pytest.raises(SystemExit, match="multiple of 8"):
+        bench_rollout.main(["--config", "tiny-wan2.2", "--generator", "longlive2-5b", "--frames", "12",
+                            "--device", "cpu"])

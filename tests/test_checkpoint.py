@@ -132,8 +132,21 @@ def test_import_export_round_trip_every_format(pgs, tmp_path):
         assert _max_err(ref, WanTransformer3DModel.from_pretrained(exp).eval(), ours=False) <= 1e-5, case
     # the EMA choice is honoured (longlive.pt's 'generator' holds the other model)
     assert _max_err(ema, _ours(pgs, tmp_path / "imp_longlive"), ours=True) > 1e-3
-    # loading the training file directly unwraps it as the converter does: 'generator', or 'generator_ema'
+    # load_model_weights reads every source with the converter's reader (same EMA choice), sharded safetensors
+    # (directory or index file) included, into a model with LoRA injected too
     from kvpo_megatron.checkpoint.loading import load_model_weights
+    from kvpo_megatron.lora import LoRAConfig, lora_full_state_dict
+    sharded = tmp_path / "wan_sharded" / "diffusion_pytorch_model.safetensors.index.json"
+    for case, (fmt, src, kw) in [*cases.items(), ("index", ("wan", sharded, {}))]:
+        for lora in (None, LoRAConfig(rank=RANK, alpha=ALPHA)):
+            model = _ours(pgs, tmp_path / "imp_wan", lora)
+            before = lora_full_state_dict(model) if lora else {}
+            load_model_weights(model, src, **kw)
+            assert _max_err(ref, model, ours=True) <= 1e-5, (case, lora)
+            assert all(torch.equal(v, lora_full_state_dict(model)[k]) for k, v in before.items())
+    with pytest.raises(ConfigError, match="expected a dict with 'generator_ema'"):
+        load_model_weights(_ours(pgs, tmp_path / "imp_wan"), tmp_path / "memflow_base.pt", use_ema=True)
+    # loading the training file directly unwraps it as the converter does: 'generator', or 'generator_ema'
     direct = _ours(pgs, tmp_path / "self_forcing.pt")
     assert _max_err(ref, direct, ours=True) <= 1e-5
     load_model_weights(direct, tmp_path / "longlive.pt")
@@ -141,7 +154,6 @@ def test_import_export_round_trip_every_format(pgs, tmp_path):
     load_model_weights(direct, tmp_path / "longlive.pt", use_ema=True)
     assert _max_err(ref, direct, ours=True) <= 1e-5
     # ... also into a model that already has LoRA (base weights under .base_layer.; adapters untouched)
-    from kvpo_megatron.lora import LoRAConfig, lora_full_state_dict
     adapted = _ours(pgs, tmp_path / "memflow_base.pt", LoRAConfig(rank=RANK, alpha=ALPHA))
     before = lora_full_state_dict(adapted)
     assert _max_err(ref, adapted, ours=True) <= 1e-5  # LoRA B starts at zero
@@ -186,12 +198,13 @@ def test_import_with_lora_matches_peft_and_exports(pgs, tmp_path):
     # export merged -> diffusers loads it and matches peft
     export_checkpoint(out, tmp_path / "merged", to="diffusers", merge_lora=True)
     assert _max_err(peft_ref, WanTransformer3DModel.from_pretrained(tmp_path / "merged").eval(), ours=False) <= 1e-5
-    # --lora-only: a peft adapter our loader reads back bitwise, and with Wan names the LongLive keys
-    export_lora(out, tmp_path / "adapter")
+    # --lora-only as a peft adapter our loader reads back bitwise, and with Wan names the LongLive keys
+    # (the default ComfyUI/diffusers formats: tests/test_adapter_export.py)
+    export_lora(out, tmp_path / "adapter", fmt="peft")
     fresh = _ours(pgs, tmp_path / "imp_memflow", lcfg)
     load_adapter(fresh, tmp_path / "adapter")
     assert all(torch.equal(v, lora_full_state_dict(fresh)[k]) for k, v in lora_ours.items())
-    export_lora(out, tmp_path / "adapter_wan", names="wan")
+    export_lora(out, tmp_path / "adapter_wan", fmt="peft", names="wan")
     from safetensors.torch import load_file
     assert load_file(str(tmp_path / "adapter_wan" / "adapter_model.safetensors")).keys() == _peft_lora().keys()
     raw, back = read_lora(tmp_path / "memflow_lora_raw.pt").pairs, read_lora(tmp_path / "adapter_wan").pairs
@@ -431,8 +444,18 @@ def _training_worker(rank, world, root, full):
                                      model=_Wrapper(model2), optimizer=opt2, pg_collection=pgs,  # DDP-style names
                                      ema=ema2.shadow)
     assert state == {"iteration": 3, "scheduler_state": {"lr": 1e-2 * 3}, "data_state": {"cursor": 9},
-                     "extra": {"metrics": metrics[:3]}, "ema_restored": True}, state
+                     "extra": {"metrics": [list(m) for m in metrics[:3]]},  # JSON: tuples read back as lists
+                     "ema_restored": True}, state
     assert all(torch.equal(ema2.shadow[n], t) for n, t in ema_at[3].items())  # this rank's EMA shards, bitwise
+    files = {p.name for p in (Path(root) / "iter_0000003").iterdir()}
+    assert {"training_state.json", "rng_00000.json", "rng_00001.json", "integrity.json", "complete.json"} <= files
+    # the EMA shards live in the torch_dist files the integrity manifest covers, beside the model's
+    from kvpo_megatron.checkpoint.dist import tensor_metadata
+    from kvpo_megatron.checkpoint.training import verify_training_checkpoint
+    verify_training_checkpoint(Path(root) / "iter_0000003")
+    meta = tensor_metadata(Path(root) / "iter_0000003")
+    assert {k[len("ema."):] for k in meta if k.startswith("ema.")} == {k[len("model."):] for k in meta
+                                                                        if k.startswith("model.")}
     resumed = metrics[:3]
     _train_step(model2, opt2, resumed)
     ema2.update()
@@ -456,6 +479,15 @@ def _training_worker(rank, world, root, full):
                     full_t = full_t.chunk(2, dim=dim)[tp_rank]
                 assert torch.equal(full_t, local), n
             assert opt1.state[p]["step"].item() == 4
+    # a truncated shard in the newest checkpoint: rank 0 finds it before any rank loads, every rank falls back
+    from kvpo_megatron.checkpoint.training import select_checkpoint
+    torch.distributed.barrier()
+    if rank == 0:
+        shard = sorted((Path(root) / "iter_0000004").glob("*.distcp"))[-1]
+        shard.write_bytes(shard.read_bytes()[:-7])
+    torch.distributed.barrier()
+    assert select_checkpoint(cfg).name == "iter_0000003"
+    assert (Path(root) / "iter_0000004.damaged").is_dir()
 
 
 def test_training_checkpoint_resume_is_exact_and_reshards(tmp_path):

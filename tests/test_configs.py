@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from kvpo_megatron.config import load_config
+from kvpo_megatron.config import deep_merge, from_dict, load_config, parse_overrides
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.generation import GenerateConfig
-from kvpo_megatron.kvpo.train_config import KVPOTrainConfig
+from kvpo_megatron.kvpo.train_config import TINY_DEFAULT, KVPOTrainConfig
+from kvpo_megatron.kvpo.trainer import KVPOTrainer
 
 CONFIGS = Path(__file__).resolve().parent.parent / "examples" / "configs"
 
@@ -49,4 +51,31 @@ def test_cli_bad_override_exits_2_with_one_line():
                        cwd=root, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 2
     err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-    assert err == ["error: number of latent frames (10) is not a multiple of frames_per_block (3)"], p.stderr[-2000:]
+    assert err == ["error: video.num_frames (10) is not a multiple of cache.frames_per_block (3)"], p.stderr[-2000:]
+
+
+def test_fast_path_fields_name_what_cannot_run_here(tmp_path):
+    """CUDA graphs, the TE spec and FP8 on a CPU machine, and bad rollout/replay batch settings: one message each."""
+    from kvpo_megatron.accelerate import check_accel
+    from kvpo_megatron.kvpo.config import ReplayConfig, RolloutConfig
+    from kvpo_megatron.model.build import ModelSection
+
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError, match="model.cuda_graphs"):
+        check_accel(ModelSection(cuda_graphs=True), device=cpu)
+    with pytest.raises(ConfigError, match="model.overrides.spec=te"):
+        check_accel(ModelSection(overrides={"spec": "te"}), device=cpu)
+    with pytest.raises(ConfigError, match="needs model.overrides.spec=te"):
+        check_accel(ModelSection(overrides={"fp8": "hybrid"}), device=cpu)
+    with pytest.raises(ConfigError, match="model.fp8_linears: unknown group"):
+        ModelSection(fp8_linears=("mlp",))
+    with pytest.raises(ConfigError, match="rollout.batch_size"):
+        RolloutConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="replay.batch_size"):
+        ReplayConfig(batch_size=-2)
+    with pytest.raises(ConfigError, match="replay.recompute"):
+        ReplayConfig(recompute="sometimes")
+    check_accel(ModelSection(compile=False), device=cpu)  # the plain CPU path is fine
+    tr = parse_overrides([f"train.out_dir={tmp_path}", "model.cuda_graphs=true"])
+    with pytest.raises(ConfigError, match="model.cuda_graphs"):
+        KVPOTrainer(from_dict(KVPOTrainConfig, deep_merge(TINY_DEFAULT, tr)))

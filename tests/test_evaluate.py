@@ -165,11 +165,16 @@ def test_export_adapter_from_training_checkpoint(trained, tmp_path):
     ckpt = run / "ckpt" / "iter_0000002"
     for weights, adapter in (("raw", "final_adapter"), ("ema", "final_adapter_ema")):
         out = tmp_path / weights
-        assert convert_tool.main(["export", str(ckpt), str(out), "--lora-only", "--weights", weights]) == 0
+        assert convert_tool.main(["export", str(ckpt), str(out), "--lora-only", "--lora-format", "peft",
+                                  "--weights", weights]) == 0
         a = load_file(str(out / "adapter_model.safetensors"))
         b = load_file(str(run / adapter / "adapter_model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), weights
         assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
+    # the default --lora-format (comfyui) of the raw weights is the run's final_lora.safetensors
+    assert convert_tool.main(["export", str(ckpt), str(tmp_path / "comfy"), "--lora-only"]) == 0
+    a, b = load_file(str(tmp_path / "comfy" / "lora.safetensors")), load_file(str(run / "final_lora.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_bad_inputs_name_the_problem(trained, tmp_path, capsys):

@@ -28,7 +28,7 @@ def _report(**kw):
             f.write(json.dumps(kw) + "\n")
 
 
-def _model(pgs, spec_kind: str, sd, dtype, **ov):
+def _model(pgs, spec_kind: str, sd, dtype, preset: str = "wan-1.3b", **ov):
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
@@ -40,7 +40,7 @@ def _model(pgs, spec_kind: str, sd, dtype, **ov):
 
     if spec_kind == "te":
         ov["use_cpu_initialization"] = False  # TE modules initialise on the GPU
-    cfg = model_config("wan-1.3b", num_layers=2, spec=spec_kind, **{k: v for k, v in ov.items() if k != "fp8_linears"})
+    cfg = model_config(preset, num_layers=2, spec=spec_kind, **{k: v for k, v in ov.items() if k != "fp8_linears"})
     if spec_kind == "te":
         from kvpo_megatron.model.te_spec import te_spec
         spec = te_spec(cfg, fp8_linears=ov.get("fp8_linears", ()))
@@ -102,6 +102,35 @@ def test_te_fp8_within_tolerance(pgs, setup, mode):
     _report(test=mode, err_vs_fp32=err, err_local_bf16_vs_fp32=_rel(setup["local_bf16"], setup["truth"]))
     assert torch.isfinite(out).all()
     assert err <= FP8_REL_TOL
+
+
+def test_te_bf16_matches_local_longlive2(pgs):
+    """Wan2.2-TI2V-5B widths (3072 wide, 24 heads x 128, 48 channels) cut to 2 layers, LongLive 2.0's layout
+    (blocks of 8, sink 8 + local 24) and UniPC sampler, 40 frames (the window rolls at block 4): TE bf16 == local."""
+    from kvpo_megatron.checkpoint.sharding import gather_full_state_dict
+    from kvpo_megatron.config import from_dict
+    from kvpo_megatron.model import CacheConfig
+    from kvpo_megatron.model.memory_bank import generator_preset
+    from kvpo_megatron.sampling import FlowMatchSampler, SamplerConfig, StreamingGenerator
+    from kvpo_megatron.sampling.streaming import PromptSwitch
+
+    tree = generator_preset("longlive2-5b", {"cache", "sampler"})
+    torch.manual_seed(0)
+    truth_model = _model(pgs, "local", None, torch.float32, preset="wan2.2-5b")
+    sd = gather_full_state_dict(truth_model)
+    g = torch.Generator().manual_seed(2)
+    ctx, noise = torch.randn(1, 512, 4096, generator=g).cuda(), torch.randn(1, 48, 40, 8, 16, generator=g).cuda()
+    outs = {}
+    for name, model in (("truth", truth_model), ("local", _model(pgs, "local", sd, torch.bfloat16, preset="wan2.2-5b")),
+                        ("te", _model(pgs, "te", sd, torch.bfloat16, preset="wan2.2-5b"))):
+        gen = StreamingGenerator(model, FlowMatchSampler(from_dict(SamplerConfig, tree["sampler"])),
+                                 from_dict(CacheConfig, tree["cache"]))
+        with torch.no_grad():
+            outs[name] = gen.generate(noise, [PromptSwitch(0, model.encode_text(ctx))]).float()
+    e_te, e_local = _rel(outs["te"], outs["truth"]), _rel(outs["local"], outs["truth"])
+    _report(test="te_bf16_longlive2", err_te_vs_fp32=e_te, err_local_bf16_vs_fp32=e_local)
+    assert torch.isfinite(outs["te"]).all()
+    assert e_te <= 1.5 * e_local + 1e-3 and _rel(outs["te"], outs["local"]) <= BF16_REL_TOL
 
 
 def test_te_grads_match_local_under_cache(pgs, setup):

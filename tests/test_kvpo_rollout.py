@@ -10,9 +10,11 @@ from kvpo_megatron.kvpo import routing as chr
 from kvpo_megatron.kvpo.config import ObjectiveConfig, RolloutConfig, RoutingConfig
 from kvpo_megatron.kvpo.objective import gibbs_log_policy, kvpo_loss, tve_coefficients, tve_term
 from kvpo_megatron.kvpo.replay import replay_gradients
-from kvpo_megatron.kvpo.rollout import BlockDriver, PromptContext, Rollout, encode_prompts, replay_velocity, text_at
+from kvpo_megatron.kvpo.rollout import Rollout, encode_prompts
+from kvpo_megatron.kvpo.types import PromptContext
 from kvpo_megatron.model import CacheConfig
 from kvpo_megatron.model.kv_cache import KVCache
+from kvpo_megatron.sampling.streaming import active_at
 from kvpo_megatron.sampling import FlowMatchSampler, PromptSwitch, SamplerConfig, StreamingGenerator
 from tests.helpers import tiny_model
 
@@ -28,27 +30,23 @@ def _setup(pgs, routing=None, G=3, **cache_kw):
 
 
 class ViewSpy:
-    """Records (read_frames, write_frames) of every view built on caches of a generator."""
+    """Records (read frames of each sample, write_frames) of every view built on any KV cache."""
 
-    def __init__(self, gen):
+    def __init__(self, monkeypatch):
         self.seen = []
-        orig_new = gen.new_cache
+        orig_view = KVCache.view
 
-        def new_cache():
-            cache = orig_new()
-            orig_view = cache.view
-
-            def view(read_frames, write_frames=(), device=None):
-                self.seen.append((tuple(read_frames), tuple(write_frames)))
-                return orig_view(read_frames, write_frames, device)
-            cache.view = view
-            return cache
-        gen.new_cache = new_cache
+        def view(cache, read_frames, write_frames=(), device=None, **kw):
+            per_sample = len(read_frames) > 0 and isinstance(read_frames[0], (list, tuple))
+            for fr in (read_frames if per_sample else [read_frames]):
+                self.seen.append((tuple(fr), tuple(write_frames)))
+            return orig_view(cache, read_frames, write_frames, device, **kw)
+        monkeypatch.setattr(KVCache, "view", view)
 
 
-def test_routed_blocks_attend_sink_routed_and_fixed(pgs):
+def test_routed_blocks_attend_sink_routed_and_fixed(pgs, monkeypatch):
     model, gen, ro, ctx = _setup(pgs)
-    spy = ViewSpy(gen)
+    spy = ViewSpy(monkeypatch)
     grp = ro.run(ctx, SHAPE, iteration=0, prompt_index=0, pivot=5)
     assert grp.window == [5, 6]
     for br in grp.branches:
@@ -67,15 +65,23 @@ def test_routed_blocks_attend_sink_routed_and_fixed(pgs):
         assert br.commit_frames[5] == CacheConfig().default_read_frames(15)  # commit pass unrouted
 
 
-def test_anchor_is_plain_generation_and_prefix_computed_once(pgs):
+@pytest.mark.parametrize("batch_size", [None, 1, 3])
+def test_anchor_is_plain_generation_and_prefix_computed_once(pgs, batch_size):
+    """The anchor equals plain generation bit for bit whatever the batch layout (samples advance together, each
+    reading the shared prefix's pages), and the prefix runs once."""
     model, gen, ro, ctx = _setup(pgs)
-    n0 = gen.forward_count
+    ro.cfg.batch_size = batch_size
+    n0, s0 = gen.forward_count, gen.sample_forwards
     grp = ro.run(ctx, SHAPE, iteration=1, prompt_index=2, pivot=4)
     n_steps, G, blocks = 4, 3, 8
     prefix = 4 * (n_steps + 1)
     rest = (blocks - 4) * (n_steps + 1) * (G + 1)
     scoring = 2 * G * 2 * 2  # (current + reference) x branches x window blocks x routed steps
-    assert grp.forwards == gen.forward_count - n0 == prefix + rest + scoring
+    assert grp.sample_forwards == gen.sample_forwards - s0 == prefix + rest + scoring
+    samples, bs = [-1, 0, 1, 2], batch_size or G + 1
+    chunks = [samples[i:i + bs] for i in range(0, len(samples), bs)]  # batches of anchor + branches
+    per_chunk = [(blocks - 4) * (n_steps + 1) + (2 * 2 if max(c) >= 0 else 0) for c in chunks]  # + scoring calls
+    assert grp.forwards == gen.forward_count - n0 == prefix + sum(per_chunk)
     noise = ro.noise(SHAPE, iteration=1, prompt=2, branch=-1)
     with torch.no_grad():
         plain = gen.generate(noise, [PromptSwitch(0, model.encode_text(ctx[0].context))])
@@ -83,6 +89,31 @@ def test_anchor_is_plain_generation_and_prefix_computed_once(pgs):
     for br in grp.branches:  # shared prefix, divergence only from the pivot
         assert torch.equal(br.latents[:, :, :12], plain[:, :, :12])
         assert not torch.equal(br.latents[:, :, 12:], plain[:, :, 12:])
+
+
+def test_renoise_shares_step_noise_and_identical_routes_give_identical_branches(pgs, monkeypatch):
+    """Re-noising sampler: the keyed fresh noise of each (block, step) is shared by the anchor and every branch, so
+    the anchor equals plain generation driven by the same keyed noise, and branches whose routes coincide are
+    identical; with ``shared_step_noise`` off they differ."""
+    model = tiny_model(pgs, init_method_std=0.1).eval()
+    gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig(kind="renoise")), CacheConfig())
+    ctx = [PromptContext(start_frame=0, context=torch.randn(1, 16, 32))]
+    ro = Rollout(gen, RoutingConfig(window_blocks=2, sampler="dispersed"), RolloutConfig(num_branches=3), seed=3)
+    same = chr.sample_routes  # every branch gets branch 0's routes
+    monkeypatch.setattr(chr, "sample_routes", lambda *a, **k: [same(*a, **k)[0]] * k["num_branches"])
+    grp = ro.run(ctx, SHAPE, iteration=1, prompt_index=2, pivot=4)
+    noise = ro.noise(SHAPE, iteration=1, prompt=2, branch=-1)
+    with torch.no_grad():
+        plain = gen.generate(noise, [PromptSwitch(0, model.encode_text(ctx[0].context))],
+                             step_noise=ro.step_noise(iteration=1, prompt=2))
+    assert torch.equal(plain, grp.anchor.latents)
+    b = grp.branches
+    assert torch.equal(b[0].latents, b[1].latents) and torch.equal(b[1].latents, b[2].latents)
+    assert not torch.equal(b[0].latents, plain)
+    ro.cfg.shared_step_noise = False
+    own = ro.run(ctx, SHAPE, iteration=1, prompt_index=2, pivot=4).branches
+    assert torch.equal(own[0].latents[:, :, :12], b[0].latents[:, :, :12])
+    assert not torch.equal(own[0].latents, own[1].latents)
 
 
 def test_routing_steps_all_window_and_recent_fixed_4(pgs):
@@ -126,26 +157,33 @@ def test_edge_cases_small_and_empty_routable_set():
 
 
 def _direct_loss(gen, grp, adv, cfg):
-    """The loss with every branch's graph alive (reference for the coefficient method)."""
+    """The loss with every branch's graph alive (reference for the coefficient method): per branch, a batch-1
+    fork of the prefix, each tuple replayed with grad, then the branch's stored block committed."""
     tves = []
+    fpb = gen.cache_cfg.frames_per_block
     for br in grp.branches:
-        cache = gen.new_cache()
-        cache.restore(grp.fork_state)
-        driver = BlockDriver(gen, grp.prompts)
+        cache = grp.fork_state.fork(1, grp.private_frames)
         tve = 0.0
         for b in grp.window:
-            for tup in (t for t in br.tuples if t.block == b):
-                text = text_at(encode_prompts(gen.model, grp.contexts), tup.start)
-                tve = tve + tve_term(tup.v_target, replay_velocity(gen, cache, tup, text)).sum()
+            s = b * fpb
             with torch.no_grad():
-                driver.commit(cache, br.latents, b, br.commit_frames[b])
+                gen.enter_block(cache, br.latents, b, grp.prompts)
+            for tup in (t for t in br.tuples if t.block == b):
+                text = active_at(encode_prompts(gen.model, grp.contexts), tup.start).text
+                view = cache.view(gen.cache_cfg.default_read_frames(s, fpb))
+                v = gen.forward(tup.x, tup.timestep, s, text, cache, view)
+                tve = tve + tve_term(tup.v_target, v).sum()
+            with torch.no_grad():
+                gen.commit_block(cache, br.latents[:, :, s:s + fpb], s, active_at(grp.prompts, s).text,
+                                 read_frames=br.commit_frames[b])
         tves.append(tve)
     tve = torch.stack(tves)
     old = torch.tensor([b.tve_old for b in grp.branches])
     return kvpo_loss(tve, old, old, adv, cfg).total, tve
 
 
-def test_coefficient_replay_equals_direct_autograd_and_replays_rollout_tve(pgs):
+@pytest.mark.parametrize("batch_size", [None, 1, 3])
+def test_coefficient_replay_equals_direct_autograd_and_replays_rollout_tve(pgs, batch_size):
     model, gen, ro, ctx = _setup(pgs)
     grp = ro.run(ctx, SHAPE, iteration=0, prompt_index=0, pivot=5)
     cfg = ObjectiveConfig(tau=1e-4)
@@ -158,7 +196,7 @@ def test_coefficient_replay_equals_direct_autograd_and_replays_rollout_tve(pgs):
     old = torch.tensor([b.tve_old for b in grp.branches])
     coeffs, _ = tve_coefficients(old, old, old, adv, cfg)
     model.zero_grad()
-    replay_gradients(gen, grp, coeffs)
+    replay_gradients(gen, grp, coeffs, batch_size=batch_size)
     for p, w in zip(params, want):
         w = torch.zeros_like(p) if w is None else w
         g = torch.zeros_like(p) if p.grad is None else p.grad

@@ -234,6 +234,28 @@ def test_save_load_round_trip_and_peft_loads_our_files(pgs, tmp_path):
             assert (layer(x)[0] - want).abs().max().item() <= 1e-5, name
 
 
+def test_trainer_adapter_loads_in_diffusers(pgs, tmp_path):
+    """The single file the trainer saves beside ``final_adapter/`` (``save_adapter(comfyui_file=...)``): diffusers'
+    ``WanPipeline.load_lora_weights`` loads every trained linear and gives this model's output."""
+    from diffusers import WanPipeline
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    ref = tiny_diffusers()
+    model = _lora_model(pgs, sd=convert_state_dict(ref.state_dict(), "diffusers", "ours"), sinusoid_fp64=False)
+    sd = _random_lora(lora_full_state_dict(model))
+    load_lora_full_state_dict(model, sd, source_name="test")
+    save_adapter(model, CFG, tmp_path / "final_adapter", comfyui_file=tmp_path / "final_lora.safetensors")
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=ref)
+    pipe.load_lora_weights(str(tmp_path / "final_lora.safetensors"))
+    assert sum(isinstance(m, BaseTunerLayer) for m in ref.modules()) == len(list(lora_layers(model))) == 20
+    x, t, ctx, _ = _inputs()
+    with torch.no_grad():
+        want = model(x, t, text=model.encode_text(ctx))
+        with adapters_disabled(model):
+            assert (want - model(x, t, text=model.encode_text(ctx))).abs().max() > 1e-2  # the adapter matters
+        assert (ref(x, t, ctx, return_dict=False)[0] - want).abs().max().item() <= 1e-5
+
+
 def test_bad_configs_and_state_dicts_name_the_problem(pgs, tmp_path):
     with pytest.raises(ConfigError, match="lora.rank must be a positive integer, got 0"):
         LoRAConfig(rank=0)

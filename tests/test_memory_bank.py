@@ -17,19 +17,24 @@ from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.kvpo.config import RolloutConfig, RoutingConfig
 from kvpo_megatron.kvpo.objective import tve_term
 from kvpo_megatron.kvpo.replay import replay_gradients
-from kvpo_megatron.kvpo.rollout import BlockDriver, PromptContext, Rollout, replay_velocity, text_at
+from kvpo_megatron.kvpo.rollout import Rollout
+from kvpo_megatron.kvpo.types import PromptContext
 from kvpo_megatron.model import CacheConfig, KVCache, TextKV
 from kvpo_megatron.model import memory_bank
 from kvpo_megatron.model.kv_cache import LayerKV
 from kvpo_megatron.model.memory_bank import (LOCAL, MemoryBankConfig, bank_scores, generator_preset, keep_indices,
                                              update_after_commit)
 from kvpo_megatron.sampling import FlowMatchSampler, PromptSwitch, SamplerConfig, StreamingGenerator
+from kvpo_megatron.presets import GENERATE_SECTIONS
 from tests.dist_utils import run_workers
 from tests.helpers import tiny_full_state_dict, tiny_model
 
 log = logging.getLogger(__name__)
 T_TOK, HEADS, HDIM = 4, 2, 4  # tokens per frame, heads, head dim of the hand-built tensors
 U = torch.full((HEADS, HDIM), 1 / math.sqrt(HDIM))  # <u_h, u_h> = 1 in every head
+# The rules issue 9 specified (record every record_interval-th block, padding masked); MemFlow's released
+# schedule (the default) is checked against a reference of its inference code in tests/test_upstream_inference.py.
+ISSUE9 = dict(schedule="interval", mask_padding=True)
 
 
 # ---- (1) bookkeeping: a 40-block video against a table worked out by hand ---------------------------------
@@ -92,8 +97,9 @@ class KeyWriter(nn.Module):
     """Test double of the model's cache contract: per layer, read the view, then write for each frame f the key
     a_i(f) * u on every token (a_0 = A0, a_1 = -A0; 0 for other frames). Records what every layer attended."""
 
-    def __init__(self):
+    def __init__(self, relevance: dict[int, int] = A0):
         super().__init__()
+        self.a = relevance
         self.config = SimpleNamespace(num_layers=2)
         self.seen: list[tuple[int, bool, int, list[int]]] = []  # (frame_offset, commit, layer, attended frames)
 
@@ -105,7 +111,7 @@ class KeyWriter(nn.Module):
             self.seen.append((frame_offset, bool(view.write_frames), i, frames))
             ctx = kv.read()
             assert (ctx is None and not frames) or ctx[0].shape[1] == len(frames) * T_TOK
-            a = torch.tensor([(1 - 2 * i) * A0.get(frame_offset + j, 0) for j in range(nf)], dtype=torch.float32)
+            a = torch.tensor([(1 - 2 * i) * self.a.get(frame_offset + j, 0) for j in range(nf)], dtype=torch.float32)
             k = (a[:, None, None, None] * U).expand(nf, T_TOK, HEADS, HDIM).reshape(1, -1, HEADS, HDIM)
             kv.write(k.expand(b, -1, -1, -1), k.expand(b, -1, -1, -1))
         return torch.zeros_like(x) if compute_output else None
@@ -119,11 +125,11 @@ def _text(p: float, valid: int, length: int = 5) -> TextKV:
 @pytest.mark.parametrize("switches", [False, True])
 def test_bank_bookkeeping_matches_hand_table(switches):
     model = KeyWriter()
-    cc = CacheConfig(history_frames=12, memory_bank=MemoryBankConfig())
+    cc = CacheConfig(history_frames=12, memory_bank=MemoryBankConfig(**ISSUE9))
     gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cc, recache_on_switch=True,
                              bank_reduction=LOCAL)
     prompts = [PromptSwitch(0, _text(1.0, 3))]
-    if switches:  # the recache at block 20 re-commits blocks 18 and 19: it must not record frame 54 again
+    if switches:  # the recache at block 20 rewrites frames 51..59 (incl. recorded 54): it must not record again
         prompts += [PromptSwitch(60, _text(-1.0, 4)), PromptSwitch(90, _text(1.0, 2))]
     table = _parse(TWO_SWITCHES if switches else NO_SWITCH)
     cache = gen.new_cache()
@@ -143,15 +149,17 @@ def test_bank_bookkeeping_matches_hand_table(switches):
         for j, f in enumerate(cache.bank_frames[i][0].tolist()):
             assert torch.equal(k[0, j], ((1 - 2 * i) * A0[f] * U).expand(T_TOK, -1, -1)), (i, f)
     assert not cache.is_resident(table[39][1][0])
-    # (3) every forward of every layer attended exactly [sink ; bank after the previous block ; local window]
-    done = -1
-    for s, commit, layer, frames in model.seen:
-        bank = table[done][layer] if done >= 0 else []
-        local = list(range(max(3, s - 6), s))
-        assert frames == [0, 1, 2][:s] + bank + local, (s, commit, layer)
-        if commit and layer == 1 and s // 3 == done + 1:
-            done += 1
-    assert done == 39 and len(model.seen) == 40 * 5 * 2 + (2 * 2 * 2 if switches else 0)
+    # (3) every forward of every layer attended exactly [sink ; bank after the previous block ; local window]; a
+    # recache (LongLive: one forward of the 9 frames before the switch) attends [sink ; bank] and itself
+    want_seen = []
+    for b in range(40):
+        bank = lambda layer: table[b - 1][layer] if b > 0 else []  # noqa: E731
+        if switches and 3 * b in (60, 90):
+            want_seen += [(3 * b - 9, True, i, [0, 1, 2] + bank(i)) for i in range(2)]
+        local = list(range(max(3, 3 * b - 6), 3 * b))
+        for step in range(5):  # 4 solver steps, then the commit
+            want_seen += [(3 * b, step == 4, i, [0, 1, 2][:3 * b] + bank(i) + local) for i in range(2)]
+    assert model.seen == want_seen
     assert max(len(f) for *_, f in model.seen) + 3 == 15  # sink 3 + bank 3 + local span 9 with the block
 
 
@@ -203,7 +211,7 @@ def test_compression_scores_and_picks_by_hand():
 def test_full_bank_keeps_best_plus_newest_through_the_cache(mode, kept):
     """The same entries as frames 1..3 of a cache (one frame per block), then frame 4 arrives."""
     cc = CacheConfig(frames_per_block=1, num_sink_frames=1, local_attn_frames=1, history_frames=4,
-                     memory_bank=MemoryBankConfig(bank_size=3, record_interval=1, bank_score=mode))
+                     memory_bank=MemoryBankConfig(**ISSUE9, bank_size=3, record_interval=1, bank_score=mode))
     cache = KVCache(cc, 1)
     k, mask = _hand_text(2)
     text = TextKV(layers=[(k, k)], mask=mask)
@@ -227,16 +235,19 @@ def test_config_and_presets():
         MemoryBankConfig(bank_size=0)
     with pytest.raises(ConfigError, match="sma_top_k must be >= 1, got 0"):
         MemoryBankConfig(sma=True, sma_top_k=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="bank_score must be one of"):
         MemoryBankConfig(bank_score="max")
+    with pytest.raises(ConfigError, match="schedule must be one of"):
+        MemoryBankConfig(schedule="every")
     mem = from_dict(KVPOTrainConfig, generator_preset("memflow-1.3b"))
     ll = from_dict(KVPOTrainConfig, generator_preset("longlive-1.3b"))
-    assert mem.cache.memory_bank == MemoryBankConfig(bank_size=3, record_interval=3, bank_score="dot")
+    assert mem.cache.memory_bank == MemoryBankConfig(bank_size=3, record_interval=3, schedule="release",
+                                                     bank_score="dot", mask_padding=False)
     assert mem.routing.num_recent_fixed == 3 and mem.model.preset == "wan-1.3b" and mem.recache_on_switch
     assert ll.cache.memory_bank is None
     assert dataclasses.replace(mem.cache, memory_bank=None) == ll.cache and mem.routing == ll.routing
-    gen = from_dict(GenerateConfig, generator_preset("memflow-1.3b", {"model", "cache", "recache_on_switch"}))
-    assert gen.cache == mem.cache
+    gen = from_dict(GenerateConfig, generator_preset("memflow-1.3b", GENERATE_SECTIONS))
+    assert gen.cache == mem.cache and gen.sampler == mem.sampler
     with pytest.raises(ConfigError, match="unknown generator preset 'memflow'"):
         generator_preset("memflow")
 
@@ -245,7 +256,7 @@ def test_config_and_presets():
 def _sparse_cache(top_k: int, sma: bool = True) -> KVCache:
     """Frames 0..11 resident, keys per head h: a_h(f) * u + an alternating +-10 e_0 that cancels in the token mean.
     Bank (every layer) = frames 3, 6, 9. a_0 / a_1 per frame below; values are arbitrary, chosen by hand."""
-    cc = CacheConfig(history_frames=12, memory_bank=MemoryBankConfig(sma=sma, sma_top_k=top_k))
+    cc = CacheConfig(history_frames=12, memory_bank=MemoryBankConfig(**ISSUE9, sma=sma, sma_top_k=top_k))
     cache = KVCache(cc, num_layers=1)
     a = {0: (1, 0), 1: (-2, 0), 2: (3, 0), 3: (5, 0), 4: (0, 0), 5: (0, 0), 6: (1, 2), 7: (0, 0), 8: (0, 0),
          9: (-4, 0), 10: (0, 0), 11: (0, 0)}
@@ -314,8 +325,8 @@ def test_real_model_sparse_activation_attends_top_k_plus_local(pgs):
     text = model.encode_text(torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(2)))
     out, logs = {}, {}
     for sma in (False, True):
-        cc = CacheConfig(history_frames=12, memory_bank=MemoryBankConfig(bank_size=2, record_interval=1, sma=sma,
-                                                                        sma_top_k=2))
+        cc = CacheConfig(history_frames=12, memory_bank=MemoryBankConfig(**ISSUE9, bank_size=2, record_interval=1,
+                                                                        sma=sma, sma_top_k=2))
         gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cc)
         cache = gen.new_cache()
         cache.sparse_log = []
@@ -350,7 +361,7 @@ class SpyKV(LayerKV):
 # ---- (3) the real model: attended K = [sink ; bank ; local], entries = commit-pass K/V after eviction -------
 def test_real_model_attends_sink_bank_local_and_keeps_committed_kv(pgs):
     model = tiny_model(pgs).eval()
-    cc = CacheConfig(history_frames=12, memory_bank=MemoryBankConfig())
+    cc = CacheConfig(history_frames=12, memory_bank=MemoryBankConfig(**ISSUE9))
     gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cc)
     cache = gen.new_cache()
     reads, committed = [], {}
@@ -402,49 +413,46 @@ SHAPE = (1, 4, 24, 8, 8)
 
 
 def _replayed_tves(gen, grp, fork) -> list[float]:
-    """No-grad replay of every branch from ``fork``: the unrouted context rebuilt by the branch's commits."""
+    """No-grad replay of every branch from ``fork`` (a frozen prefix cache): the unrouted context rebuilt by the
+    branch's commits, one branch at a time."""
     out = []
+    fpb = gen.cache_cfg.frames_per_block
     with torch.no_grad():
         for br in grp.branches:
-            cache = gen.new_cache()
-            cache.restore(fork)
-            driver, tve = BlockDriver(gen, grp.prompts), 0.0
+            cache, tve = fork.fork(1, grp.private_frames), 0.0
             for b in grp.window:
-                driver.enter(cache, br.latents, b)
+                s = b * fpb
+                text = gen.enter_block(cache, br.latents, b, grp.prompts)
                 for tup in (t for t in br.tuples if t.block == b):
-                    tve += float(tve_term(tup.v_target, replay_velocity(gen, cache, tup,
-                                                                        text_at(grp.prompts, tup.start))).sum())
-                driver.commit(cache, br.latents, b, br.commit_frames[b])
+                    view = cache.view(gen.cache_cfg.default_read_frames(s, fpb))
+                    tve += float(tve_term(tup.v_target, gen.forward(tup.x, tup.timestep, s, text, cache, view)).sum())
+                gen.commit_block(cache, br.latents[:, :, s:s + fpb], s, text, read_frames=br.commit_frames[b])
             out.append(tve)
     return out
 
 
 @pytest.mark.parametrize("sma", [False, True])
-def test_kvpo_rollout_and_replay_with_bank(pgs, sma):
+def test_kvpo_rollout_and_replay_with_bank(pgs, sma, monkeypatch):
     model = tiny_model(pgs).eval()
-    cc = CacheConfig(memory_bank=MemoryBankConfig(bank_size=2, record_interval=1, sma=sma, sma_top_k=2))
+    cc = CacheConfig(memory_bank=MemoryBankConfig(**ISSUE9, bank_size=2, record_interval=1, sma=sma, sma_top_k=2))
     gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cc, recache_on_switch=True)
     ro = Rollout(gen, RoutingConfig(window_blocks=2), RolloutConfig(num_branches=3), seed=3)
     g = torch.Generator().manual_seed(5)
     ctx = [PromptContext(start_frame=0, context=torch.randn(1, 16, 32, generator=g)),
            PromptContext(start_frame=18, context=torch.randn(1, 16, 32, generator=g))]  # switch inside the window
     views = []
-    orig_new = gen.new_cache
+    orig_view = KVCache.view
 
-    def new_cache():
-        cache = orig_new()
-        orig_view = cache.view
-
-        def view(read_frames, write_frames=(), device=None, **kw):
-            v = orig_view(read_frames, write_frames, device, **kw)
-            views.append((tuple(read_frames), v.bank_entries, cache.attended_frames(0, v)[0],
-                          cache.bank_frames[0][0].tolist() if cache.bank_len else []))
-            return v
-        cache.view = view
-        return cache
-    gen.new_cache = new_cache
+    def view(cache, read_frames, write_frames=(), device=None, **kw):
+        v = orig_view(cache, read_frames, write_frames, device, **kw)
+        per_sample = len(read_frames) > 0 and isinstance(read_frames[0], (list, tuple))
+        for i, fr in enumerate(read_frames if per_sample else [read_frames] * cache.batch_size):
+            views.append((tuple(fr), v.bank_entries, cache.attended_frames(0, v)[i],
+                          cache.bank_frames[0][i].tolist() if cache.bank_len else []))
+        return v
+    monkeypatch.setattr(KVCache, "view", view)
     grp = ro.run(ctx, SHAPE, iteration=0, prompt_index=0, pivot=5)
-    gen.new_cache = orig_new
+    monkeypatch.undo()
     # the fork state carries the bank: blocks 1..4 recorded frames 3, 6, 9, 12; 2 kept, the newest last
     for i in range(2):
         assert grp.fork_state.bank_frames[i].shape == (1, 2) and int(grp.fork_state.bank_frames[i][0, -1]) == 12
@@ -464,11 +472,11 @@ def test_kvpo_rollout_and_replay_with_bank(pgs, sma):
     assert torch.allclose(torch.tensor(got, dtype=torch.float64), torch.tensor(old, dtype=torch.float64), rtol=1e-5)
     assert sum(float(p.grad.abs().sum()) for p in model.parameters() if p.grad is not None) > 0
     # ... and the bank matters: a fork state with zeroed bank K/V replays to different TVEs
-    bad = dataclasses.replace(grp.fork_state, k=[t.clone() for t in grp.fork_state.k],
-                              v=[t.clone() for t in grp.fork_state.v])
-    base = gen.new_cache().num_slots
+    bad = gen.new_cache()
+    bad.restore(grp.fork_state.snapshot())
+    bank_pages = bad.page[:, bad.num_slots:].flatten()
     for t in bad.k + bad.v:
-        t[:, base:] = 0
+        t[bank_pages] = 0
     wrong = torch.tensor(_replayed_tves(gen, grp, bad), dtype=torch.float64)
     log.info("TVE_old %s, replayed %s, replayed with zeroed bank %s", old, got, wrong.tolist())
     assert ((wrong - torch.tensor(old, dtype=torch.float64)).abs() / torch.tensor(old) > 1e-3).all()
@@ -488,11 +496,12 @@ def _bank_scenario(model, mode: str | None) -> dict:
     ctx1, ctx2 = torch.randn(2, 16, 32, generator=g), torch.randn(2, 16, 32, generator=g)
     ctx1[0, 9:], ctx1[1, 13:], ctx2[0, 5:] = 0, 0, 0  # per-sample padding
     noise = torch.randn(2, 4, 30, h, w, generator=g)
-    bank = None if mode is None else MemoryBankConfig(bank_size=2, record_interval=1, bank_score=mode.split("+")[0],
-                                                      sma=mode.endswith("+sma"), sma_top_k=2)
+    bank = None if mode is None else MemoryBankConfig(**ISSUE9, bank_size=2, record_interval=1,
+                                                      bank_score=mode.split("+")[0], sma=mode.endswith("+sma"),
+                                                      sma_top_k=2)
     cc = CacheConfig(history_frames=12, memory_bank=bank)
     gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cc, recache_on_switch=True)
-    cache = gen.new_cache()
+    cache = gen.new_cache(2)
     cache.sparse_log = []
     scores, orig = [], memory_bank.bank_scores
 

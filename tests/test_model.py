@@ -116,11 +116,52 @@ def test_cache_snapshot_restore_is_bitwise_and_per_sample_gather(pgs):
     assert not torch.equal(cache.k[1], k_before)
     cache.restore(snap)
     assert torch.equal(cache.k[1], k_before) and cache.resident_frames() == list(range(9))
-    k2 = torch.cat([cache.k[0]] * 2)
-    cache.k[0], cache.v[0] = k2, torch.cat([cache.v[0]] * 2)
-    view = cache.view([[0, 4], [5, 1]])
-    kk, _ = cache.gather(0, view.read_slots)
-    assert torch.equal(kk[0, :16], k2[0, 0]) and torch.equal(kk[1, :16], k2[1, 5])
+    # a batch of 2 whose samples hold different frames: per-sample views read each sample's own pages
+    two = gen.new_cache(2)
+    with torch.no_grad():
+        for s in range(0, 9, 3):
+            gen.commit_block(two, torch.cat([x[:, :, s:s + 3], -x[:, :, s:s + 3]]), s, text)
+    view = two.view([[0, 4], [5, 1]])
+    kk, _ = two.gather(0, view.read_slots)
+    k0, _ = two.frame_kv(0, [0, 4, 5, 1])  # [2, 4, T, h, d]
+    assert torch.equal(kk[0, :16], k0[0, 0]) and torch.equal(kk[0, 16:], k0[0, 1])
+    assert torch.equal(kk[1, :16], k0[1, 2]) and torch.equal(kk[1, 16:], k0[1, 3])
+    assert not torch.equal(k0[0], k0[1])
+
+
+def test_forked_batch_shares_the_prefix_and_writes_private_pages(pgs):
+    """A fork reads the frozen parent's pages (stored once), writes its own: each sample of the fork equals a
+    plain continuation of the prefix; the parent never changes; a reused private page is no longer resident."""
+    model, text, x = _setup(pgs, frames=30)
+    cfg = CacheConfig(history_frames=12)
+    gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cfg)
+    prefix = gen.new_cache(1, fork_batch=3, private_frames=9)
+    with torch.no_grad():
+        for s in range(0, 12, 3):
+            gen.commit_block(prefix, x[:, :, s:s + 3], s, text)
+    before = [t.clone() for t in prefix.k]
+    bytes_prefix = prefix.nbytes()
+    fork = prefix.fork(3, 9)
+    assert prefix.frozen and fork.nbytes() == bytes_prefix  # one pool: no copy of the prefix
+    with pytest.raises(RuntimeError, match="frozen"):
+        prefix.view([0], write_frames=[12])
+    cont = [x, -x, 2 * x]
+    with torch.no_grad():
+        for s in range(12, 30, 3):
+            gen.commit_block(fork, torch.cat([c[:, :, s:s + 3] for c in cont]), s, text)
+    for t, b in zip(prefix.k, before):  # the parent's pages are untouched
+        assert torch.equal(t[:prefix.page.numel()], b[:prefix.page.numel()])
+    for i, c in enumerate(cont):  # sample i == a cache that committed the prefix then c
+        ref = gen.new_cache(1)
+        with torch.no_grad():
+            for s in range(0, 30, 3):
+                gen.commit_block(ref, (x if s < 12 else c)[:, :, s:s + 3], s, text)
+        frames = cfg.default_read_frames(30)
+        assert torch.equal(fork.frame_kv(1, frames)[0][i], ref.frame_kv(1, frames)[0][0])
+    # history 12 keeps frames 18..29; the private ring of 9 holds only 21..29: 18..20 are gone
+    assert fork.resident_frames() == [0, 1, 2] + list(range(21, 30))
+    with pytest.raises(ValueError, match="must hold the local window"):
+        prefix.fork(2, 6)
 
 
 def test_bad_inputs_name_the_problem(pgs):

@@ -6,6 +6,8 @@ Each spawned gloo world runs several layouts (``init_parallel`` rebuilds the gro
 (b) the latents of a 30-frame ``generate`` across a window roll and a recached prompt switch,
 (c) the measured ``cache.nbytes()``, (d) CHR-style gathers of routed frames from the sharded cache.
 The pytest process compares them with the reference (<= 1e-5) and with the expected shard.
+The 2-rank world also runs the Wan2.2-TI2V-5B shape (``tiny-wan2.2``: 48 latent channels, 6 heads) at TP=2 and
+CP=2 (Ulysses) through scenario (a).
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def _scenario(model, grads_fn) -> dict:
     cache_cfg = CacheConfig(history_frames=12)
     gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cache_cfg, recache_on_switch=True)
     # (a) cache filled by commit passes, then one denoise forward + backward
-    cache = gen.new_cache()
+    cache = gen.new_cache(x["noise"].shape[0])
     with torch.no_grad():
         text = model.encode_text(x["ctx1"])
         for s in range(0, 9, 3):
@@ -56,7 +58,7 @@ def _scenario(model, grads_fn) -> dict:
     (out * x["weight"]).mean().backward()
     res = dict(out=out.detach(), grads=grads_fn(model), step_nbytes=cache.nbytes())
     # (b) whole video: window roll (history 12), prompt switch at frame 15 with recache
-    cache = gen.new_cache()
+    cache = gen.new_cache(x["noise"].shape[0])
     with torch.no_grad():
         prompts = [PromptSwitch(0, model.encode_text(x["ctx1"])), PromptSwitch(15, model.encode_text(x["ctx2"]))]
         res["latents"] = gen.generate(x["noise"], prompts, cache=cache)
@@ -82,6 +84,52 @@ def ref(pgs):
 
 
 # ---- worker side -----------------------------------------------------------------------------------------
+def _wan22_step(model, grads_fn) -> dict:
+    """Scenario (a) at the Wan2.2 shape: a committed cache, then one grad-enabled denoise step."""
+    g = torch.Generator().manual_seed(2)
+    h, w = LATENT_HW
+    clean, noisy, weight = (torch.randn(2, 48, f, h, w, generator=g) for f in (6, 2, 2))
+    ctx = torch.randn(2, 16, 32, generator=g)
+    cache_cfg = CacheConfig(frames_per_block=2, num_sink_frames=2, local_attn_frames=4, history_frames=6)
+    gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cache_cfg)
+    cache = gen.new_cache()
+    with torch.no_grad():
+        text = model.encode_text(ctx)
+        for s in range(0, 6, 2):
+            gen.commit_block(cache, clean[:, :, s:s + 2], s, text)
+    model.zero_grad(set_to_none=True)
+    out = model(noisy, torch.tensor([937.0, 624.0]), text=model.encode_text(ctx), frame_offset=6, cache=cache,
+                view=cache.view(cache_cfg.default_read_frames(6)))
+    (out * weight).mean().backward()
+    return dict(out=out.detach(), grads=grads_fn(model))
+
+
+@pytest.fixture(scope="module")
+def ref22(pgs):
+    from kvpo_megatron.checkpoint.sharding import load_full_state_dict
+    from kvpo_megatron.model import CausalWanDiT, model_config
+
+    torch.manual_seed(22)
+    model = CausalWanDiT(model_config("tiny-wan2.2", init_method_std=0.3), pg_collection=pgs)
+    sd = {n: p.detach().clone() for n, p in model.named_parameters()}
+    load_full_state_dict(model, sd)
+    res = _wan22_step(model, lambda m: {n: p.grad.detach().clone() for n, p in m.named_parameters()})
+    assert res["out"].abs().max() > 0.1 and all(g.abs().max() > 0 for g in res["grads"].values())
+    return sd, res
+
+
+def _run_wan22(rank, sd, tp, cp, outdir):
+    from kvpo_megatron.checkpoint.sharding import load_full_state_dict
+    from kvpo_megatron.model.build import ModelSection, build_model
+    from kvpo_megatron.parallel.state import ParallelConfig, init_parallel
+
+    pgs = init_parallel(ParallelConfig(tensor_model_parallel_size=tp, context_parallel_size=cp), num_heads=6)
+    model = build_model(ModelSection(preset="tiny-wan2.2"), pg_collection=pgs, tp=tp, cp=cp)
+    load_full_state_dict(model, sd)
+    res = _wan22_step(model, lambda m: _full_grads(m, pgs))
+    torch.save(res, os.path.join(outdir, f"wan22-{tp}x{cp}-rank{rank}.pt"))
+
+
 def _full_grads(model, pgs) -> dict:
     """Gradients averaged over CP (what DDP over dp_cp does) and all-gathered over TP."""
     from kvpo_megatron.checkpoint.sharding import is_sharded
@@ -166,7 +214,7 @@ def _ddp_checks(rank, world, sd, ref_grads, outdir):
     x = _inputs()
     cache_cfg = CacheConfig(history_frames=12)
     gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cache_cfg)
-    cache = gen.new_cache()
+    cache = gen.new_cache(x["noise"].shape[0])
     with torch.no_grad():
         text = model.encode_text(x["ctx1"])
         for s in range(0, 9, 3):
@@ -206,7 +254,9 @@ def _ddp_checks(rank, world, sd, ref_grads, outdir):
     torch.save(dict(cp_err=cp_err, dp_err=dp_err, own_gap=own_gap), os.path.join(outdir, f"ddp-rank{rank}.pt"))
 
 
-def _worker_2(rank, world, sd, ref_grads, outdir):
+def _worker_2(rank, world, sd, ref_grads, outdir, sd22):
+    _run_wan22(rank, sd22, 2, 1, outdir)
+    _run_wan22(rank, sd22, 1, 2, outdir)
     _run_layout(rank, sd, 2, 1, "auto", outdir)
     _run_layout(rank, sd, 1, 2, "ulysses", outdir)
     _, model = _run_layout(rank, sd, 1, 2, "allgather", outdir)
@@ -278,9 +328,18 @@ def _check_layout(ref_res, outdir, tp, cp, kind):
              ref_res["gen_nbytes"] // got["gen_nbytes"])
 
 
-def test_tp2_cp2_ulysses_allgather_ddp_equal_single_process(ref, tmp_path):
+def test_tp2_cp2_ulysses_allgather_ddp_equal_single_process(ref, ref22, tmp_path):
     sd, ref_res = ref
-    run_workers(_worker_2, 2, sd, ref_res["grads"], str(tmp_path))
+    sd22, ref22_res = ref22
+    run_workers(_worker_2, 2, sd, ref_res["grads"], str(tmp_path), sd22)
+    for tp, cp in ((2, 1), (1, 2)):
+        for rank in range(2):
+            got = torch.load(tmp_path / f"wan22-{tp}x{cp}-rank{rank}.pt")
+            assert _max_err(got["out"], ref22_res["out"]) <= TOL, (tp, cp, rank)
+            assert set(got["grads"]) == set(ref22_res["grads"])
+            for n, gr in got["grads"].items():
+                want = ref22_res["grads"][n]
+                assert _max_err(gr, want) <= TOL * max(1.0, want.abs().max().item()), (tp, cp, rank, n)
     for tp, cp, kind in ((2, 1, "auto"), (1, 2, "ulysses"), (1, 2, "allgather")):
         _check_layout(ref_res, str(tmp_path), tp, cp, kind)
     for rank in range(2):

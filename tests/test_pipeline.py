@@ -24,7 +24,8 @@ from kvpo_megatron.lora import lora_full_state_dict
 
 def _trainer(tmp_path, name, *overrides):
     return KVPOTrainer(from_dict(KVPOTrainConfig, deep_merge(TINY_DEFAULT, parse_overrides([
-        f"train.out_dir={tmp_path / name}", "train.progress=false", "objective.guard=false", *overrides]))))
+        f"train.out_dir={tmp_path / name}", "train.progress=false", "objective.guard=false",
+        "rollout.merge_lora=false", *overrides]))))
 
 
 def _rollouts(trainer):
@@ -158,15 +159,15 @@ def test_run_overlapped_order_threads_and_failures():
 
 
 def test_overlap_refused_where_not_exact(tmp_path):
-    with pytest.raises(ConfigError, match="tensor_model_parallel_size"):
-        check_overlap_supported(tp=2, cp=1, te_spec=False, context_noise=0.0)
-    with pytest.raises(ConfigError, match="context_parallel_size"):
-        check_overlap_supported(tp=1, cp=2, te_spec=False, context_noise=0.0)
-    with pytest.raises(ConfigError, match="'te'"):
-        check_overlap_supported(tp=1, cp=1, te_spec=True, context_noise=0.0)
-    check_overlap_supported(tp=1, cp=1, te_spec=False, context_noise=0.0)
-    with pytest.raises(ConfigError, match="sampler.context_noise"):
-        _trainer(tmp_path, "noise", "train.overlap=true", "sampler.context_noise=10")
+    ok = dict(tp=1, cp=1, te_spec=False, merge_lora=False, cuda_graphs=False)
+    for bad, match in ((dict(tp=2), "tensor_model_parallel_size"), (dict(cp=2), "context_parallel_size"),
+                       (dict(te_spec=True), "'te'"), (dict(merge_lora=True), "rollout.merge_lora"),
+                       (dict(cuda_graphs=True), "model.cuda_graphs")):
+        with pytest.raises(ConfigError, match=match):
+            check_overlap_supported(**{**ok, **bad})
+    check_overlap_supported(**ok)
+    with pytest.raises(ConfigError, match="rollout.merge_lora"):
+        _trainer(tmp_path, "merged", "train.overlap=true", "rollout.merge_lora=true")
 
 
 def _alternate_modes(tmp_path, *overrides) -> dict[str, list[dict]]:

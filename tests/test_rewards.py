@@ -29,9 +29,44 @@ from kvpo_megatron.rewards import (
 from kvpo_megatron.rewards import qwen2vl as q
 from kvpo_megatron.rewards.hpsv3 import INSTRUCTION as HPS_INSTRUCTION
 from kvpo_megatron.rewards.hpsv3 import HPSv3Reward
-from kvpo_megatron.rewards.videoalign import PROMPT_TEMPLATE as VA_TEMPLATE
 from kvpo_megatron.rewards.videoalign import SPECIAL_TOKENS as VA_TOKENS
 from kvpo_megatron.rewards.videoalign import VideoAlignReward, sample_indices
+from kvpo_megatron.rewards.videoalign_template import read_template
+
+# A prompt_template.py in the form of VideoAlign's release (module-level template strings, build_prompt choosing one
+# by template type), with this test's own wording. Its last line would leave a marker file if it were ever run.
+VA_TEMPLATE = """
+Rate the generated video on three criteria, each from 0 to 10.
+
+Visual quality: sharpness, detail, colour, no structural errors.
+Visual quality rating: <|VQ_reward|>
+END
+
+Motion quality: smooth, natural, stable movement of enough amplitude.
+Motion quality rating: <|MQ_reward|>
+END
+
+Text alignment: subject, motion, scene and style follow the prompt.
+Prompt - {text_prompt}
+Text alignment rating: <|TA_reward|>
+END
+"""
+VA_MODULE = f'''
+PLAIN = """Rate this video. Prompt: "{{text_prompt}}"."""
+
+WITH_TOKENS = """{VA_TEMPLATE}"""
+
+
+def build_prompt(prompt, dimension, template_type):
+    if template_type == "plain":
+        return PLAIN.format(text_prompt=prompt)
+    elif template_type == "detailed_special":
+        return WITH_TOKENS.format(text_prompt=prompt)
+    raise ValueError("Invalid template type")
+
+
+open(__file__ + ".executed", "w").write("the template module was run")
+'''
 
 MEDIA = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
          "<|video_pad|>"]
@@ -122,6 +157,7 @@ def videoalign_files(tmp_path_factory):
                 p.normal_(0, 0.3)
     ckpt = root / "VideoReward" / "checkpoint-100"
     ckpt.mkdir(parents=True)
+    (root / "VideoReward" / "prompt_template.py").write_text(VA_MODULE)  # the release's module, beside the checkpoint
     save_file({f"base_model.model.{to_old_layout(k)}": v.contiguous()
                for k, v in get_peft_model_state_dict(ref).items()}, str(ckpt / "adapter_model.safetensors"))
     (ckpt / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
@@ -133,10 +169,12 @@ def videoalign_files(tmp_path_factory):
     (root / "VideoReward" / "checkpoint-50").mkdir()  # an older, incomplete checkpoint must not be picked
     norm = {"VQ_mean": 1.0, "VQ_std": 2.0, "MQ_mean": -1.0, "MQ_std": 0.5, "TA_mean": 0.0, "TA_std": 4.0}
     (root / "VideoReward" / "model_config.json").write_text(json.dumps(
-        {"model_config": {"rm_head_type": "default"}, "inference_config": norm}))
+        {"data_config": {"prompt_template_type": "detailed_special"}, "model_config": {"rm_head_type": "default"},
+         "inference_config": norm}))
     opts = dict(video_fps=8.0, **PIX)
     normalization = {d: (norm[f"{d}_mean"], norm[f"{d}_std"]) for d in ("VQ", "MQ", "TA")}
-    return root, VideoAlignReward(ref, ref_tok, normalization=normalization, **opts), opts
+    return root, VideoAlignReward(ref, ref_tok, prompt_template=VA_TEMPLATE, normalization=normalization,
+                                  **opts), opts
 
 
 # ----------------------------------------------------------------------------- HPSv3
@@ -186,7 +224,7 @@ def test_videoalign_release_format_matches_unmerged_lora(videoalign_files):
 def test_videoalign_grayscale_mq_and_fps_sampling(videoalign_files):
     root, reference, opts = videoalign_files
     gray_va = VideoAlignReward(reference.model, reference.tokenizer, mq_grayscale=True,
-                               normalization=reference.normalization, **opts)
+                               prompt_template=VA_TEMPLATE, normalization=reference.normalization, **opts)
     frames = torch.rand(1, 9, 3, 28, 28, generator=torch.Generator().manual_seed(3))
     color, gray = reference.score_all(frames, ["a cat"]), gray_va.score_all(frames, ["a cat"])
     luma = (0.299 * frames[:, :, 0] + 0.587 * frames[:, :, 1] + 0.114 * frames[:, :, 2])[:, :, None].expand_as(frames)
@@ -198,10 +236,44 @@ def test_videoalign_grayscale_mq_and_fps_sampling(videoalign_files):
     assert sample_indices(1, video_fps=16, fps=2) == [0, 0]
 
 
+def test_videoalign_template_from_the_release_verbatim_with_reward_tokens_in_place(videoalign_files, tmp_path):
+    root, _, opts = videoalign_files
+    base = str(root / "Qwen2-VL-2B-Instruct")
+    va = VideoAlignReward.from_pretrained(str(root / "VideoReward"), base_path=base, **opts)  # found beside it
+    assert va.prompt_template == VA_TEMPLATE  # the release's detailed_special string, verbatim
+    assert not list(root.rglob("*.executed"))  # parsed, never run
+    prompt = "a red fox jumps over a frozen river"
+    text = va.chat_text(prompt, num_media_tokens=4)
+    assert VA_TEMPLATE.format(text_prompt=prompt) in text
+    enc = va.tokenizer(text, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    pos = {t: ids.index(i) for t, i in zip(VA_TOKENS, va.tokenizer.convert_tokens_to_ids(VA_TOKENS))}
+    assert all(ids.count(va.tokenizer.convert_tokens_to_ids(t)) == 1 for t in VA_TOKENS)
+    lo = text.index(prompt)
+    span = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < lo + len(prompt) and b > lo]
+    # VQ and MQ read their own sections, before the text prompt; TA comes after it
+    assert pos["<|VQ_reward|>"] < pos["<|MQ_reward|>"] < span[0] and span[-1] < pos["<|TA_reward|>"]
+    # a plain-text template file named in the config is used as it is
+    (tmp_path / "template.txt").write_text(VA_TEMPLATE.replace("Prompt - ", "Described as: "))
+    va_txt = VideoAlignReward.from_pretrained(str(root / "VideoReward"), base_path=base,
+                                              prompt_template_file=str(tmp_path / "template.txt"), **opts)
+    assert "Described as: " + prompt in va_txt.chat_text(prompt, 4)
+    # without a template: one error naming where it looked; a template type without reward tokens is refused
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(MissingFileError, match=r"VideoAlign prompt template not found: .*params.prompt_template_file.*"
+                                               r"ckpt/prompt_template.py"):
+        VideoAlignReward.from_pretrained(str(tmp_path / "ckpt"), base_path=base)
+    with pytest.raises(ConfigError, match="needs '{text_prompt}' and each reward token once"):
+        read_template(root / "VideoReward" / "prompt_template.py", "plain")
+    with pytest.raises(ConfigError, match="no build_prompt branch .* 'simple'"):
+        read_template(root / "VideoReward" / "prompt_template.py", "simple")
+
+
 def test_videoalign_missing_files(videoalign_files, tmp_path):
     root, _, _ = videoalign_files
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "adapter_model.safetensors").write_bytes(b"")
+    (tmp_path / "ckpt" / "prompt_template.py").write_text(VA_MODULE)
     with pytest.raises(MissingFileError, match=r"VideoAlign reward weights not found: .*ckpt/adapter_config.json"):
         VideoAlignReward.from_pretrained(str(tmp_path / "ckpt"), base_path=str(root / "Qwen2-VL-2B-Instruct"))
     with pytest.raises(MissingFileError, match=r"Qwen2-VL-2B-Instruct folder not found: .*missing_base"):

@@ -114,7 +114,7 @@ def test_torchrun_main_job_and_exact_resume_after_sigkill(tmp_path):
     log = p.communicate(timeout=900)[0]
     assert p.returncode == 0, log[-3000:]
     for f in ("metrics.jsonl", "reward_curve.png", "final_adapter/adapter_model.safetensors",
-              "final_adapter/adapter_config.json"):
+              "final_adapter/adapter_config.json", "final_lora.safetensors"):
         assert (straight / f).is_file(), f
     assert (straight / "ckpt" / "latest").read_text().strip() == "iter_0000004"
 
@@ -137,7 +137,7 @@ def test_torchrun_main_job_and_exact_resume_after_sigkill(tmp_path):
     log = p.communicate(timeout=900)[0]
     assert p.returncode == 0, log[-3000:]
     assert "resumed from" in log
-    assert _metrics(killed) [-4:] == _metrics(straight)[-4:] or _metrics(killed)[-4:] == _metrics(straight)
+    assert _metrics(killed) == _metrics(straight)  # one history: rows after the resumed iteration were dropped
     a, b = _final_lora(straight), _final_lora(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the EMA of the LoRA (on in the tiny default) is saved in the checkpoints and restored bitwise

@@ -1,22 +1,17 @@
-"""Shared pieces of the benchmarks: FLOP counting, timers, device peaks and a plain-PyTorch reference model.
+"""Shared pieces of the benchmarks: the library model a benchmark drives, timers, device peaks, and a plain-PyTorch
+reference model.
 
-FLOP counting (``forward_flops``), per forward of ``b`` samples, ``L`` query tokens each:
-
-* linears: ``2 * b * L * P`` with ``P`` the weights of every per-token linear of every block (self-attention
-  q, k, v, o: ``4 d^2``; cross-attention q, o: ``2 d^2``; FFN ``2 d f``), plus the patch embedding
-  (``C * prod(patch) * d``) and, when the head runs, the head (``d * C_out * prod(patch)``);
-* per-frame time embedding/projection: ``2 * b * F * (freq d + d^2 + 6 d^2)``;
-* attention: ``4 * Lq * Lk * head_dim * heads`` (QK^T and PV, two flops per multiply-add) per sample and
-  layer, self-attention with ``Lk`` = cached + current tokens, cross-attention with ``Lk = text_len``;
-* not counted: cross-attention K/V (computed once per prompt), norms, RoPE, modulation and other
-  element-wise work; biases.
-A commit pass (the cache write at t=0) is counted the same way without the head.
+FLOPs are the library's count (``kvpo_megatron/flops.py``). A benchmark measures the library's own path: the model
+comes from ``build_model`` + ``apply_lora`` + ``accelerate`` with the flags given, and every forward goes through
+the streaming engine; nothing here builds a loop, graph capture or RoPE replacement of its own.
 
 ``RefCausalWan`` is an independent eager causal Wan2.1 (original Wan parameter names, torch SDPA, no fusion,
-a per-step ``torch.cat`` of the cached frames) that loads our weights through ``checkpoint/mappings.py``.
+a per-step ``torch.cat`` of the cached frames) that loads our weights through ``checkpoint/mappings.py``: the
+plain-PyTorch reference timed beside ours.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import resource
 import time
@@ -25,6 +20,11 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kvpo_megatron.flops import forward_flops, lora_params_per_token, replay_flops  # noqa: F401  (re-exported)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 # Dense bf16 tensor-core peaks (datasheet, without sparsity) in TFLOP/s.
 BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "B200": 2250.0}
@@ -41,44 +41,56 @@ def device_peak_tflops(device: torch.device) -> float | None:
     return None
 
 
-def linear_params_per_token(cfg) -> int:
-    """Weights of the per-token linears of all blocks (cross-attention K/V excluded)."""
-    d, f = cfg.hidden_size, cfg.ffn_hidden_size
-    return cfg.num_layers * (4 * d * d + 2 * d * d + 2 * d * f)
 
 
-def forward_flops(cfg, *, batch: int, frames: int, tokens_per_frame: int, cached_frames: int,
-                  head: bool = True, lora_rank: int = 0) -> dict[str, float]:
-    """FLOPs of one forward (see the module docstring). Returns {'linear', 'attention', 'total'}."""
-    d, L = cfg.hidden_size, frames * tokens_per_frame
-    patch = math.prod(cfg.patch_size)
-    per_token = linear_params_per_token(cfg) + cfg.in_channels * patch * d
-    if head:
-        per_token += d * cfg.out_channels * patch
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The execution flags every benchmark takes (they map onto the library's config fields)."""
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--spec", choices=["local", "te"], default="local")
+    p.add_argument("--compile", action="store_true", help="model.compile: torch.compile each block")
+    p.add_argument("--cuda-graphs", action="store_true", help="model.cuda_graphs: no-grad forwards from CUDA graphs")
+    p.add_argument("--fp8", choices=["e4m3", "hybrid"], default=None, help="FP8 format (te spec)")
+    p.add_argument("--fp8-recipe", choices=["tensorwise", "delayed"], default="tensorwise")
+    p.add_argument("--fp8-linears", default=None, help="comma list of self_attn,cross_attn,ffn run in FP8")
+    p.add_argument("--fp8-dpa", action="store_true", help="FP8 fused attention (te spec; needs --fp8)")
+    p.add_argument("--layers", type=int, default=None, help="override num_layers (smoke runs of large presets)")
+
+
+def model_section(args, preset: str):
+    """The ``ModelSection`` (config tree) the flags select."""
+    from kvpo_megatron.model.build import ModelSection
+
+    ov = {"params_dtype": TORCH_DTYPE_NAMES[args.dtype], "bf16": args.dtype == "bf16", "spec": args.spec}
+    if args.spec == "te":
+        ov.update(use_cpu_initialization=False, fp8=args.fp8, fp8_recipe=args.fp8_recipe,
+                  fp8_dot_product_attention=args.fp8_dpa)
+    if args.layers:
+        ov["num_layers"] = args.layers
+    linears = None if args.fp8_linears is None else tuple(g for g in args.fp8_linears.split(",") if g)
+    return ModelSection(preset=preset, overrides=ov, compile=args.compile, cuda_graphs=args.cuda_graphs,
+                        fp8_linears=linears)
+
+
+def library_model(args, preset: str, device: torch.device, *, lora_rank: int = 0, seed: int = 0):
+    """(model, runner): the library's model for ``args`` with random weights (LoRA r=alpha=``lora_rank`` with a
+    non-zero B, so adapters change the output), on ``device``, accelerated as configured."""
+    from kvpo_megatron.accelerate import accelerate
+    from kvpo_megatron.lora import LoRAConfig, apply_lora
+    from kvpo_megatron.model.build import build_model
+    from kvpo_megatron.parallel.state import ParallelConfig, init_parallel
+
+    pgs = init_parallel(ParallelConfig())
+    torch.manual_seed(seed)
+    section = model_section(args, preset)
+    model = build_model(section, pg_collection=pgs)
     if lora_rank:
-        per_token += lora_params_per_token(cfg, lora_rank)
-    linear = 2.0 * batch * L * per_token
-    linear += 2.0 * batch * frames * (cfg.freq_dim * d + d * d + 6 * d * d)
-    lk = (cached_frames + frames) * tokens_per_frame
-    attn = 4.0 * batch * L * (lk + cfg.text_len) * d * cfg.num_layers
-    return {"linear": linear, "attention": attn, "total": linear + attn}
-
-
-def lora_params_per_token(cfg, rank: int) -> int:
-    """LoRA weights on every per-token block linear (q, k, v, o of self-attention; q, o of cross; FFN)."""
-    d, f = cfg.hidden_size, cfg.ffn_hidden_size
-    return cfg.num_layers * rank * (6 * 2 * d + 2 * (d + f))
-
-
-def replay_flops(cfg, *, batch: int, frames: int, tokens_per_frame: int, cached_frames: int,
-                 lora_rank: int) -> float:
-    """Forward + backward of one block-step with LoRA-only weight gradients (model FLOPs):
-    forward (base + LoRA linears, attention) + backward: base linears data gradient (1x their forward),
-    LoRA linears data and weight gradients (2x), attention 2x its forward (dQ, dK, dV, dP)."""
-    base = forward_flops(cfg, batch=batch, frames=frames, tokens_per_frame=tokens_per_frame,
-                         cached_frames=cached_frames, head=True)
-    lora = 2.0 * batch * frames * tokens_per_frame * lora_params_per_token(cfg, lora_rank)
-    return 2 * base["linear"] + 3 * base["attention"] + 3 * lora
+        apply_lora(model, LoRAConfig(rank=lora_rank, alpha=float(lora_rank)))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 1e-3)
+    model = model.to(device)
+    return model, accelerate(model, section, device=device)
 
 
 # ---- timers / memory --------------------------------------------------------------------------------
@@ -296,7 +308,11 @@ def reference_from(model, *, dtype: torch.dtype, device: torch.device) -> RefCau
     from kvpo_megatron.checkpoint.mappings import convert_state_dict
     from kvpo_megatron.checkpoint.sharding import gather_full_state_dict
 
+    from kvpo_megatron.lora import base_parameter_name
+
     ref = RefCausalWan(model.config)
-    sd = convert_state_dict(gather_full_state_dict(model), "ours", "wan", source_name="benchmark model")
+    # base weights only (under ``lora.merged`` they hold the folded adapters)
+    sd = {base_parameter_name(k): v for k, v in gather_full_state_dict(model).items() if ".lora_" not in k}
+    sd = convert_state_dict(sd, "ours", "wan", source_name="benchmark model")
     ref.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     return cast_model(ref.to(device), dtype).eval()

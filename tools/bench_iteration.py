@@ -6,6 +6,8 @@ reported separately as ``time_reward``. Random weights. The model (base and LoRA
 the trainer is built (the trainer itself keeps float32 parameters).
 
     python tools/bench_iteration.py --preset wan-1.3b --frames 147 --branches 8 --window 5
+    python tools/bench_iteration.py --generator longlive2-5b --frames 64 --branches 8 --window 5 \
+        --latent-h 44 --latent-w 80 --lora-rank 128      # LongLive 2.0 (Wan2.2-5B) at 1280x704
     python tools/bench_iteration.py --preset tiny --frames 18 --latent-h 8 --latent-w 8 --branches 4 --window 2 \
         --lora-rank 8 --device cpu --dtype fp32
 
@@ -36,10 +38,14 @@ from bench_rollout import DTYPES  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="wan-1.3b")
-    p.add_argument("--frames", type=int, default=147, help="latent frames of the video")
-    p.add_argument("--latent-h", type=int, default=60)
-    p.add_argument("--latent-w", type=int, default=104)
+    p.add_argument("--preset", default=None, help="model preset (default: the --generator's, else wan-1.3b)")
+    p.add_argument("--generator", default=None, help="generator preset under the bench's settings (e.g. "
+                   "longlive2-5b: its model, cache layout, sampler and routing slots)")
+    p.add_argument("--layers", type=int, default=None, help="override the model's number of layers")
+    p.add_argument("--frames", type=int, default=None, help="latent frames of the video (default: the "
+                   "--generator's video, else 147)")
+    p.add_argument("--latent-h", type=int, default=None, help="default: the --generator's, else 60")
+    p.add_argument("--latent-w", type=int, default=None, help="default: the --generator's, else 104")
     p.add_argument("--branches", type=int, default=8, help="G")
     p.add_argument("--window", type=int, default=5, help="W: routed blocks")
     p.add_argument("--lora-rank", type=int, default=256)
@@ -58,9 +64,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from kvpo_megatron.config import from_dict
+    from kvpo_megatron.config import deep_merge, from_dict
     from kvpo_megatron.kvpo.train_config import KVPOTrainConfig
     from kvpo_megatron.kvpo.trainer import KVPOTrainer
+    from kvpo_megatron.model.config import PRESETS
+    from kvpo_megatron.model.memory_bank import generator_preset
 
     if args.device == "cpu" and torch.cuda.is_available():
         raise SystemExit("--device cpu with CUDA present is not supported by the trainer")
@@ -68,8 +76,15 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     out = tempfile.mkdtemp(prefix="bench_iteration_")
     overlap = args.overlap or args.compare_overlap
-    cfg = from_dict(KVPOTrainConfig, {
-        "model": {"preset": args.preset},
+    base = generator_preset(args.generator) if args.generator else {}
+    args.preset = args.preset or base.get("model", {}).get("preset", "wan-1.3b")
+    video = base.get("video", {})
+    args.frames = args.frames or video.get("num_frames", 147)
+    args.latent_h = args.latent_h or video.get("latent_height", 60)
+    args.latent_w = args.latent_w or video.get("latent_width", 104)
+    model = {"preset": args.preset, "overrides": {} if args.layers is None else {"num_layers": args.layers}}
+    cfg = from_dict(KVPOTrainConfig, deep_merge(base, {
+        "model": model,
         "video": {"num_frames": args.frames, "latent_height": args.latent_h, "latent_width": args.latent_w},
         "routing": {"window_blocks": args.window},
         "rollout": {"num_branches": args.branches},
@@ -77,10 +92,10 @@ def main(argv=None) -> dict:
         "data": {"prompts_per_rank": args.prompts_per_rank},
         "optim": {"lr": 0.0} if args.compare_overlap else {},
         "objective": {"guard": False} if args.compare_overlap else {},
-        "decoder": {"kind": "preview", "latent_channels": 16 if args.preset != "tiny" else 4},
+        "decoder": {"kind": "preview", "latent_channels": PRESETS.get(args.preset, {}).get("in_channels", 16)},
         "reward": {"components": [{"kind": "brightness", "weight": 1.0, "params": {"target": 1.0}}]},
         "train": {"iterations": 1, "out_dir": out, "progress": False, "overlap": overlap},
-    })
+    }))
     t0 = time.perf_counter()
     trainer = KVPOTrainer(cfg)
     cast_model(trainer.model, DTYPES[args.dtype])
@@ -102,7 +117,8 @@ def main(argv=None) -> dict:
     sync(device)
     total = time.perf_counter() - t0
     phases = {k: v for k, v in metrics.items() if k.startswith("time_")}
-    res = dict(bench="iteration", preset=args.preset, frames=args.frames, branches=args.branches,
+    res = dict(bench="iteration", preset=args.preset, generator=args.generator,
+               layers=trainer.model.config.num_layers, frames=args.frames, branches=args.branches,
                window=args.window, lora_rank=args.lora_rank, dtype=args.dtype,
                prompts_per_rank=args.prompts_per_rank, overlap=args.overlap,
                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

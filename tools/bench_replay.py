@@ -1,14 +1,16 @@
-"""Replay benchmark: forward + backward of one block-step under the unrouted cache, LoRA-only weight gradients.
+"""Replay benchmark of the library's path: forward + backward of one block-step per tuple under the unrouted cache,
+LoRA-only weight gradients.
 
-A replay tuple is (noisy block x_t, timestep) of one branch; ``--branches`` tuples (one per branch, each with
-its own cached context of 9 frames: sink 3 + 6 local) run as one batch. The base weights are frozen; LoRA
-(``kvpo_megatron.lora.apply_lora``, r = alpha = 256 by default) gets gradients. The loss is ``sum(c * v)``
-with a fixed random ``c`` (the shape of KVPO's coefficient-weighted replay loss). Timed: the median of
-``--iters`` iterations after ``--warmup``. FLOPs: ``bench_common.replay_flops`` (forward incl. LoRA +
-backward: base linears' data gradient 1x, LoRA 2x, attention 2x its forward). The reference is
+A replay tuple is (noisy block x_t, timestep) of one branch; ``--branches`` tuples (one per branch, each reading
+its own cached context of 9 frames -- sink 3 + 6 local -- from a forked KV cache, as the trainer's replay does)
+run as one batch through ``kvpo.replay.replay_terms`` (the library's replay forward: per-sample views, the split
+cached/current attention without dK/dV for the cache), with the model built by the library
+(``bench_common.library_model``: spec, compile) and ``model.recompute_blocks`` for ``--recompute``. The base weights
+are frozen; LoRA (r = alpha = 256 by default) gets gradients of ``sum_k c_k TVE_k``. Timed: the median of
+``--iters`` iterations after ``--warmup``. FLOPs: ``kvpo_megatron.flops.replay_flops``. The reference is
 ``bench_common.RefCausalWan`` with plain unmerged LoRA on the same linears, same batch, same process.
 
-    python tools/bench_replay.py --config wan-1.3b --latent-h 60 --latent-w 104 --branches 2
+    python tools/bench_replay.py --config wan-1.3b --latent-h 60 --latent-w 104 --branches 2 --spec te --compile
 """
 from __future__ import annotations
 
@@ -19,12 +21,10 @@ import statistics
 import sys
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # noqa: E402
-from bench_common import (RefCache, cast_model, device_peak_tflops, peak_memory_gb,  # noqa: E402
-                          reference_from, replay_flops, reset_peak, timed)
-from bench_rollout import DTYPES  # noqa: E402
+from bench_common import (DTYPES, RefCache, add_model_args, cast_model, device_peak_tflops,  # noqa: E402
+                          library_model, peak_memory_gb, reference_from, replay_flops, reset_peak, timed)
 
 
 def parse_args(argv=None):
@@ -34,11 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--latent-w", type=int, default=104)
     p.add_argument("--branches", type=int, default=2, help="tuples (branches) per batch")
     p.add_argument("--lora-rank", type=int, default=256)
-    p.add_argument("--lora-alpha", type=float, default=256.0)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--spec", choices=["local", "te"], default="local")
-    p.add_argument("--recompute", action="store_true", help="activation checkpointing per block")
-    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    add_model_args(p)
+    p.add_argument("--recompute", action="store_true", help="per-block activation recompute (replay.recompute)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True)
@@ -48,56 +45,34 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build(args, device):
-    from kvpo_megatron.lora import LoRAConfig, apply_lora
-    from kvpo_megatron.model import CausalWanDiT, model_config
-    from kvpo_megatron.model.specs import local_spec
-    from kvpo_megatron.parallel.state import ParallelConfig, init_parallel
-
-    pgs = init_parallel(ParallelConfig())
-    torch.manual_seed(args.seed)
-    if args.spec == "te":
-        from kvpo_megatron.model.te_spec import te_spec
-        cfg = model_config(args.config, spec="te", use_cpu_initialization=False)
-        spec = te_spec(cfg, fp8_linears=())
-    else:
-        cfg, spec = model_config(args.config), local_spec()
-    model = CausalWanDiT(cfg, spec, pg_collection=pgs)
-    ref = reference_from(model, dtype=torch.float32, device=torch.device("cpu")) if args.reference else None
-    apply_lora(model, LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha))
-    model = cast_model(model.to(device), DTYPES[args.dtype])
-    with torch.no_grad():  # non-zero B so that LoRA changes the output
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 1e-3)
-    if args.compile:
-        for blk in model.blocks:
-            blk.compile(dynamic=False)
-    if args.recompute:
-        for blk in model.blocks:
-            fwd = blk.forward
-            blk.forward = lambda *a, _f=fwd, **kw: checkpoint(_f, *a, use_reentrant=False, **kw)
-    return model, ref
-
-
-def ours_step_fn(model, args, device, inputs):
-    """Fill a per-branch cache (9 frames) and return a closure running one fwd+bwd replay step."""
-    from kvpo_megatron.model import CacheConfig, KVCache
+def ours_step_fn(model, runner, args, device, inputs):
+    """Commit each branch's 9 context frames into its own sample of a forked cache (the replay's context rebuild),
+    then return a closure running one fwd+bwd replay step of all tuples through ``replay_terms``."""
+    from kvpo_megatron.kvpo.replay import replay_terms
+    from kvpo_megatron.kvpo.types import ReplayTuple
+    from kvpo_megatron.model import CacheConfig
+    from kvpo_megatron.sampling import FlowMatchSampler, PromptSwitch, SamplerConfig, StreamingGenerator
+    from kvpo_megatron.sampling.streaming import BlockPlan
 
     cc = CacheConfig(history_frames=9)
-    cache = KVCache(cc, model.config.num_layers)
+    gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cc, runner=runner)
     x_ctx, x_t, t, c, ctx = inputs
+    B = x_t.shape[0]
+    prefix = gen.new_cache(1, fork_batch=B, private_frames=9)
+    cache = prefix.fork(B, 9)
     with torch.no_grad():
         text = model.encode_text(ctx)
-        for s in range(0, 9, 3):
-            view = cache.view(cc.default_read_frames(s), write_frames=range(s, s + 3), device=device)
-            model(x_ctx[:, :, s:s + 3], torch.zeros(args.branches, device=device), text=text, frame_offset=s,
-                  cache=cache, view=view, compute_output=False)
+        gen.run(cache, x_ctx.clone(), None, [PromptSwitch(0, text)], range(3), plan_for=lambda b: BlockPlan(given=True))
+    tuples = [ReplayTuple(block=3, step=0, start=9, x=x_t[i:i + 1], timestep=float(t[i]), v_target=c[i:i + 1])
+              for i in range(B)]
+    view = cache.view(cc.default_read_frames(9), device=device)
+    model.recompute_blocks = args.recompute
 
     def step():
-        view = cache.view(cc.default_read_frames(9), device=device)
-        v = model(x_t, t, text=text, frame_offset=9, cache=cache, view=view)
-        (v.float() * c).sum().backward()
+        with torch.enable_grad():
+            text_g = model.encode_text(ctx)  # the cross-attention adapters act on the prompt's K/V
+            terms = replay_terms(gen, cache, view, tuples, text_g)
+            terms.sum().backward()
     return step
 
 
@@ -107,10 +82,11 @@ def ref_step_fn(ref, args, device, inputs):
     for blk in ref.blocks:
         for lin in (blk.self_attn.q, blk.self_attn.k, blk.self_attn.v, blk.self_attn.o, blk.cross_attn.q,
                     blk.cross_attn.o, blk.ffn[0], blk.ffn[2]):
-            lin.add_lora(args.lora_rank, args.lora_alpha)
+            lin.add_lora(args.lora_rank, float(args.lora_rank))
             torch.nn.init.normal_(lin.lora_b, 0, 1e-3)
     ref = cast_model(ref.to(device), DTYPES[args.dtype])
     x_ctx, x_t, t, c, ctx = inputs
+    ctx = ctx.expand(x_t.shape[0], -1, -1)
     cache = RefCache(ref.cfg.num_layers, sink=3, local=9, frames_per_block=3)
     with torch.no_grad():
         tkv = ref.text_kv(ctx)
@@ -120,7 +96,7 @@ def ref_step_fn(ref, args, device, inputs):
 
     def step():
         v = ref(x_t, t, tkv, frame_offset=9, cache=cache, write=False)
-        (v.float() * c).sum().backward()
+        ((v.float() - c) ** 2).mean().backward()
     return ref, step
 
 
@@ -137,7 +113,15 @@ def time_steps(step, device, warmup, iters):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
-    model, ref = build(args, device)
+    model, runner = library_model(args, args.config, device, lora_rank=0, seed=args.seed)
+    ref = reference_from(model, dtype=torch.float32, device=torch.device("cpu")) if args.reference else None
+    from kvpo_megatron.lora import LoRAConfig, apply_lora
+    apply_lora(model, LoRAConfig(rank=args.lora_rank, alpha=float(args.lora_rank)))
+    with torch.no_grad():  # non-zero B so that LoRA changes the output
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 1e-3)
+    model.to(device)
     cfg = model.config
     T = cfg.tokens_per_frame(args.latent_h, args.latent_w)
     g = torch.Generator().manual_seed(args.seed + 1)
@@ -146,10 +130,11 @@ def main(argv=None) -> dict:
     x_ctx = torch.randn(shape, generator=g).to(device)
     x_t = torch.randn(B, cfg.in_channels, 3, args.latent_h, args.latent_w, generator=g).to(device)
     c = torch.randn(B, cfg.out_channels, 3, args.latent_h, args.latent_w, generator=g).to(device)
-    ctx = torch.randn(B, cfg.text_len, cfg.text_dim, generator=g).to(device)
+    ctx = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g).to(device)
     t = torch.full((B,), 750.0, device=device)
-    inputs = (x_ctx, x_t, t, c, ctx)
-    step = ours_step_fn(model, args, device, inputs)
+    dt = DTYPES[args.dtype]
+    inputs = (x_ctx.to(dt), x_t.to(dt), t, c, ctx)
+    step = ours_step_fn(model, runner, args, device, inputs)
     reset_peak(device)
     sec = time_steps(step, device, args.warmup, args.iters)
     peak = peak_memory_gb(device)

@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""Import users' Wan / diffusers / Self-Forcing / LongLive / MemFlow checkpoints as megatron dist checkpoints,
-and export them back to diffusers or original Wan files (or a peft LoRA adapter).
+"""Import users' Wan / diffusers / Self-Forcing / LongLive (1.3B, 2.0-5B) / MemFlow checkpoints as megatron dist
+checkpoints, and export them back to diffusers or original Wan files (or a peft LoRA adapter).
 
-  python tools/convert_checkpoint.py import --from {wan,diffusers,self-forcing,longlive,memflow} SRC
+  python tools/convert_checkpoint.py import --from {wan,diffusers,self-forcing,longlive,memflow,longlive2} SRC
         [--lora LORA.pt [--lora-alpha A]] [--config config.json] [--use-ema] --out DIR
         [--tp N --cp N] [--dtype auto|bf16|fp32] [--dry-run] [--force]
   python tools/convert_checkpoint.py export DIR --to {diffusers,wan} OUT [--merge-lora] [--dtype keep|bf16|fp32]
-  python tools/convert_checkpoint.py export DIR --lora-only OUT [--lora-names ours|wan] [--weights raw|ema]
+  python tools/convert_checkpoint.py export DIR --lora-only OUT [--lora-format comfyui|diffusers|peft]
+        [--lora-names ours|wan] [--weights raw|ema]
+        # comfyui (default): OUT/lora.safetensors for ComfyUI and diffusers' Wan loader; DIR may be a training
+        # checkpoint (iter_NNNNNNN), whose LoRA --weights raw or its EMA (ema) is exported
 
 The imported directory loads at any TP/CP with ``kvpo_megatron.checkpoint.loading.load_model_weights`` (set
 ``model.checkpoint: DIR``); its ``kvpo_checkpoint.json`` holds the model preset/overrides and the LoRA config.
@@ -50,9 +53,13 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("out", help="output directory")
     what = exp.add_mutually_exclusive_group(required=True)
     what.add_argument("--to", choices=("diffusers", "wan"))
-    what.add_argument("--lora-only", action="store_true", help="write the LoRA as a peft adapter")
+    what.add_argument("--lora-only", action="store_true", help="write the LoRA alone as an adapter (--lora-format)")
     exp.add_argument("--merge-lora", action="store_true", help="fold alpha/r * B A into the exported weights")
-    exp.add_argument("--lora-names", default="ours", choices=("ours", "wan"), help="module names of --lora-only")
+    exp.add_argument("--lora-format", default="comfyui", choices=("comfyui", "diffusers", "peft"),
+                     help="--lora-only file: comfyui (Wan names + alpha: ComfyUI, diffusers' WanPipeline."
+                          "load_lora_weights), diffusers (pytorch_lora_weights.safetensors) or peft")
+    exp.add_argument("--lora-names", default="ours", choices=("ours", "wan"),
+                     help="module names of --lora-format peft")
     exp.add_argument("--weights", default="raw", choices=("raw", "ema"),
                      help="--lora-only from a training checkpoint: the trained LoRA or its EMA")
     exp.add_argument("--dtype", default="keep", choices=("keep", "bf16", "fp32"))
@@ -70,7 +77,7 @@ def run(argv: list[str] | None = None) -> None:
     elif a.lora_only:
         if a.merge_lora:
             raise ConfigError("--merge-lora and --lora-only exclude each other")
-        export_lora(a.src, a.out, names=a.lora_names, force=a.force, weights=a.weights)
+        export_lora(a.src, a.out, fmt=a.lora_format, names=a.lora_names, force=a.force, weights=a.weights)
     else:
         if a.weights != "raw":
             raise ConfigError("--weights applies to --lora-only exports")

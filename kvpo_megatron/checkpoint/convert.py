@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from kvpo_megatron.checkpoint import formats
+from kvpo_megatron.checkpoint import formats, safe_dcp
 from kvpo_megatron.checkpoint.dist import (INFO_FILE, LORA_PREFIX, MODEL_PREFIX, load_full_tensors, lora_sharded_state_dict,
                                            model_sharded_state_dict, partition_dim, read_info, save_sharded,
                                            tensor_metadata)
@@ -38,7 +38,7 @@ class ImportSpec:
     """What ``import`` does (the CLI's arguments)."""
 
     fmt: str
-    """Source format: wan | diffusers | self-forcing | longlive | memflow."""
+    """Source format: wan | diffusers | self-forcing | longlive | memflow | longlive2."""
     src: str
     """Source file or directory."""
     out: str
@@ -181,6 +181,7 @@ def import_checkpoint(spec: ImportSpec) -> dict:
     try:
         _run_ranks(spec, src.section, str(tmp), str(dtype).removeprefix("torch."))
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
+        safe_dcp.write_manifest(tmp)
         files = sorted(p.name for p in tmp.iterdir())
         replace_dir(tmp, out)
     finally:
@@ -281,6 +282,23 @@ def _single_process() -> None:
     init_distributed()
 
 
+def open_model_dir(path: Path) -> tuple[dict | None, dict]:
+    """(info, tensor metadata) of a model checkpoint directory to export, checked first: it must be a model
+    directory (not a training checkpoint), readable without running code, with intact files."""
+    if path.is_dir() and not (path / safe_dcp.MEGATRON_META).exists() and any(
+            p.name.startswith("iter_") for p in path.iterdir()):
+        raise ConfigError(f"{path} is a directory of training checkpoints, not a model checkpoint directory; "
+                          "a run's LoRA is in its train.out_dir/final_adapter (a peft adapter); export one "
+                          "iter_NNNNNNN's LoRA with --lora-only [--weights raw|ema]")
+    meta = tensor_metadata(path)
+    if (path / "complete.json").exists() or any(k.startswith("optimizer.") for k in meta):
+        raise ConfigError(f"{path} is a training checkpoint (trainable LoRA + optimizer state, no base weights), not "
+                          "a model checkpoint directory; a run's LoRA is in its train.out_dir/final_adapter, or "
+                          "export this checkpoint's with --lora-only [--weights raw|ema]")
+    safe_dcp.verify_manifest(path, required=False)
+    return read_info(path), meta
+
+
 def _section_of(path: Path, info: dict | None, shapes: dict) -> dict:
     if info and info.get("model"):
         return info["model"]
@@ -311,7 +329,7 @@ def export_checkpoint(path: str | Path, out: str | Path, *, to: str, merge_lora:
     path, out = Path(path), Path(out)
     check_output(out, force)
     _single_process()
-    info, meta = read_info(path), tensor_metadata(path)
+    info, meta = open_model_dir(path)
     base = load_full_tensors(path, prefix=MODEL_PREFIX, meta=meta)
     section = _section_of(path, info, {k: tuple(v.shape) for k, v in base.items()})
     has_lora = any(k.startswith(LORA_PREFIX) for k in meta)
@@ -360,22 +378,31 @@ def _write_dir(out: Path, force: bool, write) -> list[Path]:
     return [out / n for n in names]
 
 
-def export_lora(path: str | Path, out: str | Path, *, names: str = "ours", force: bool = False,
-                weights: str = "raw") -> list[Path]:
-    """The checkpoint's LoRA as a peft adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
+def export_lora(path: str | Path, out: str | Path, *, fmt: str = "comfyui", names: str = "ours",
+                force: bool = False, weights: str = "raw") -> list[Path]:
+    """The checkpoint's LoRA as an adapter other tools load (``checkpoint/adapter_formats.py``).
 
     ``path``: a model checkpoint directory (from import) or a training checkpoint (``iter_NNNNNNN``), whose
-    ``weights`` are ``raw`` or ``ema`` (``checkpoint/training_adapter.py``). ``names``: ``ours`` (loads with
-    ``lora.load_adapter``) or ``wan`` (original module names, e.g. ``ffn.0``, as LongLive/MemFlow's peft
-    models name them).
+    ``weights`` are ``raw`` or ``ema`` (``checkpoint/training_adapter.py``). ``fmt``: ``comfyui`` (default;
+    ``lora.safetensors`` that ComfyUI and diffusers' ``WanPipeline.load_lora_weights`` load), ``diffusers``
+    (``pytorch_lora_weights.safetensors``), or ``peft`` (``adapter_config.json`` + ``adapter_model.safetensors``);
+    ``names`` (peft only): ``ours`` (loads with ``lora.load_adapter``) or ``wan`` (original module names, e.g.
+    ``ffn.0``, as LongLive/MemFlow's peft models name them).
     """
     from safetensors.torch import save_file
 
     from kvpo_megatron.checkpoint import training_adapter as ta
+    from kvpo_megatron.checkpoint.adapter_formats import COMFYUI_FILE, AdapterFormat, write_comfyui, write_diffusers
     from kvpo_megatron.lora import PEFT_PREFIX, WEIGHTS_FILE, LoRAConfig, peft_lora_config
 
+    try:
+        fmt = AdapterFormat(fmt)
+    except ValueError:
+        raise ConfigError(f"--lora-format must be one of {[f.value for f in AdapterFormat]}, got {fmt!r}") from None
     if names not in ("ours", "wan"):
-        raise ConfigError(f"--lora-only names must be ours or wan, got {names!r}")
+        raise ConfigError(f"--lora-names must be ours or wan, got {names!r}")
+    if names != "ours" and fmt != AdapterFormat.peft:
+        raise ConfigError("--lora-names applies to --lora-format peft only (comfyui uses Wan names, diffusers its own)")
     if weights not in ("raw", "ema"):
         raise ConfigError(f"--weights must be raw or ema, got {weights!r}")
     path, out = Path(path), Path(out)
@@ -387,12 +414,17 @@ def export_lora(path: str | Path, out: str | Path, *, names: str = "ours", force
     else:
         if weights != "raw":
             raise ConfigError(f"--weights {weights}: {path} is not a training checkpoint (only those hold EMA)")
-        info, meta = read_info(path) or {}, tensor_metadata(path)
+        info, meta = open_model_dir(path)
+        info = info or {}
         if not any(k.startswith(LORA_PREFIX) for k in meta) or not info.get("lora"):
             raise ConfigError(f"--lora-only: {path} holds no LoRA")
         lcfg = info["lora"]
         full = load_full_tensors(path, prefix=LORA_PREFIX, meta=meta)
     cfg = LoRAConfig(rank=int(lcfg["rank"]), alpha=float(lcfg["alpha"]), target_modules=tuple(lcfg["target_modules"]))
+    if fmt == AdapterFormat.comfyui:
+        return _write_dir(out, force, lambda tmp: [write_comfyui(full, cfg.alpha, tmp / COMFYUI_FILE)])
+    if fmt == AdapterFormat.diffusers:
+        return _write_dir(out, force, lambda tmp: [write_diffusers(full, cfg, tmp)])
     pcfg = peft_lora_config(cfg)
     if names == "wan":
         conv = {}

@@ -13,9 +13,11 @@ A *model checkpoint directory* (what ``tools/convert_checkpoint.py import`` writ
 * ``lora.<module>.lora_A.weight`` / ``lora_B.weight``: optional LoRA, full tensors (keys of
   ``lora.lora_full_state_dict``), written once;
 * ``kvpo_checkpoint.json`` (:data:`INFO_FILE`): the model section (preset + overrides), dtype, LoRA config;
-* megatron's ``metadata.json`` and torch DCP's ``.metadata`` + ``__<rank>_<n>.distcp`` files.
+* megatron's ``metadata.json`` and torch DCP's ``.metadata`` + ``__<rank>_<n>.distcp`` files;
+* ``integrity.json``: megatron's SHA-256 manifest of the files above (checked by export).
 
-Every rank of the world calls save/load together (they are collective).
+Every rank of the world calls save/load together (they are collective). Directories are untrusted input: every
+read goes through ``safe_dcp`` (no pickled code runs; damage is one ``ConfigError`` naming the file).
 """
 from __future__ import annotations
 
@@ -27,8 +29,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from kvpo_megatron.checkpoint import safe_dcp
 from kvpo_megatron.errors import ConfigError
 
+safe_dcp.install()
 log = logging.getLogger(__name__)
 MODEL_PREFIX, LORA_PREFIX = "model.", "lora."
 INFO_FILE = "kvpo_checkpoint.json"
@@ -131,20 +135,23 @@ def save_sharded(sharded_sd: dict, path: str | Path) -> None:
 
 
 def load_sharded(sharded_sd: dict, path: str | Path) -> dict:
+    """``dist_checkpointing.load`` of a directory :func:`tensor_metadata` has checked; a failure to read it
+    (e.g. a corrupt shard) is one ``ConfigError`` naming the directory."""
     from megatron.core import dist_checkpointing
 
-    return dist_checkpointing.load(sharded_sd, str(path))
+    try:
+        return dist_checkpointing.load(sharded_sd, str(path))
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch DCP wraps per-rank failures in long reports: keep one line
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise ConfigError(f"{path}: cannot read its tensors, a shard may be corrupt ({type(e).__name__}: "
+                          f"{first[:300]})") from e
 
 
 def tensor_metadata(path: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Global shape and dtype of every tensor in a dist checkpoint, by key."""
-    from megatron.core import dist_checkpointing
-
-    p = Path(path)
-    if not dist_checkpointing.check_is_distributed_checkpoint(str(p)):
-        raise ConfigError(f"{p} is not a megatron dist checkpoint (no metadata.json); import weights with "
-                          "tools/convert_checkpoint.py import")
-    return {k: (tuple(v.global_shape), v.dtype) for k, v in dist_checkpointing.load_tensors_metadata(str(p)).items()}
+    """Global shape and dtype of every tensor in a dist checkpoint, by key (after ``safe_dcp.check_dist_dir``)."""
+    return safe_dcp.tensor_shapes(safe_dcp.check_dist_dir(path))
 
 
 def full_shape(p: torch.Tensor, tp_size: int) -> tuple[int, ...]:
@@ -230,8 +237,10 @@ def save_model_dist(model: torch.nn.Module, path: str | Path, *, dtype: torch.dt
         sd.update(lora_sharded_state_dict(lora_full_state_dict(model)))
     Path(path).mkdir(parents=True, exist_ok=True)
     save_sharded(sd, path)
-    if info is not None and global_rank() == 0:
-        (Path(path) / INFO_FILE).write_text(json.dumps(info, indent=2))
+    if global_rank() == 0:
+        if info is not None:
+            (Path(path) / INFO_FILE).write_text(json.dumps(info, indent=2))
+        safe_dcp.write_manifest(path)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # the checkpoint, info file included, is complete on every rank's return
 

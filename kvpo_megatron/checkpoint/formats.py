@@ -1,12 +1,22 @@
 """Readers and writers for the checkpoint files users bring and take away.
 
-Sources (``read_source``):
+Every weights file users bring is read by one function, :func:`read_weights` (the converter's import through
+:func:`read_source`, and ``checkpoint/loading.py``). Sources (``read_source``):
 
 * ``wan``: original Wan2.1 — a directory with ``config.json`` and ``diffusion_pytorch_model.safetensors`` (or
   sharded ``*.safetensors`` + ``*.safetensors.index.json``), or one ``.safetensors``/``.pth`` file;
 * ``diffusers``: a ``WanTransformer3DModel`` directory (or a pipeline directory with ``transformer/``);
 * ``self-forcing`` / ``longlive`` / ``memflow``: a ``torch.save`` dict keyed ``generator`` (``generator_ema``
   with ``use_ema``) or ``model``, holding Wan keys prefixed by ``model.``.
+* ``longlive2``: LongLive 2.0 (Wan2.2-TI2V-5B; NVlabs/LongLive main). The same dict layout, as written by
+  ``trainer/distillation.py::save`` (``generator``, ``critic``, ``generator_ema`` (float32 EMA shadow, FSDP
+  fragments cleaned), optimizer states, ``step``) and by ``scripts/merge_lora_generator.py`` (the released
+  ``LongLive-2.0-5B/model_bf16.pt``: ``generator`` (bf16, LoRA merged) plus the strings ``checkpoint_format``
+  ``"longlive_generator_merged_lora"``, ``model_name``, ``dtype``, ``source_*_ckpt`` and ``merged_lora``).
+  Its LoRA (``lora_checkpoint.pt``: ``{generator_lora, critic_lora, step}``, peft keys over every linear of the
+  blocks, rank 128 = alpha in ``configs/inference.yaml``) is read by ``read_lora``. The NVFP4 releases
+  (``checkpoint_format`` ``longlive_generator_nvfp4`` / ``longlive_generator_te_nvfp4``: quantized buffers) are
+  refused: import the bf16 ``model_bf16.pt``.
 
 Tensors are read lazily (``LazyTensor``): safetensors through ``safe_open`` slices, torch files through
 ``torch.load(mmap=True, weights_only=True)``, so a tensor-parallel rank reads only its slice. Untrusted
@@ -30,8 +40,10 @@ import torch
 from kvpo_megatron.checkpoint.mappings import rename
 from kvpo_megatron.errors import ConfigError
 
-SOURCE_FORMATS = ("wan", "diffusers", "self-forcing", "longlive", "memflow")
-TRAINING_FORMATS = ("self-forcing", "longlive", "memflow")
+SOURCE_FORMATS = ("wan", "diffusers", "self-forcing", "longlive", "memflow", "longlive2")
+TRAINING_FORMATS = ("self-forcing", "longlive", "memflow", "longlive2")
+NVFP4_FORMATS = ("longlive_generator_nvfp4", "longlive_generator_te_nvfp4")
+"""LongLive 2.0's quantized releases (``utils/nvfp4_checkpoint.py``), which hold no plain weights."""
 WEIGHTS_NAME = "diffusion_pytorch_model"
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
@@ -58,15 +70,33 @@ class LazyTensor:
         return LazyTensor(t.shape, t.dtype, lambda ix: (t if ix is None else t[ix]).contiguous())
 
 
+def safetensors_error(path, e: Exception) -> ConfigError:
+    """One line for a safetensors file that cannot be read (truncated, garbled, not safetensors)."""
+    return ConfigError(f"cannot read {path} as safetensors (truncated or damaged?): {e}")
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one ``.safetensors`` file; an unreadable file is one ``ConfigError`` naming it."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
+        raise safetensors_error(path, e) from None
+
+
 def _open_safetensors(path: Path) -> dict[str, LazyTensor]:
     from safetensors import safe_open
 
     out = {}
-    with safe_open(str(path), framework="pt") as f:
-        for k in f.keys():
-            sl = f.get_slice(k)
-            out[k] = LazyTensor(sl.get_shape(), _ST_DTYPES.get(sl.get_dtype(), torch.float32),
-                                lambda ix, k=k: _read_safetensors(path, k, ix))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                sl = f.get_slice(k)
+                out[k] = LazyTensor(sl.get_shape(), _ST_DTYPES.get(sl.get_dtype(), torch.float32),
+                                    lambda ix, k=k: _read_safetensors(path, k, ix))
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
+        raise safetensors_error(path, e) from None
     return out
 
 
@@ -98,6 +128,9 @@ def open_weights(path: Path) -> tuple[dict[str, LazyTensor], list[Path]]:
     if not path.exists():
         raise ConfigError(f"checkpoint not found: {path}")
     if path.is_dir():
+        if (path / ".metadata").is_file():  # torch DCP
+            raise ConfigError(f"{path} is a megatron dist checkpoint directory (already imported): load it with "
+                              "model.checkpoint, or convert it with tools/convert_checkpoint.py export")
         index = sorted(path.glob("*.safetensors.index.json"))
         if index:
             return _open_sharded(index[0])
@@ -153,7 +186,7 @@ ARCH_FIELDS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_lay
                "out_channels", "freq_dim", "text_dim", "text_len", "layernorm_epsilon", "patch_size",
                "rope_max_positions")
 # fields whose values we don't support (original Wan i2v/flf2v variants, other norms)
-_UNSUPPORTED = {"wan": {"model_type": ("t2v",), "qk_norm": (True,), "cross_attn_norm": (True,)},
+_UNSUPPORTED = {"wan": {"model_type": ("t2v", "ti2v"), "qk_norm": (True,), "cross_attn_norm": (True,)},
                 "diffusers": {"qk_norm": ("rms_norm_across_heads",), "cross_attn_norm": (True,),
                               "image_dim": (None,), "added_kv_proj_dim": (None,)}}
 
@@ -229,7 +262,9 @@ def heads_from_presets(arch: dict, *, source_name: str) -> int:
 def wan_config_json(section: dict) -> dict:
     """Original Wan2.1 ``config.json`` for a model section."""
     a = section_arch(section)
-    cfg = {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "model_type": "t2v"}
+    # Wan2.2-TI2V-5B's config.json says "ti2v" (48 latent channels); its DiT is the t2v one at other sizes
+    cfg = {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "model_type": "ti2v" if a["in_channels"] == 48
+           else "t2v"}
     cfg.update({theirs: a[ours] for theirs, ours in WAN_FIELDS.items()})
     cfg.update(patch_size=list(a["patch_size"]), qk_norm=True, cross_attn_norm=True, window_size=[-1, -1])
     return cfg
@@ -270,6 +305,17 @@ def clean_key(key: str) -> str:
     return key[len("model."):] if key.startswith("model.") else key
 
 
+def check_not_nvfp4(sd: dict, *, source_name: str) -> None:
+    """LongLive 2.0's NVFP4 checkpoints (``model_te.pt``/``model_4o6.pt``) hold quantized buffers, not weights."""
+    fmt = sd.get("checkpoint_format")
+    gen = sd.get("generator")
+    quantized = isinstance(gen, dict) and any(str(k).endswith("quantized_weight_values") for k in gen)
+    if fmt in NVFP4_FORMATS or quantized:
+        raise ConfigError(f"{source_name}: an NVFP4-quantized LongLive 2.0 checkpoint ({fmt or 'quantized buffers'}) "
+                          "holds no plain weights; import the bf16 release (LongLive-2.0-5B/model_bf16.pt) or a "
+                          "training checkpoint instead")
+
+
 def unwrap_training_dict(sd: dict, *, use_ema: bool, source_name: str) -> dict:
     """Self-Forcing/LongLive/MemFlow: pick ``generator`` (or ``generator_ema``) or ``model``."""
     order = ("generator_ema",) if use_ema else ("generator", "model")
@@ -282,10 +328,42 @@ def unwrap_training_dict(sd: dict, *, use_ema: bool, source_name: str) -> dict:
                       f"generator's weights; top-level keys are {sorted(sd)[:20]}")
 
 
-def read_source(fmt: str, path: str | Path, *, config_path: str | Path | None = None,
-                use_ema: bool = False) -> Source:
-    """Open a checkpoint of format ``fmt`` (see ``SOURCE_FORMATS``) lazily, in our names."""
-    if fmt not in SOURCE_FORMATS:
+@dataclass(kw_only=True)
+class Weights:
+    """A weights file or directory read lazily, in our names (:func:`read_weights`)."""
+
+    tensors: dict[str, LazyTensor] = field(default_factory=dict)
+    """Our parameter name -> lazy tensor."""
+    unknown: list[str] = field(default_factory=list)
+    """Keys with no name in the key format (always empty when the format was detected)."""
+    files: list[Path] = field(default_factory=list)
+    name: str = ""
+    key_format: str = ""
+    """The names found: ``ours``, ``wan`` (also Self-Forcing/LongLive/MemFlow) or ``diffusers``."""
+
+
+def _rename_all(raw: dict, key_fmt: str) -> tuple[dict[str, LazyTensor], list[str]]:
+    tensors, unknown = {}, []
+    for k, t in raw.items():
+        ours = rename(k if key_fmt == "diffusers" else clean_key(k), key_fmt, "ours")
+        if ours is None:
+            unknown.append(k)
+        else:
+            tensors[ours] = t
+    return tensors, unknown
+
+
+def read_weights(path: str | Path, *, fmt: str | None = None, use_ema: bool = False) -> Weights:
+    """The one reader of users' weight files, shared by the converter's import and ``load_model_weights``.
+
+    ``path``: one ``.safetensors`` / torch file (``weights_only``), a directory with one ``*.safetensors`` or
+    sharded ``*.safetensors`` + ``*.safetensors.index.json``, or that index file. Training dicts (Self-Forcing,
+    LongLive, MemFlow) are unwrapped by :func:`unwrap_training_dict`: ``generator`` (else ``model``), or
+    ``generator_ema`` with ``use_ema``; wrapper fragments and the ``model.`` prefix are dropped.
+    ``fmt``: a ``SOURCE_FORMATS`` name, or None to detect the key names (ours, Wan, diffusers) and to unwrap a
+    nested (or ``use_ema``) dict; keys no format names are an error then.
+    """
+    if fmt is not None and fmt not in SOURCE_FORMATS:
         raise ConfigError(f"--from must be one of {list(SOURCE_FORMATS)}, got {fmt!r}")
     path = Path(path)
     if fmt == "diffusers" and (path / "transformer" / "config.json").exists():
@@ -293,18 +371,32 @@ def read_source(fmt: str, path: str | Path, *, config_path: str | Path | None = 
     raw, files = open_weights(path)
     name = str(path)
     if fmt in TRAINING_FORMATS:
-        raw = unwrap_training_dict(raw, use_ema=use_ema, source_name=name)
+        check_not_nvfp4(raw, source_name=name)
     nested = [k for k, v in raw.items() if not isinstance(v, LazyTensor)]
+    if fmt in TRAINING_FORMATS or (fmt is None and (nested or use_ema)):
+        raw = unwrap_training_dict(raw, use_ema=use_ema, source_name=name)
+        nested = [k for k, v in raw.items() if not isinstance(v, LazyTensor)]
     if nested:
         raise ConfigError(f"{name}: expected a flat dict of tensors, found non-tensor entries {nested[:10]}")
-    key_fmt = "diffusers" if fmt == "diffusers" else "wan"
-    tensors, unknown = {}, []
-    for k, t in raw.items():
-        ours = rename(clean_key(k) if key_fmt == "wan" else k, key_fmt, "ours")
-        if ours is None:
-            unknown.append(k)
-        else:
-            tensors[ours] = t
+    if fmt is not None:
+        key_fmt = "diffusers" if fmt == "diffusers" else "wan"
+        tensors, unknown = _rename_all(raw, key_fmt)
+        return Weights(tensors=tensors, unknown=unknown, files=files, name=name, key_format=key_fmt)
+    for key_fmt in ("ours", "wan", "diffusers"):
+        tensors, unknown = _rename_all(raw, key_fmt)
+        if not unknown:
+            return Weights(tensors=tensors, files=files, name=name, key_format=key_fmt)
+    raise ConfigError(f"{name}: keys match neither our, Wan's nor diffusers' names, e.g. keys with no Wan name "
+                      f"{_rename_all(raw, 'wan')[1][:5]}")
+
+
+def read_source(fmt: str, path: str | Path, *, config_path: str | Path | None = None,
+                use_ema: bool = False) -> Source:
+    """Open a checkpoint of format ``fmt`` (see ``SOURCE_FORMATS``) lazily, in our names."""
+    if fmt not in SOURCE_FORMATS:
+        raise ConfigError(f"--from must be one of {list(SOURCE_FORMATS)}, got {fmt!r}")
+    w = read_weights(path, fmt=fmt, use_ema=use_ema)
+    path = Path(w.name)
     cfg_file = Path(config_path) if config_path else (path / "config.json" if path.is_dir() else None)
     if cfg_file is not None and cfg_file.exists():
         try:
@@ -314,9 +406,9 @@ def read_source(fmt: str, path: str | Path, *, config_path: str | Path | None = 
     elif config_path:
         raise ConfigError(f"config not found: {config_path}")
     else:
-        arch = infer_arch({k: t.shape for k, t in tensors.items()}, source_name=name)
-        arch["num_attention_heads"] = heads_from_presets(arch, source_name=name)
-    return Source(tensors=tensors, section=arch_to_section(arch), unknown=unknown, files=files, name=name)
+        arch = infer_arch({k: t.shape for k, t in w.tensors.items()}, source_name=w.name)
+        arch["num_attention_heads"] = heads_from_presets(arch, source_name=w.name)
+    return Source(tensors=w.tensors, section=arch_to_section(arch), unknown=w.unknown, files=w.files, name=w.name)
 
 
 # ------------------------------------------------------------------------------------------ LoRA
@@ -371,12 +463,17 @@ def read_lora(path: str | Path) -> LoraWeights:
     """LongLive/MemFlow ``lora.pt`` (``generator_lora``) or a raw peft state dict, or a peft adapter dir."""
     path = Path(path)
     if path.is_dir():
+        if (path / ".metadata").is_file():  # torch DCP
+            raise ConfigError(f"{path} is a megatron dist checkpoint directory, not a LoRA file or peft adapter; "
+                              "export its LoRA with tools/convert_checkpoint.py export DIR --lora-only OUT")
+        if not (path / "adapter_model.safetensors").exists() and (path / "adapter_model.bin").exists():
+            raise ConfigError(f"{path}: adapter_model.bin is a pickle, which is not read; save the adapter as "
+                              "adapter_model.safetensors (peft: save_pretrained(safe_serialization=True))")
         path = path / "adapter_model.safetensors"
     if not path.exists():
         raise ConfigError(f"LoRA file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        sd = load_file(str(path))
+        sd = read_safetensors(path)
     else:
         sd = torch_load(path)
     if not isinstance(sd, dict):

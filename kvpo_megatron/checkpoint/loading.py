@@ -1,35 +1,29 @@
 """Load model weights from the files users have: safetensors / torch files in our, Wan or diffusers names."""
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import torch
 
-from kvpo_megatron.checkpoint.mappings import convert_state_dict, rename, strip_prefix
 from kvpo_megatron.checkpoint.sharding import load_full_state_dict
 from kvpo_megatron.errors import ConfigError
 
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """safetensors or a torch file loaded with ``weights_only=True`` (never unpickles code)."""
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"checkpoint not found: {p}")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(p))
-    try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - report the file and the reason in one message
-        raise ConfigError(f"cannot read checkpoint {p} with weights_only=True: {e}")
+log = logging.getLogger(__name__)
 
 
-def detect_format(sd: dict) -> str:
-    for fmt in ("ours", "wan", "diffusers"):
-        if all(rename(k, fmt, "ours") is not None for k in sd):
-            return fmt
-    raise ConfigError("checkpoint keys match neither our, Wan's nor diffusers' names, e.g. "
-                      f"{[k for k in sd if rename(k, 'ours', 'ours') is None][:5]}")
+def warn_if_random_weights(section) -> bool:
+    """A loud warning (rank 0) when a real-size preset has no ``checkpoint``: its weights stay random, so a run
+    trains or generates noise. Returns whether it warned (the ``tiny`` preset is a test model: never)."""
+    if section.checkpoint or section.preset == "tiny":
+        return False
+    if int(os.environ.get("RANK", "0")) == 0:
+        bar = "!" * 100
+        log.warning("%s\nmodel.checkpoint is not set: the %s model keeps RANDOM weights, so this run trains/generates "
+                    "noise.\nSet model.checkpoint to a directory from tools/convert_checkpoint.py import (or a weights "
+                    "file) in your config.\n%s", bar, section.preset, bar)
+    return True
 
 
 def checkpoint_model_section(path: str | Path):
@@ -55,29 +49,26 @@ def checkpoint_lora_config(path: str | Path):
 
 
 def load_model_weights(model: torch.nn.Module, path: str | Path, *, use_ema: bool = False) -> None:
-    """Load weights into a possibly TP/CP-sharded model: a checkpoint directory written by
-    ``tools/convert_checkpoint.py import`` (any TP/CP; see ``checkpoint/dist.py`` for its LoRA), or a full state
-    dict file (any supported naming; a Self-Forcing/LongLive/MemFlow training dict is unwrapped as the converter
-    does: ``generator`` or ``model``, ``generator_ema`` with ``use_ema``)."""
-    from kvpo_megatron.checkpoint.formats import unwrap_training_dict
+    """Load weights into a possibly TP/CP-sharded model, with or without LoRA injected: a checkpoint directory
+    written by ``tools/convert_checkpoint.py import`` (any TP/CP; see ``checkpoint/dist.py`` for its LoRA), or the
+    files users have, read by the converter's reader (``formats.read_weights``): one safetensors / torch file or
+    a directory of (sharded) safetensors, in our, Wan or diffusers names; a Self-Forcing/LongLive/MemFlow training
+    dict gives ``generator`` (or ``model``), ``generator_ema`` with ``use_ema``, as the converter's ``--use-ema``.
+    On a model with LoRA the base weights go to the ``base_layer`` names and the adapters stay as they are."""
+    from kvpo_megatron.checkpoint.dist import base_name, is_lora_name
+    from kvpo_megatron.checkpoint.formats import read_weights
 
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() and (p / ".metadata").is_file():  # torch DCP: a converted / training checkpoint directory
         from kvpo_megatron.checkpoint.dist import load_model_dist
         load_model_dist(model, p)
         return
-    sd = read_state_dict(p)
-    if use_ema or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        sd = unwrap_training_dict(sd, use_ema=use_ema, source_name=str(p))
-    sd = strip_prefix(sd)
-    fmt = detect_format(sd)
-    full = convert_state_dict(sd, fmt, "ours", source_name=str(p))
-    # a model with LoRA injected holds its base weights under ``.base_layer.`` names; its adapters stay as they are
-    from kvpo_megatron.checkpoint.dist import base_name, is_lora_name
+    weights = read_weights(p, use_ema=use_ema)
+    full = {k: t.load() for k, t in weights.tensors.items()}
     for name, _ in model.named_parameters():
         if name != base_name(name) and base_name(name) in full:
             full[name] = full.pop(base_name(name))
-    load_full_state_dict(model, full, source_name=str(p), skip=is_lora_name)
+    load_full_state_dict(model, full, source_name=weights.name, skip=is_lora_name)
 
 
 def load_weights_with_lora(model: torch.nn.Module, section, lora_cfg) -> None:

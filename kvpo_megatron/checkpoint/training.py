@@ -4,7 +4,8 @@ Layout under ``CheckpointConfig.dir``::
 
     iter_0000004/          a complete checkpoint (has ``complete.json``)
     iter_0000006.tmp/      being written (or left by a crash): never loaded, deleted by the next save
-    latest                 "iter_0000004", written last (a hint; the newest complete directory wins)
+    iter_0000005.damaged/  failed verification at a resume (kept aside for inspection, never loaded)
+    latest                 "iter_0000004", written last (a hint; the newest intact directory wins)
 
 Contents of one checkpoint (all ranks call save/load together):
 
@@ -13,45 +14,55 @@ Contents of one checkpoint (all ranks call save/load together):
 * ``ema.<name>``: the EMA of the trainable parameters when the trainer keeps one (``kvpo/ema.py``), sharded like
   ``model.<name>``;
 * ``optimizer.<name>.<state>``: every optimizer state tensor shaped like its parameter (AdamW's ``exp_avg``,
-  ``exp_avg_sq``), sharded the same way; per-parameter scalars (``step``) and the param groups'
-  hyper-parameters (by parameter name) are common state;
-* ``rng_state``: one object per global rank (torch CPU + CUDA, python ``random``, numpy, megatron's RNG
-  tracker), restored on the same rank; skipped with a warning when the world size changed;
-* common state (written by rank 0): iteration, ``scheduler_state``, ``data_state`` and ``extra`` (objective
-  state, metrics history). These must be the same on every rank (rank 0's are saved) and hold plain python
-  values and tensors only (they are read back with ``weights_only=True``; anything else is refused at save).
+  ``exp_avg_sq``), sharded the same way;
+* ``training_state.json`` (rank 0): iteration, world size, per-parameter optimizer scalars (``step``) and the
+  param groups' hyper-parameters (by parameter name), ``scheduler_state``, ``data_state`` and ``extra``
+  (objective state, metrics history, the run's config). These must be the same on every rank (rank 0's are
+  saved) and JSON-serialisable (anything else is refused at save);
+* ``rng_<rank>.json``: each global rank's RNG states (``checkpoint/rng.py``), restored on the same rank;
+  skipped with a warning when the world size changed;
+* ``integrity.json``: megatron's SHA-256 manifest of all the files above, and ``complete.json``, written last.
 
-Parameter names are the model's, without DDP's ``module.`` prefixes (a checkpoint saved through a wrapper
-loads into the bare model and back). ``dir`` must be a filesystem all ranks share.
+No file is unpickled with code: the non-tensor state is JSON and torch_dist metadata is read through
+``safe_dcp``. A resume (:func:`select_checkpoint`) verifies the candidate on rank 0 (manifest, metadata, shard
+sizes, JSON) before any rank loads it, falls back to the newest intact checkpoint with a warning, and stops with
+one error if none is intact or a file holds code. Parameter names are the model's, without DDP's ``module.``
+prefixes (a checkpoint saved through a wrapper loads into the bare model and back). ``dir`` must be a filesystem
+all ranks share.
 
-Saving writes ``iter_NNNNNNN.tmp``, then rank 0 writes ``complete.json`` into it, renames it to
-``iter_NNNNNNN``, rewrites ``latest`` and deletes all but the last ``keep_last`` complete checkpoints.
+Saving writes ``iter_NNNNNNN.tmp``, then rank 0 writes the manifest and ``complete.json`` into it, renames it to
+``iter_NNNNNNN``, rewrites ``latest`` and deletes all but the last ``keep_last`` complete checkpoints (and any
+``iter_NNNNNNN`` without ``complete.json``).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from kvpo_megatron.checkpoint import safe_dcp
 from kvpo_megatron.checkpoint.dist import (check_model_keys, global_rank, load_sharded, model_sharded_state_dict,
                                            partition_dim, save_sharded, sharded_tensor, tensor_metadata)
+from kvpo_megatron.checkpoint.rng import rng_state, set_rng_state
 from kvpo_megatron.errors import ConfigError
 
 log = logging.getLogger(__name__)
-COMPLETE, LATEST = "complete.json", "latest"
+COMPLETE, LATEST, STATE_FILE = "complete.json", "latest", "training_state.json"
 EMA_PREFIX = "ema."
 _ITER = re.compile(r"^iter_(\d{7})$")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+
+class UnsupportedCheckpointError(ConfigError):
+    """A checkpoint of another format version (not damage: older checkpoints are not tried instead)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -65,12 +76,12 @@ class CheckpointConfig:
     keep_last: int = 3
     """Complete checkpoints kept (older ones are deleted after a successful save)."""
     resume: str = "auto"
-    """``auto`` (the latest complete checkpoint under ``dir``, if any), ``never``, or a checkpoint path."""
+    """``auto`` (the newest intact checkpoint under ``dir``, if any), ``never``, or a checkpoint path."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.every, int) or self.every < 0:
+        if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 0:
             raise ConfigError(f"checkpoint.every must be an integer >= 0, got {self.every!r}")
-        if not isinstance(self.keep_last, int) or self.keep_last < 1:
+        if not isinstance(self.keep_last, int) or isinstance(self.keep_last, bool) or self.keep_last < 1:
             raise ConfigError(f"checkpoint.keep_last must be an integer >= 1, got {self.keep_last!r}")
         if not isinstance(self.resume, str) or not self.resume:
             raise ConfigError(f"checkpoint.resume must be auto, never or a path, got {self.resume!r}")
@@ -83,40 +94,6 @@ def _barrier() -> None:
 
 def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
-
-
-# ------------------------------------------------------------------------------------------ RNG
-def rng_state() -> dict:
-    """This rank's RNG states, as plain types and tensors (loadable with ``weights_only=True``)."""
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                       "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, "tracker": None}
-    try:
-        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-        state["tracker"] = {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}
-    except Exception:  # noqa: BLE001 - megatron's tracker is optional state
-        pass
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if state.get("tracker"):
-        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-        get_cuda_rng_tracker().set_states(state["tracker"])
-
-
-def _rng_object(data):
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    return ShardedObject("rng_state", data, (_world(),), (global_rank(),), replica_id=0)
 
 
 # ------------------------------------------------------------------------------------------ state dicts
@@ -135,17 +112,13 @@ def _named_params(model) -> dict[str, torch.nn.Parameter]:
     return {_name(n): p for n, p in model.named_parameters()}
 
 
-def _check_plain(field: str, value) -> None:
-    """Common state is loaded with ``weights_only=True``: refuse what that cannot read, at save time."""
-    import io
-
-    buf = io.BytesIO()
-    torch.save(value, buf)
-    buf.seek(0)
+def _check_json(field: str, value) -> None:
+    """Non-tensor state is stored as JSON: refuse what JSON cannot hold, at save time, naming the field."""
     try:
-        torch.load(buf, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - name the field and the reason
-        raise ConfigError(f"training checkpoint {field} must hold plain python values and tensors only: {e}") from e
+        json.dumps(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"training checkpoint {field} must hold JSON values only (dict, list, str, number, "
+                          f"bool, None): {e}") from None
 
 
 def _trainable(model) -> list[str]:
@@ -173,8 +146,8 @@ def _optimizer_layout(model, optimizer) -> tuple[dict, dict, list]:
             else:
                 scalars.setdefault(name, {})[key] = v.item() if isinstance(v, torch.Tensor) else v
     by_id = {id(p): n for n, p in _named_params(model).items()}
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [by_id[id(p)] for p in g["params"]]}
-              for g in optimizer.param_groups]
+    groups = [{**{k: v.item() if isinstance(v, torch.Tensor) else v for k, v in g.items() if k != "params"},
+               "params": [by_id[id(p)] for p in g["params"]]} for g in optimizer.param_groups]
     return tensors, scalars, groups
 
 
@@ -219,26 +192,29 @@ def save_training_checkpoint(cfg: CheckpointConfig, iteration: int, *, model, op
     t0 = time.perf_counter()
     root = Path(cfg.dir)
     final, tmp = _iter_dir(root, iteration), root / f"iter_{iteration:07d}.tmp"
+    tensors, scalars, groups = _optimizer_layout(model, optimizer)
+    state = {"format_version": FORMAT_VERSION, "iteration": int(iteration), "world_size": _world(),
+             "optimizer_common": {"scalars": scalars, "param_groups": groups,
+                                  "tensor_keys": {n: sorted(s) for n, s in tensors.items()}},
+             "scheduler_state": scheduler_state, "data_state": data_state, "extra": extra}
+    for field in ("optimizer_common", "scheduler_state", "data_state", "extra"):
+        _check_json(field, state[field])
     if global_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    for field, value in (("scheduler_state", scheduler_state), ("data_state", data_state), ("extra", extra)):
-        _check_plain(field, value)
     names = _trainable(model)
-    tensors, scalars, groups = _optimizer_layout(model, optimizer)
     sd = {"model": model_sharded_state_dict(model, names=names, key_fn=_key, pg_collection=pg_collection),
-          "optimizer": _optimizer_sharded(model, tensors, pg_collection), "rng_state": _rng_object(rng_state()),
-          "iteration": int(iteration), "world_size": _world(), "format_version": FORMAT_VERSION,
-          "optimizer_common": {"scalars": scalars, "param_groups": groups,
-                               "tensor_keys": {n: sorted(s) for n, s in tensors.items()}},
-          "scheduler_state": scheduler_state, "data_state": data_state, "extra": extra}
+          "optimizer": _optimizer_sharded(model, tensors, pg_collection)}
     if ema is not None:
         sd["ema"] = _ema_sharded(model, ema, pg_collection)
     save_sharded(sd, tmp)
+    (tmp / f"rng_{global_rank():05d}.json").write_text(json.dumps(rng_state()))
     _barrier()
     if global_rank() == 0:
+        (tmp / STATE_FILE).write_text(json.dumps(state))
+        safe_dcp.write_manifest(tmp)
         (tmp / COMPLETE).write_text(json.dumps({"iteration": iteration, "world_size": _world(), "time": time.time()}))
         if final.exists():  # re-saving an iteration (e.g. after a resume): replace the old copy
             old = root / f"iter_{iteration:07d}.old"
@@ -259,33 +235,130 @@ def save_training_checkpoint(cfg: CheckpointConfig, iteration: int, *, model, op
 def _prune(root: Path, keep_last: int) -> None:
     for p in complete_checkpoints(root)[:-keep_last]:
         shutil.rmtree(p, ignore_errors=True)
-    for p in root.iterdir():  # partial checkpoints left by crashed saves
-        if p.is_dir() and p.name.startswith("iter_") and p.name.endswith((".tmp", ".old")):
+    for p in root.iterdir():  # partial checkpoints left by crashed saves, and iter_N without complete.json
+        if p.is_dir() and p.name.startswith("iter_") and (
+                p.name.endswith((".tmp", ".old")) or (_ITER.match(p.name) and not (p / COMPLETE).is_file())):
             shutil.rmtree(p, ignore_errors=True)
 
 
-# ------------------------------------------------------------------------------------------ find / load
-def find_latest_checkpoint(cfg: CheckpointConfig) -> Path | None:
-    """The checkpoint to resume from, per ``cfg.resume``: ``never`` -> None; a path -> that checkpoint (or the
-    newest complete one inside it); ``auto`` -> the newest complete checkpoint under ``cfg.dir`` (None if none).
-    Directories without ``complete.json`` (partial writes) are never returned."""
+# ------------------------------------------------------------------------------------------ find / verify
+def _candidates(cfg: CheckpointConfig) -> list[Path]:
+    """Complete checkpoints to resume from, newest first, per ``cfg.resume``."""
     if cfg.resume == "never":
-        return None
+        return []
     if cfg.resume != "auto":
         p = Path(cfg.resume)
         if (p / COMPLETE).is_file():
-            return p
+            return [p]
         found = complete_checkpoints(p)
         if not found:
             raise ConfigError(f"checkpoint.resume={cfg.resume!r}: no complete checkpoint there "
                               f"(a complete one has {COMPLETE})")
-        return found[-1]
-    if not cfg.dir:
-        return None
-    found = complete_checkpoints(cfg.dir)
-    return found[-1] if found else None
+        return found[::-1]
+    return complete_checkpoints(cfg.dir)[::-1] if cfg.dir else []
 
 
+def find_latest_checkpoint(cfg: CheckpointConfig) -> Path | None:
+    """The newest complete checkpoint per ``cfg.resume`` (not verified; :func:`select_checkpoint` verifies):
+    ``never`` -> None; a path -> that checkpoint (or the newest complete one inside it); ``auto`` -> the newest
+    complete checkpoint under ``cfg.dir`` (None if none). Directories without ``complete.json`` are never returned."""
+    found = _candidates(cfg)
+    return found[0] if found else None
+
+
+def read_training_state(path: str | Path) -> dict:
+    """``training_state.json`` of a complete checkpoint (JSON: reading it runs no code)."""
+    path = Path(path)
+    if not (path / COMPLETE).is_file():
+        raise ConfigError(f"{path} is not a complete training checkpoint (no {COMPLETE}); refusing to load it")
+    f = path / STATE_FILE
+    if not f.is_file() and (path / "integrity.json").is_file():
+        raise ConfigError(f"{f} is missing")
+    if not f.is_file():
+        raise UnsupportedCheckpointError(f"{path} was written by an older kvpo-megatron (its state is pickled, not "
+                                         f"{STATE_FILE}); it is not loaded: start with checkpoint.resume=never or "
+                                         "another checkpoint.dir")
+    try:
+        state = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{f} is damaged (not JSON: {e})") from None
+    keys = ("format_version", "iteration", "world_size", "optimizer_common", "scheduler_state", "data_state", "extra")
+    if not isinstance(state, dict) or any(k not in state for k in keys):
+        raise ConfigError(f"{f} is damaged (needs the keys {list(keys)})")
+    if state["format_version"] != FORMAT_VERSION:
+        raise UnsupportedCheckpointError(f"{f}: format_version {state['format_version']} is not supported (this "
+                                         f"build reads {FORMAT_VERSION})")
+    return state
+
+
+def verify_training_checkpoint(path: str | Path) -> dict:
+    """Everything short of loading tensors: complete, state JSON, torch_dist metadata (no code), shard sizes,
+    manifest checksums, every rank's RNG file. Returns the training state; raises ``ConfigError``
+    (``UnsafeCheckpointError`` when a file holds code)."""
+    path = Path(path)
+    state = read_training_state(path)
+    safe_dcp.check_dist_dir(path)  # first: a payload anywhere is an error even when the checksums disagree
+    safe_dcp.verify_manifest(path, required=True)
+    absent = [r for r in range(int(state["world_size"])) if not (path / f"rng_{r:05d}.json").is_file()]
+    if absent:
+        raise ConfigError(f"{path}: RNG files of ranks {absent[:8]} are missing")
+    return state
+
+
+def _broadcast_json(obj):
+    """Rank 0's JSON value on every rank (a byte tensor over the default group; no pickling)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    data = json.dumps(obj).encode() if global_rank() == 0 else b""
+    n = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    dist.broadcast(n, 0)
+    buf = torch.zeros(int(n.item()), dtype=torch.uint8, device=device)
+    if global_rank() == 0:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.broadcast(buf, 0)
+    return json.loads(bytes(buf.cpu().tolist()).decode())
+
+
+def _choose(cfg: CheckpointConfig) -> dict:
+    """Rank 0: verify candidates newest first; damaged ones are set aside (``auto``) and skipped with a warning."""
+    candidates = _candidates(cfg)
+    problems = []
+    for p in candidates:
+        try:
+            verify_training_checkpoint(p)
+            return {"path": str(p)}
+        except (safe_dcp.UnsafeCheckpointError, UnsupportedCheckpointError) as e:
+            return {"error": str(e)}
+        except ConfigError as e:
+            problems.append(f"{p.name}: {e}")
+            log.warning("checkpoint %s is damaged, falling back to the previous one: %s", p, e)
+            if cfg.resume == "auto":
+                aside = p.with_name(p.name + ".damaged")
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(p, aside)
+                log.warning("moved %s aside to %s", p, aside.name)
+    if candidates:
+        return {"error": f"no intact training checkpoint to resume from ({'; '.join(problems)})"}
+    return {"path": None}
+
+
+def select_checkpoint(cfg: CheckpointConfig) -> Path | None:
+    """The checkpoint to resume from (collective): rank 0 verifies before any rank loads; every rank gets its
+    choice, or the same ``ConfigError``."""
+    decision = None
+    if global_rank() == 0:
+        try:
+            decision = _choose(cfg)
+        except (ConfigError, OSError) as e:  # every rank must reach the broadcast
+            decision = {"error": str(e)}
+    decision = _broadcast_json(decision)
+    if "error" in decision:
+        raise ConfigError(decision["error"])
+    return Path(decision["path"]) if decision["path"] else None
+
+
+# ------------------------------------------------------------------------------------------ load
 def load_training_checkpoint(path, *, model, optimizer, pg_collection, ema: dict | None = None) -> dict:
     """Restore trainable parameters, optimizer state and this rank's RNG states (collective).
 
@@ -293,12 +366,8 @@ def load_training_checkpoint(path, *, model, optimizer, pg_collection, ema: dict
     by parameter name) the checkpoint's ``ema.<name>`` are copied into them when it has them, and the result
     also holds ``'ema_restored'`` (False: a checkpoint saved without EMA; ``ema`` is left as it was).
     """
-    from megatron.core.dist_checkpointing import load_common_state_dict
-
     path = Path(path)
-    if not (path / COMPLETE).is_file():
-        raise ConfigError(f"{path} is not a complete training checkpoint (no {COMPLETE}); refusing to load it")
-    common = load_common_state_dict(str(path))
+    common = read_training_state(path)
     meta = tensor_metadata(path)
     names = _trainable(model)
     check_model_keys(model, meta, path, names=names, key_fn=_key, pg_collection=pg_collection)
@@ -309,6 +378,10 @@ def load_training_checkpoint(path, *, model, optimizer, pg_collection, ema: dict
     if [g["params"] for g in saved_groups] != [g["params"] for g in _optimizer_layout(model, optimizer)[2]]:
         raise ConfigError(f"{path}: the optimizer's parameter groups differ from the checkpoint's "
                           f"({[len(g['params']) for g in saved_groups]} parameters per group saved)")
+    missing = [f"optimizer.{n}.{k}" for n, keys in ocommon["tensor_keys"].items() for k in keys
+               if f"optimizer.{n}.{k}" not in meta]
+    if missing:
+        raise ConfigError(f"{path}: optimizer tensors missing from the checkpoint: {missing[:10]}")
     opt_targets = {n: {k: torch.empty(named[n].shape, dtype=meta[f"optimizer.{n}.{k}"][1]) for k in keys}
                    for n, keys in ocommon["tensor_keys"].items()}
     same_world = common["world_size"] == _world()
@@ -316,8 +389,13 @@ def load_training_checkpoint(path, *, model, optimizer, pg_collection, ema: dict
                                             tensors={n: torch.empty(params[n].shape, dtype=meta[_key(n)][1])
                                                      for n in names}),
           "optimizer": _optimizer_sharded(model, opt_targets, pg_collection)}
+    rng = None
     if same_world:
-        sd["rng_state"] = _rng_object(rng_state())
+        f = path / f"rng_{global_rank():05d}.json"
+        try:
+            rng = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{f} is missing or damaged: {e}") from None
     has_ema = ema is not None and any(k.startswith(EMA_PREFIX) for k in meta)
     if has_ema:
         raw = {_name(n): n for n in names}
@@ -341,11 +419,12 @@ def load_training_checkpoint(path, *, model, optimizer, pg_collection, ema: dict
         if s:
             state[i] = s
     index = {n: i for i, n in enumerate(opt_names)}
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[n] for n in g["params"]]}
-              for g in saved_groups]
+    # JSON has no tuples: the optimizers' sequence hyper-parameters (AdamW's betas) were tuples
+    groups = [{**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items() if k != "params"},
+               "params": [index[n] for n in g["params"]]} for g in saved_groups]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
-    if same_world:
-        set_rng_state(loaded["rng_state"])
+    if rng is not None:
+        set_rng_state(rng)
     else:
         log.warning("%s was saved by %d ranks, this run has %d: RNG states are not restored", path,
                     common["world_size"], _world())

@@ -2,7 +2,8 @@
 
 A training checkpoint stores the trainable LoRA as ``model.<peft name>`` (``blocks.0.self_attn.q.lora_A.default
 .weight``) and, when the trainer keeps an EMA, its average as ``ema.<peft name>``; the job's configuration is in
-its common state (``extra.config``). This module reads either set
+its ``training_state.json`` (``extra.config``). Each checkpoint is verified first (``verify_training_checkpoint``:
+state JSON, torch_dist metadata without code, manifest checksums). This module reads either set
 
 * as full tensors keyed like ``lora.lora_full_state_dict`` (``blocks.0.self_attn.q.lora_A.weight``), for export
   (``tools/convert_checkpoint.py export CKPT --lora-only OUT --weights ema``), or
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from kvpo_megatron.checkpoint.dist import load_full_tensors, load_params_dist, tensor_metadata
-from kvpo_megatron.checkpoint.training import COMPLETE, EMA_PREFIX
+from kvpo_megatron.checkpoint.training import COMPLETE, EMA_PREFIX, verify_training_checkpoint
 from kvpo_megatron.errors import ConfigError
 
 MODEL_PREFIX = "model."
@@ -44,16 +45,19 @@ def _prefix(path: Path, weights: AdapterWeights, meta: dict) -> str:
     return prefix
 
 
-def training_config(path: str | Path) -> dict:
-    """The job configuration a training checkpoint was saved with (``extra.config``, plain dicts)."""
-    from megatron.core.dist_checkpointing import load_common_state_dict
-
+def _verified(path: str | Path) -> dict:
+    """The training state of a complete, intact checkpoint (``ConfigError`` otherwise)."""
     path = Path(path)
     if not is_training_checkpoint(path):
         raise ConfigError(f"{path} is not a complete training checkpoint (no {COMPLETE})")
-    config = (load_common_state_dict(str(path)).get("extra") or {}).get("config")
+    return verify_training_checkpoint(path)
+
+
+def training_config(path: str | Path) -> dict:
+    """The job configuration a training checkpoint was saved with (``extra.config``, plain dicts)."""
+    config = (_verified(path).get("extra") or {}).get("config")
     if not isinstance(config, dict):
-        raise ConfigError(f"{path}: the checkpoint's common state has no extra.config")
+        raise ConfigError(f"{path}: the checkpoint's training state has no extra.config")
     return config
 
 
@@ -61,8 +65,7 @@ def read_training_adapter(path: str | Path, weights: AdapterWeights | str = Adap
                           ) -> dict[str, torch.Tensor]:
     """Full LoRA tensors of a training checkpoint, keyed ``<module>.lora_A.weight`` / ``.lora_B.weight``."""
     path = Path(path)
-    if not is_training_checkpoint(path):
-        raise ConfigError(f"{path} is not a complete training checkpoint (no {COMPLETE})")
+    _verified(path)
     if not dist.is_initialized():  # megatron's loader is collective: a 1-rank world for a plain process
         from kvpo_megatron.parallel.state import init_distributed
         init_distributed()
@@ -79,8 +82,7 @@ def load_training_adapter(model: torch.nn.Module, path: str | Path,
     from kvpo_megatron.lora import lora_parameters
 
     path = Path(path)
-    if not is_training_checkpoint(path):
-        raise ConfigError(f"{path} is not a complete training checkpoint (no {COMPLETE})")
+    _verified(path)
     meta = tensor_metadata(path)
     prefix = _prefix(path, weights, meta)
     names = [n for n, _ in lora_parameters(model)]

@@ -1,4 +1,4 @@
-"""Latent -> frame decoders: a weight-free preview decoder and Wan2.1's VAE through diffusers.
+"""Latent -> frame decoders: a weight-free preview decoder and the Wan2.1 / Wan2.2 VAEs through diffusers.
 
 Latents are the normalised latents the DiT sees, ``[B, C, F, h, w]``; frames come out ``[B, T, 3, H, W]`` in
 [0, 1]. Wan normalises VAE latents per channel, ``z_dit = (z_vae - mean) / std`` (``latents_mean``/``latents_std``
@@ -7,12 +7,20 @@ in the diffusers config, the same 16 numbers as Wan's ``WanVAE``); decoding undo
 Expected files for ``WanVAEDecoder.from_pretrained(path)``:
 - Wan's original ``Wan2.1_VAE.pth`` (keys converted by diffusers' ``convert_wan_vae_to_diffusers``; the
   architecture is diffusers' default ``AutoencoderKLWan`` config unless ``vae_config`` names a JSON config), or
+- Wan2.2's original ``Wan2.2_VAE.pth`` (Wan2.2-TI2V-5B, LongLive 2.0; recognised by its residual
+  ``encoder.downsamples.{s}.downsamples.{j}`` keys, renamed by ``wan_key_maps.wan22_vae_original_to_diffusers``;
+  the architecture is :data:`WAN22_VAE_CONFIG` unless ``vae_config`` names a JSON config), or
 - a diffusers folder (``config.json`` + ``diffusion_pytorch_model.safetensors``), or a pipeline folder with ``vae/``.
+
+The Wan2.2 VAE (``AutoencoderKLWan(is_residual=True, patch_size=2, ...)``): z_dim 48, 16x spatial (a 2x2 pixel
+patchify + 8x) and 4x temporal compression, so 1280x704 video <-> 80x44 latents and ``T = 1 + 4 (F - 1)`` frames;
+decoding is causal latent frame by latent frame exactly as for Wan2.1 (1 frame for latent 0, then 4 each).
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
@@ -25,6 +33,24 @@ from kvpo_megatron.conditioning.files import require_path
 from kvpo_megatron.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+
+WAN22_VAE_CONFIG: dict = dict(
+    base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+    scale_factor_spatial=16, scale_factor_temporal=4,
+    latents_mean=[
+        -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891, 0.157,
+        -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502, -0.2055,
+        -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.123, -0.0313, -0.1649, 0.0117, 0.0723, -0.2839, -0.2083,
+        -0.052, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667],
+    latents_std=[
+        0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.499, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901, 0.6885, 0.6165,
+        0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659, 0.7069, 0.5338, 0.4889, 0.4917,
+        0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944, 0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.06,
+        0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744])
+"""``AutoencoderKLWan`` kwargs of the Wan2.2 VAE (diffusers ``scripts/convert_wan_to_diffusers.py``:
+``vae22_diffusers_config``; the same per-channel mean/std as NVlabs/LongLive ``utils/wan_5b_wrapper.py``
+``WanVAEWrapper``; other fields are diffusers' defaults: dim_mult [1, 2, 4, 4], 2 res blocks,
+temporal downsampling [False, True, True])."""
 
 
 @runtime_checkable
@@ -42,7 +68,7 @@ class DecoderKind(StrEnum):
 @dataclass(kw_only=True, slots=True)
 class DecoderConfig:
     kind: DecoderKind = DecoderKind.PREVIEW
-    """preview: fixed linear latent->RGB map (no weights); wan: Wan2.1 VAE."""
+    """preview: fixed linear latent->RGB map (no weights); wan: the Wan2.1 or Wan2.2 VAE (from its files)."""
     latent_channels: int = 16
     """preview: number of latent channels."""
     upsample: int = 1
@@ -50,9 +76,10 @@ class DecoderConfig:
     seed: int = 0
     """preview: seed of the fixed latent->RGB projection."""
     path: str | None = None
-    """wan: Wan2.1_VAE.pth or a diffusers AutoencoderKLWan folder."""
+    """wan: Wan2.1_VAE.pth, Wan2.2_VAE.pth or a diffusers AutoencoderKLWan folder."""
     vae_config: str | None = None
-    """wan: JSON with AutoencoderKLWan kwargs for an original .pth (default: diffusers' Wan2.1 defaults)."""
+    """wan: JSON with AutoencoderKLWan kwargs for an original .pth (default: diffusers' Wan2.1 defaults for
+    Wan2.1_VAE.pth, ``WAN22_VAE_CONFIG`` for Wan2.2_VAE.pth)."""
     device: str = "cpu"
     dtype: str = "float32"
     """wan: weight/compute dtype (float32 | bfloat16)."""
@@ -130,27 +157,34 @@ def load_wan_vae(path: str | Path, *, vae_config: str | Path | dict | None = Non
         state = torch.load(str(p), map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or not any(k.startswith("decoder.") for k in state):
         raise ConfigError(f"{p}: not a Wan VAE state dict (no 'decoder.*' keys)")
-    model = AutoencoderKLWan(**(vae_config or {}))
-    what = f"{p}: Wan VAE weights do not match AutoencoderKLWan({vae_config or 'default Wan2.1 config'})"
+    wan22 = any(re.match(r"encoder\.downsamples\.\d+\.downsamples\.", k) for k in state)
+    if wan22:
+        from kvpo_megatron.conditioning.wan_key_maps import wan22_vae_original_to_diffusers
+        state, default = wan22_vae_original_to_diffusers(state, source=str(p)), "Wan2.2 config"
+        vae_config = vae_config or WAN22_VAE_CONFIG
+    else:
+        state, default = convert_wan_vae_to_diffusers(state), "default Wan2.1 config"
+    with torch.device("meta"):  # no random init: every parameter comes from the file (checked below)
+        model = AutoencoderKLWan(**(vae_config or {}))
+    what = (f"{p}: Wan VAE weights do not match AutoencoderKLWan"
+            f"({default if vae_config in (None, WAN22_VAE_CONFIG) else vae_config})")
     try:
-        missing, unexpected = model.load_state_dict(convert_wan_vae_to_diffusers(state), strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:  # shape mismatch
         raise ConfigError(f"{what}: {str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}; "
                           f"set decoder.vae_config for a non-default architecture") from None
     if missing or unexpected:
         raise ConfigError(f"{what}: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                           f"unexpected {unexpected[:8]}")
-    if dtype != torch.float32:
-        model = model.to(dtype=dtype)
-    return model.eval().requires_grad_(False)
+    return model.to(dtype=dtype).eval().requires_grad_(False)  # the file's dtype -> the requested one
 
 
 class WanVAEDecoder:
-    """Wan2.1 VAE decoder: de-normalise, then decode causally one latent frame at a time per video.
+    """Wan VAE decoder (Wan2.1 or Wan2.2): de-normalise, then decode causally one latent frame at a time per video.
 
     Memory stays bounded for long videos: the causal conv cache holds a few frames, and every decoded chunk
     (1 video frame for latent 0, 4 for each later latent) is moved to ``output_device`` at once.
-    ``T = 1 + 4 (F - 1)`` for Wan2.1.
+    ``T = 1 + 4 (F - 1)`` for both; ``H, W = 8 h, 8 w`` (Wan2.1) or ``16 h, 16 w`` (Wan2.2, after unpatchify).
     """
 
     def __init__(self, vae, *, device: str = "cpu", dtype: torch.dtype = torch.float32,

@@ -7,6 +7,8 @@ so ``gate.0 -> wi_0`` and ``fc1 -> wi_1``.
 Wan VAE (``Wan2.1_VAE.pth``) -> diffusers ``AutoencoderKLWan`` is diffusers' own
 ``convert_wan_vae_to_diffusers`` (the function ``from_single_file`` uses); this module adds the inverse,
 which exports a diffusers VAE in the original layout (used by the tests to build original-format files).
+The Wan2.2 VAE (``Wan2.2_VAE.pth``, residual blocks) has no converter in installed diffusers: both directions are
+here (``wan22_vae_original_to_diffusers`` / ``wan22_vae_diffusers_to_original``).
 """
 from __future__ import annotations
 
@@ -126,3 +128,87 @@ def wan_vae_diffusers_to_original(state: dict[str, torch.Tensor], *,
             raise ConfigError(f"AutoencoderKLWan: no original-layout name for key {key!r}")
         out[new] = value
     return out
+
+
+# ---------------------------------------------------------------- Wan2.2 VAE: original <-> diffusers
+# ``Wan2.2_VAE.pth`` (Wan-Video/Wan2.2 ``wan/modules/vae2_2.py``: residual down/up blocks, z_dim 48, patch 2) ->
+# ``AutoencoderKLWan(is_residual=True, ...)``. Installed diffusers has no function for it (its
+# ``scripts/convert_wan_to_diffusers.py::convert_vae_22`` is not shipped), so these rows are the rule: one
+# (original, diffusers) regex template pair per family; ``{s}`` a stage, ``{j}`` a block in it, ``{r}`` the rest.
+_WAN22_VAE_ROWS = [
+    ("conv1.{r}", "quant_conv.{r}"),
+    ("conv2.{r}", "post_quant_conv.{r}"),
+    ("{e}.conv1.{r}", "{e}.conv_in.{r}"),
+    ("{e}.head.0.gamma", "{e}.norm_out.gamma"),
+    ("{e}.head.2.{r}", "{e}.conv_out.{r}"),
+    ("{e}.middle.0.{res}", "{e}.mid_block.resnets.0.{res}"),
+    ("{e}.middle.2.{res}", "{e}.mid_block.resnets.1.{res}"),
+    ("{e}.middle.1.{r}", "{e}.mid_block.attentions.0.{r}"),
+    ("encoder.downsamples.{s}.downsamples.{j}.{res}", "encoder.down_blocks.{s}.resnets.{j}.{res}"),
+    ("encoder.downsamples.{s}.downsamples.{j}.{rs}", "encoder.down_blocks.{s}.downsampler.{rs}"),
+    ("decoder.upsamples.{s}.upsamples.{j}.{res}", "decoder.up_blocks.{s}.resnets.{j}.{res}"),
+    ("decoder.upsamples.{s}.upsamples.{j}.{rs}", "decoder.up_blocks.{s}.upsampler.{rs}"),
+]
+_RES_ROWS = [("residual.0.gamma", "norm1.gamma"), ("residual.2.{p}", "conv1.{p}"), ("residual.3.gamma", "norm2.gamma"),
+             ("residual.6.{p}", "conv2.{p}"), ("shortcut.{p}", "conv_shortcut.{p}")]
+_GROUPS = {"e": r"(?P<e>encoder|decoder)", "s": r"(?P<s>\d+)", "j": r"(?P<j>\d+)", "r": r"(?P<r>.+)",
+           "p": r"(?P<p>weight|bias)", "rs": r"(?P<rs>(?:resample|time_conv)\..+)"}
+
+
+def _expand_rows() -> list[tuple[str, str]]:
+    rows = []
+    for orig, diff in _WAN22_VAE_ROWS:
+        if "{res}" in orig:
+            rows += [(orig.replace("{res}", a), diff.replace("{res}", b)) for a, b in _RES_ROWS]
+        else:
+            rows.append((orig, diff))
+    return rows
+
+
+def _template_regex(template: str) -> re.Pattern:
+    rx = re.escape(template)
+    for name, group in _GROUPS.items():
+        rx = rx.replace(re.escape("{" + name + "}"), group, 1).replace(re.escape("{" + name + "}"), f"(?P={name})")
+    return re.compile(rx + "$")
+
+
+_WAN22_ROWS = [(_template_regex(o), o, _template_regex(d), d) for o, d in _expand_rows()]
+
+
+def _fill(template: str, groups: dict) -> str:
+    for name, value in groups.items():
+        template = template.replace("{" + name + "}", value)
+    return template
+
+
+def _wan22_rename(state: dict[str, torch.Tensor], to_diffusers: bool, source: str,
+                  stage_blocks: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for o_rx, o_t, d_rx, d_t in _WAN22_ROWS:
+            m = (o_rx if to_diffusers else d_rx).match(key)
+            if m:
+                groups = {k: v for k, v in m.groupdict().items() if v is not None}
+                if not to_diffusers and "rs" in groups:  # the resample is the stage's last module
+                    groups["j"] = str(stage_blocks[f"{key.split('.')[0]}.{groups['s']}"])
+                out[_fill(d_t if to_diffusers else o_t, groups)] = value
+                break
+        else:
+            raise ConfigError(f"{source}: unexpected key {key!r} (not a Wan2.2 VAE key)")
+    return out
+
+
+def wan22_vae_original_to_diffusers(state: dict[str, torch.Tensor], *,
+                                    source: str = "Wan2.2 VAE checkpoint") -> dict[str, torch.Tensor]:
+    """Rename ``Wan2.2_VAE.pth`` keys to ``AutoencoderKLWan(is_residual=True)`` keys."""
+    return _wan22_rename(state, True, source)
+
+
+def wan22_vae_diffusers_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`wan22_vae_original_to_diffusers` (tests build original-layout files with it)."""
+    blocks: dict[str, int] = {}
+    for key in state:  # a stage's resample follows its residual blocks: index = number of residual blocks
+        if m := re.match(r"^(encoder\.down|decoder\.up)_blocks\.(\d+)\.resnets\.(\d+)\.", key):
+            stage = f"{m.group(1).split('.')[0]}.{m.group(2)}"
+            blocks[stage] = max(blocks.get(stage, 0), int(m.group(3)) + 1)
+    return _wan22_rename(state, False, "AutoencoderKLWan", blocks)

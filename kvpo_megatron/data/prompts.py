@@ -1,6 +1,8 @@
 """Prompt data: plain-text or JSONL multi-prompt files, and a sharded, seeded, resumable loader.
 
 Plain text: one prompt per line. In both formats blank lines and lines starting with ``#`` are skipped.
+The format follows the name: ``.txt`` is plain text (even a prompt starting with ``{``), ``.jsonl``/``.json`` is
+JSONL; any other name is JSONL when its first prompt line starts with ``{``. Files must be UTF-8.
 
 JSONL: one object per line, for long multi-prompt videos (VidProM-style extended prompts)::
 
@@ -59,9 +61,17 @@ def read_prompt_file(path: str | Path) -> list[PromptRecord]:
     p = Path(path)
     if not p.exists():
         raise DataError(f"prompt file not found: {p}")
-    lines = p.read_text(encoding="utf-8").splitlines()
-    is_jsonl = p.suffix in (".jsonl", ".json") or next(
-        (ln.lstrip().startswith("{") for ln in lines if ln.strip()), False)
+    if not p.is_file():
+        raise DataError(f"prompt file {p} is a directory, not a file" if p.is_dir() else f"prompt file {p} is not "
+                        "a regular file")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"prompt file {p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at line {line})") from None
+    # .txt is text and .jsonl/.json is JSON, whatever a line starts with; other names: JSON if the first prompt is
+    is_jsonl = p.suffix in (".jsonl", ".json") or (p.suffix != ".txt" and next(
+        (ln.lstrip().startswith("{") for ln in lines if ln.strip() and not ln.lstrip().startswith("#")), False))
     records: list[PromptRecord] = []
     for lineno, raw in enumerate(lines, start=1):
         text = raw.strip()

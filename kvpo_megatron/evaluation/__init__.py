@@ -48,7 +48,7 @@ def load_eval_configs(paths: list[str], *, config: str | None = None, preset: st
     ev = [o[len(EVAL_PREFIX):] for o in overrides if o.startswith(EVAL_PREFIX)]
     tr = [o for o in overrides if not o.startswith(EVAL_PREFIX)]
     if config is not None or preset is not None:
-        from kvpo_megatron.model.memory_bank import generator_preset
+        from kvpo_megatron.presets import generator_preset
 
         train = load_config(KVPOTrainConfig, config, tr, base=generator_preset(preset) if preset else {})
     else:
@@ -74,9 +74,13 @@ def run_evaluation(paths: list[str], train_cfg, eval_cfg: EvalConfig, out: str |
     from kvpo_megatron.evaluation.report import write_report
     from kvpo_megatron.evaluation.runner import Evaluator, plan_jobs, plan_variants
 
+    from kvpo_megatron.extras import check_job_extras, require
+
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
+    check_job_extras(train_cfg)  # the model's text encoder, decoder and rewards
+    require(("av",), "media", "tools/evaluate.py (the mp4 writer)")
     variants = plan_variants(paths, eval_cfg)
     jobs = plan_jobs(eval_cfg, train_frames=train_cfg.video.num_frames,
                      frames_per_block=train_cfg.cache.frames_per_block)

@@ -150,7 +150,8 @@ class Evaluator:
     def __init__(self, train_cfg, eval_cfg: EvalConfig, out: str | Path, *, fingerprint: str = ""):
         """``fingerprint``: identifies the model/sampler/reward configuration; a finished job of another one is
         generated again rather than reused."""
-        from kvpo_megatron.checkpoint.loading import load_weights_with_lora
+        from kvpo_megatron.accelerate import accelerate
+        from kvpo_megatron.checkpoint.loading import load_weights_with_lora, warn_if_random_weights
         from kvpo_megatron.conditioning.text_encoder import build_text_encoder
         from kvpo_megatron.conditioning.vae import build_decoder
         from kvpo_megatron.model.build import build_model
@@ -168,18 +169,20 @@ class Evaluator:
         self.model = build_model(train_cfg.model, pg_collection=self.pgs, tp=par.tensor_model_parallel_size,
                                  cp=par.context_parallel_size, cp_attention=par.cp_attention)
         validate_tokens(self.model.config, par, train_cfg.video.latent_height, train_cfg.video.latent_width)
+        warn_if_random_weights(train_cfg.model)
         load_weights_with_lora(self.model, train_cfg.model, train_cfg.lora)
         if train_cfg.model.checkpoint is None:
             log.warning("model.checkpoint is not set: the base model is the random init of train.seed=%d "
                         "(the same as the training run's at the same parallel layout)", train_cfg.train.seed)
         self.model.to(self.device).eval()
+        runner = accelerate(self.model, train_cfg.model, device=self.device, cp=par.context_parallel_size)
         mc = self.model.config
         self.text_encoder = build_text_encoder(dataclasses.replace(train_cfg.text, text_len=mc.text_len,
                                                                    text_dim=mc.text_dim))
         self.decoder = build_decoder(train_cfg.decoder)
         self.reward = build_reward(train_cfg.reward)
         self.gen = StreamingGenerator(self.model, FlowMatchSampler(train_cfg.sampler), train_cfg.cache,
-                                      recache_on_switch=train_cfg.recache_on_switch)
+                                      recache_on_switch=train_cfg.recache_on_switch, runner=runner)
 
     # ---- paths ----------------------------------------------------------------------------------------------
     def video_path(self, job: Job, v: Variant) -> Path:
@@ -223,21 +226,28 @@ class Evaluator:
         yield
 
     # ---- one video ------------------------------------------------------------------------------------------
+    def _key(self, job: Job) -> list[int]:
+        return [self.ecfg.seed, 0 if job.setting == "short" else 1, job.index]
+
     def noise(self, job: Job) -> torch.Tensor:
         mc, v = self.model.config, self.cfg.video
-        key = np.random.SeedSequence([self.ecfg.seed, 0 if job.setting == "short" else 1, job.index]).generate_state(1)
+        key = np.random.SeedSequence(self._key(job)).generate_state(1)
         g = torch.Generator().manual_seed(int(key[0]))
         return torch.randn(1, mc.in_channels, job.num_frames, v.latent_height, v.latent_width, generator=g)
 
     @torch.no_grad()
     def generate(self, job: Job) -> torch.Tensor:
-        """Decoded frames [1, T, 3, H, W] of ``job`` under the model's current weights."""
+        """Decoded frames [1, T, 3, H, W] of ``job`` under the model's current weights. Every variant gets the
+        same initial noise and (re-noising sampler) the same keyed step noise."""
+        from kvpo_megatron.model.multishot import is_scene_cut
         from kvpo_megatron.sampling import PromptSwitch
+        from kvpo_megatron.sampling.noise import StepNoise
 
         emb, _ = self.text_encoder.encode(job.prompts)
         starts = [0, *job.switch_frames]
-        switches = [PromptSwitch(s, self.model.encode_text(emb[i:i + 1].to(self.device))) for i, s in enumerate(starts)]
-        latents = self.gen.generate(self.noise(job).to(self.device), switches)
+        switches = [PromptSwitch(s, self.model.encode_text(emb[i:i + 1].to(self.device)), s > 0 and is_scene_cut(p))
+                    for i, (s, p) in enumerate(zip(starts, job.prompts))]
+        latents = self.gen.generate(self.noise(job).to(self.device), switches, step_noise=StepNoise(*self._key(job)))
         return self.decoder.decode(latents.float().cpu()).cpu()
 
     def score(self, job: Job, frames: torch.Tensor) -> list[dict]:

@@ -66,10 +66,56 @@ class RolloutConfig:
     """G: routed branches per prompt (plus one unrouted anchor)."""
     shared_noise: bool = True
     """All branches reuse the anchor's per-block initial noise, so routing is the only difference."""
+    shared_step_noise: bool = True
+    """Re-noising sampler: the fresh noise of each (block, step) is shared by the anchor and every branch (keyed by
+    seed, iteration, prompt, block, step); False gives each branch its own draws."""
+    batch_size: int | None = None
+    """Samples (anchor + branches) advanced together as one batch after the pivot; None = automatic (all of them
+    when their KV pages fit ``kv_budget_gb``, else the largest count that fits)."""
+    kv_budget_gb: float = 48.0
+    """Device memory the rollout's KV pages may take (shared prefix + every batched sample's private frames);
+    sets the automatic ``batch_size`` on a GPU."""
+    merge_lora: bool = True
+    """Fold the adapters into the weights for the no-grad generation (no extra matmuls); scoring and replay use
+    the unmerged trainable form, and the replay's context rebuild the merged one, so pi_old is evaluated exactly
+    as the replay evaluates pi_theta at the same parameters."""
 
     def __post_init__(self):
         if self.num_branches < 2:
             raise ConfigError(f"rollout.num_branches must be >= 2, got {self.num_branches}")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ConfigError(f"rollout.batch_size must be a positive integer or null, got {self.batch_size!r}")
+        if not self.kv_budget_gb > 0:
+            raise ConfigError(f"rollout.kv_budget_gb must be > 0, got {self.kv_budget_gb!r}")
+
+
+class Recompute(StrEnum):
+    auto = "auto"  # recompute each block's activations in the backward when the replay batch would not fit
+    none = "none"  # keep every activation
+    blocks = "blocks"  # always recompute per DiT block (activation checkpointing)
+
+
+@dataclass(kw_only=True, slots=True)
+class ReplayConfig:
+    """The gradient phase (coefficient replay)."""
+
+    batch_size: int | None = None
+    """(branch, step) tuples of one block replayed together in one forward + backward; None = automatic (by the
+    memory left on a GPU; every tuple of the block on the CPU)."""
+    recompute: Recompute = Recompute.auto
+    """Per-block activation recompute in the replay's backward."""
+    memory_budget_gb: float = 40.0
+    """Device memory the replay's activations may take; sets the automatic batch size and recompute."""
+
+    def __post_init__(self):
+        try:
+            self.recompute = Recompute(self.recompute)
+        except ValueError:
+            raise ConfigError(f"replay.recompute must be one of {[r.value for r in Recompute]}, got {self.recompute!r}")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ConfigError(f"replay.batch_size must be a positive integer or null, got {self.batch_size!r}")
+        if not self.memory_budget_gb > 0:
+            raise ConfigError(f"replay.memory_budget_gb must be > 0, got {self.memory_budget_gb!r}")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -37,18 +37,18 @@ Thread safety (what the two threads share and how):
   The rollout thread only flips it while holding :class:`ModelGuard`'s lock, and the replay thread holds the
   same lock for each forward (Python-side dispatch; on a GPU kernels stay asynchronous), so a replay forward
   never sees disabled adapters. Backward passes need no lock (the autograd graph is already built);
-* KV caches: ``Rollout.run`` and ``replay_branch`` each create their own;
+* KV caches: ``Rollout.run`` and ``replay_gradients`` each create their own (separate page pools);
 * ``StreamingGenerator.forward_count``: the replay runs on a second generator over the same model
   (:func:`replay_generator`), so ``RolloutGroup.forwards`` counts rollout forwards only;
 * megatron DDP's grad hooks: only the worker runs backward passes, one replay at a time;
 * grad mode is thread local: ``Rollout.run`` is ``no_grad``, the replay enables grad itself;
-* randomness: rollout noise comes from explicit generators and routes are pure functions of
-  (seed, iteration, prompt, branch, block). The global RNG must not be drawn from by both threads, so a
-  commit pass with ``sampler.context_noise > 0`` (which draws from it) is refused.
+* randomness: rollout noise (initial and re-noising) is keyed (``sampling/noise.py``) and routes are pure
+  functions of (seed, iteration, prompt, branch, block); neither thread draws from the global RNG.
 
 Also refused (:func:`check_overlap_supported`): TP or CP > 1 (both threads would issue collectives on the
-same model-parallel groups in an order that can differ between ranks) and the TE spec (its cached-attention
-core keeps a per-module context buffer). DP collectives (branches over DP) run in the worker only.
+same model-parallel groups in an order that can differ between ranks), the TE spec (its cached-attention
+core keeps a per-module context buffer), merged-LoRA rollouts (``rollout.merge_lora``: the rollout would change
+the weights the replay differentiates) and CUDA graphs (shared static buffers). DP collectives (branches over DP) run in the worker only.
 
 Timers: every phase records wall-clock (start, end) per group (:class:`Timeline`; on a GPU the phase's stream
 is synchronised at its end so that the span covers the device work). ``time_overlap_saved`` = sum of the
@@ -77,7 +77,7 @@ PHASES = ("rollout", "reward", "coefficients", "replay")
 """Phase names of the timeline, in pipeline order."""
 
 
-def check_overlap_supported(*, tp: int, cp: int, te_spec: bool, context_noise: float) -> None:
+def check_overlap_supported(*, tp: int, cp: int, te_spec: bool, merge_lora: bool, cuda_graphs: bool) -> None:
     """Raise ``ConfigError`` (naming ``train.overlap`` and the conflicting field) where overlap is not exact."""
     if tp * cp > 1:
         raise ConfigError(f"train.overlap=true needs tensor_model_parallel_size=1 and context_parallel_size=1 "
@@ -86,9 +86,12 @@ def check_overlap_supported(*, tp: int, cp: int, te_spec: bool, context_noise: f
     if te_spec:
         raise ConfigError("train.overlap=true is not supported with model spec 'te' (its attention core keeps a "
                           "per-module context buffer that two threads would share); use the local spec")
-    if context_noise > 0:
-        raise ConfigError(f"train.overlap=true needs sampler.context_noise=0 (got {context_noise}): the commit "
-                          f"pass noise comes from the global RNG, which both threads would draw from")
+    if merge_lora:
+        raise ConfigError("train.overlap=true needs rollout.merge_lora=false: the rollout thread would fold the "
+                          "adapters into the weights that the replay thread differentiates")
+    if cuda_graphs:
+        raise ConfigError("train.overlap=true needs model.cuda_graphs=false (the graphs' static buffers and KV page "
+                          "pool would be shared by both threads)")
 
 
 # ---- timeline ----------------------------------------------------------------------------------------------

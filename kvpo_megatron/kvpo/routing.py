@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from kvpo_megatron.errors import ConfigError
+from kvpo_megatron.kvpo import multishot_routing as ms
 from kvpo_megatron.kvpo.config import RoutedSteps, RoutingConfig, RoutingSampler
 from kvpo_megatron.model.kv_cache import CacheConfig
 
@@ -32,20 +33,31 @@ def fixed_recent_frames(cache: CacheConfig, routing: RoutingConfig, start: int) 
     return list(range(max(cache.num_sink_frames, end - routing.num_recent_fixed), start))
 
 
-def routable_set(cache: CacheConfig, routing: RoutingConfig, start: int, resident: list[int]) -> list[int]:
-    """R for a block starting at ``start``, given the frames resident in the cache."""
+def routable_set(cache: CacheConfig, routing: RoutingConfig, start: int, resident: list[int],
+                 shots: list[int] = ()) -> list[int]:
+    """R for a block starting at ``start``, given the frames resident in the cache (``shots``: the video's shot
+    starts under ``cache.shot_sinks``, whose rules are in ``kvpo/multishot_routing.py``)."""
+    if cache.shot_sinks:
+        return ms.routable_set(cache.multishot(), shots, start, resident, routing.num_recent_fixed)
     limit = start + cache.frames_per_block - routing.num_recent_fixed
     return [f for f in resident if cache.num_sink_frames <= f < min(limit, start)]
 
 
+def num_routed(cache: CacheConfig, routing: RoutingConfig, start: int, shots: list[int] = ()) -> int:
+    """Routed slots of the block at ``start``."""
+    if cache.shot_sinks:
+        return ms.num_routed_slots(cache.multishot(), shots, start, routing.num_recent_fixed)
+    return routing.num_routed
+
+
 def sample_routes(cache: CacheConfig, routing: RoutingConfig, start: int, resident: list[int], *, num_branches: int,
-                  seed: int, iteration: int, prompt: int, block: int) -> list[list[int]]:
+                  seed: int, iteration: int, prompt: int, block: int, shots: list[int] = ()) -> list[list[int]]:
     """Routed frames (sorted) of every branch for one block."""
-    pool = routable_set(cache, routing, start, resident)
+    pool = routable_set(cache, routing, start, resident, shots)
     if not pool:
         raise ConfigError(f"CHR at block {block} (frame {start}): the routable set is empty "
                           "(pivot too early; raise routing.pivot_min_block)")
-    k = min(routing.num_routed, len(pool))
+    k = min(num_routed(cache, routing, start, shots), len(pool))
     if routing.sampler == RoutingSampler.dispersed:
         perm = _rng(seed, iteration, prompt, block, 0xD15).permutation(pool)
         return [sorted(int(perm[(g * k + j) % len(pool)]) for j in range(k)) for g in range(num_branches)]
@@ -53,8 +65,11 @@ def sample_routes(cache: CacheConfig, routing: RoutingConfig, start: int, reside
             for g in range(num_branches)]
 
 
-def routed_read_frames(cache: CacheConfig, routing: RoutingConfig, start: int, routed: list[int]) -> list[int]:
+def routed_read_frames(cache: CacheConfig, routing: RoutingConfig, start: int, routed: list[int],
+                       shots: list[int] = ()) -> list[int]:
     """The attended cached frames of a routed block: sink + routed + fixed recent."""
+    if cache.shot_sinks:
+        return ms.routed_read_frames(cache.multishot(), shots, start, routed, routing.num_recent_fixed)
     sink = list(range(min(cache.num_sink_frames, start)))
     return sink + list(routed) + fixed_recent_frames(cache, routing, start)
 

@@ -15,7 +15,7 @@ from kvpo_megatron.conditioning.text_encoder import TextEncoderConfig
 from kvpo_megatron.conditioning.vae import DecoderConfig
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.generation import VideoConfig
-from kvpo_megatron.kvpo.config import ObjectiveConfig, RolloutConfig, RoutingConfig
+from kvpo_megatron.kvpo.config import ObjectiveConfig, ReplayConfig, RolloutConfig, RoutingConfig
 from kvpo_megatron.kvpo.ema import EMAConfig
 from kvpo_megatron.kvpo.samples import LoggingConfig
 from kvpo_megatron.lora import LoRAConfig
@@ -40,6 +40,20 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     """AdamW epsilon."""
+
+    def __post_init__(self):
+        if not self.lr >= 0:
+            raise ConfigError(f"optim.lr must be >= 0, got {self.lr}")
+        if not self.grad_clip > 0:
+            raise ConfigError(f"optim.grad_clip must be > 0 (a grad-norm bound), got {self.grad_clip}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if not self.eps > 0:
+            raise ConfigError(f"optim.eps must be > 0, got {self.eps}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -69,6 +83,18 @@ class TrainLoopConfig:
     """Pipeline the prompt groups of an iteration: rollout of group j+1 overlaps reward, coefficients and replay
     of group j (separate CUDA stream / worker thread; exact, see kvpo/pipeline.py). Needs TP=CP=1, the local
     spec and sampler.context_noise=0; per-phase spans go to out_dir/timeline.jsonl."""
+    overwrite: bool = False
+    """A fresh run (nothing to resume) into an ``out_dir`` holding another run's files deletes them (metrics,
+    TensorBoard, plot, final adapter; and, with ``checkpoint.resume=never``, that run's checkpoints) instead of
+    refusing to start."""
+
+    def __post_init__(self):
+        if self.iterations < 1:
+            raise ConfigError(f"train.iterations must be >= 1, got {self.iterations}")
+        if self.max_consecutive_skips < 1:
+            raise ConfigError(f"train.max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")
+        if not self.out_dir:
+            raise ConfigError("train.out_dir must be a directory path, got an empty string")
 
 
 @dataclass(kw_only=True)
@@ -80,6 +106,7 @@ class KVPOTrainConfig:
     video: VideoConfig = field(default_factory=lambda: VideoConfig(num_frames=21, latent_height=60, latent_width=104))
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -97,6 +124,9 @@ class KVPOTrainConfig:
     """LongLive recache of the local window at prompt switches."""
 
     def __post_init__(self):
+        if self.video.num_frames % self.cache.frames_per_block:
+            raise ConfigError(f"video.num_frames ({self.video.num_frames}) is not a multiple of "
+                              f"cache.frames_per_block ({self.cache.frames_per_block})")
         if self.routing.num_local_slots != self.cache.local_attn_frames:
             raise ConfigError(f"routing.num_local_slots ({self.routing.num_local_slots}) must equal "
                               f"cache.local_attn_frames ({self.cache.local_attn_frames})")
@@ -129,3 +159,35 @@ TINY_DEFAULT: dict = {
     "ema": {"decay": 0.9},
     "logging": {"sample_every": 10},
 }
+
+
+# ------------------------------------------------------------------------------------------ resume
+RESUMABLE = ("optim.", "objective.", "checkpoint.", "parallel.", "train.iterations", "train.progress",
+             "train.max_consecutive_skips", "train.out_dir", "train.overwrite", "train.rollout_archive",
+             "train.overlap", "ema.", "logging.")
+"""Fields (dotted prefixes) that may differ from the checkpoint's config on resume: optimizer hyper-parameters
+(applied to the restored optimizer and schedule), the objective's, checkpointing, the parallel layout
+(checkpoints reshard), the loop's length/logging, the EMA's decay (the restored average continues with the new
+one) and sample videos / W&B. Every other field (model, LoRA, video, cache, sampler,
+routing, rollout, reward, text, decoder, data, seed) must match: a resume refuses a change there."""
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def resume_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
+    """Differences between a checkpoint's config and this run's (both ``to_dict`` trees), as lines
+    ``field: old -> new``, split into (allowed on resume, refused)."""
+    a, b = _flatten(saved), _flatten(now)
+    allowed, refused = [], []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "<unset>") != b.get(key, "<unset>"):
+            line = f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}"
+            (allowed if key.startswith(RESUMABLE) else refused).append(line)
+    return allowed, refused

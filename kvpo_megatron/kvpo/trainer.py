@@ -13,6 +13,7 @@ With ``train.overlap`` the rollout of group j+1 overlaps steps 2-4 of group j (`
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -30,16 +31,21 @@ from kvpo_megatron.conditioning.vae import build_decoder
 from kvpo_megatron.config import to_dict
 from kvpo_megatron.data.prompts import PromptDataset, PromptLoader, PromptSample
 from kvpo_megatron.errors import ConfigError
+from kvpo_megatron.cli import log_single_rank
 from kvpo_megatron.kvpo.ema import ParameterEMA
-from kvpo_megatron.kvpo.metrics import MetricsLogger
-from kvpo_megatron.kvpo.objective import guard_passes, multi_advantages, tve_coefficients
+from kvpo_megatron.kvpo.metrics import MetricsLogger, check_out_dir, iteration_line, remove_run_files
+from kvpo_megatron.kvpo.objective import (LossTerms, gibbs_log_policy, guard_passes, multi_advantages,
+                                          tve_coefficients)
 from kvpo_megatron.kvpo.pipeline import ModelGuard, Timeline, check_overlap_supported, replay_generator, run_overlapped
-from kvpo_megatron.kvpo.replay import replay_gradients
-from kvpo_megatron.kvpo.rollout import PromptContext, Rollout, RolloutGroup
+from kvpo_megatron.kvpo.replay import plan_replay, replay_gradients
+from kvpo_megatron.kvpo.rollout import Rollout
 from kvpo_megatron.kvpo.samples import SampleLogger
-from kvpo_megatron.kvpo.train_config import KVPOTrainConfig
-from kvpo_megatron.lora import adapters_disabled, lora_parameters, save_adapter
+from kvpo_megatron.kvpo.types import PromptContext, RolloutGroup
+from kvpo_megatron.kvpo.train_config import KVPOTrainConfig, resume_changes
+from kvpo_megatron.accelerate import accelerate, fp8_enabled
+from kvpo_megatron.lora import adapters_disabled, lora_parameters, merged, save_adapter, unmerged
 from kvpo_megatron.model.build import build_model
+from kvpo_megatron.model.multishot import is_scene_cut
 from kvpo_megatron.parallel.data_parallel import clip_grad_norm, wrap_data_parallel
 from kvpo_megatron.parallel.state import init_parallel, validate_tokens
 from kvpo_megatron.rewards.composite import build_reward, spans_from_switch_frames
@@ -50,8 +56,18 @@ log = logging.getLogger(__name__)
 
 @contextmanager
 def _timer(times: dict, key: str):
+    """Wall time of the block (device-synchronised on a GPU) into ``times[key]``; on a GPU also the peak device
+    memory allocated during it, in GB, into ``times["mem_" + phase + "_peak_gb"]`` (max over calls)."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     yield
+    if cuda:
+        torch.cuda.synchronize()
+        mem = "mem_" + key.removeprefix("time_") + "_peak_gb"
+        times[mem] = max(times.get(mem, 0.0), torch.cuda.max_memory_allocated() / 1e9)
     times[key] = times.get(key, 0.0) + time.perf_counter() - t0
 
 
@@ -65,14 +81,19 @@ class GroupResult:
     adv: torch.Tensor
     coeffs: torch.Tensor
     """dLoss/dTVE of this rank's branches."""
-    terms: object
+    terms: LossTerms
     tve: torch.Tensor
     """TVE_old of all G branches."""
     passed_guard: bool
+    tve_replay: torch.Tensor | None = None
+    """TVE of this rank's branches as the replay recomputed them (at pi_old's parameters), when it ran."""
 
 
 class KVPOTrainer:
     def __init__(self, cfg: KVPOTrainConfig):
+        from kvpo_megatron.extras import check_job_extras
+
+        check_job_extras(cfg)  # a feature whose setup.py extra is missing stops here, naming the extra
         self.cfg = cfg
         par = cfg.parallel
         self.pgs = init_parallel(par)
@@ -85,6 +106,7 @@ class KVPOTrainer:
         validate_tokens(self.model.config, par, cfg.video.latent_height, cfg.video.latent_width)
         self._load_weights_and_lora()
         self.model.to(self.device)
+        self.runner = accelerate(self.model, cfg.model, device=self.device, cp=par.context_parallel_size)
         self.ddp = wrap_data_parallel(self.model, self.pgs)
         self.params = [p for _, p in lora_parameters(self.model)]
         o = cfg.optim
@@ -114,50 +136,117 @@ class KVPOTrainer:
         self.loader = PromptLoader(dataset, dp_rank=shard[0], dp_size=shard[1], seed=cfg.train.seed,
                                    prompts_per_rank=cfg.data.prompts_per_rank)
         self.gen = StreamingGenerator(self.model, FlowMatchSampler(cfg.sampler), cfg.cache,
-                                      recache_on_switch=cfg.recache_on_switch)
-        self.rollout = Rollout(self.gen, cfg.routing, cfg.rollout, seed=cfg.train.seed,
-                               reference=lambda: adapters_disabled(self.model))
+                                      recache_on_switch=cfg.recache_on_switch, runner=self.runner)
+        self.rollout = Rollout(self.gen, cfg.routing, cfg.rollout, seed=cfg.train.seed, reference=self._reference,
+                               scoring=self._training_form, generation=self._generation_form)
+        self.replay_plan = plan_replay(cfg.replay, self.model.config, cfg.video, self.device)
         self.replay_gen = self.gen
         if cfg.train.overlap:  # the pipeline's worker replays on its own generator; pi_ref under a lock
             check_overlap_supported(tp=par.tensor_model_parallel_size, cp=par.context_parallel_size,
-                                    te_spec=self.model.config.spec == "te", context_noise=cfg.sampler.context_noise)
+                                    te_spec=self.model.config.spec == "te", merge_lora=cfg.rollout.merge_lora,
+                                    cuda_graphs=cfg.model.cuda_graphs)
             guard = ModelGuard(self.model, adapters_disabled)
             self.rollout.reference = guard.reference
             self.replay_gen = replay_generator(self.gen, guard)
         self.last_timeline: Timeline | None = None
         self.metrics = MetricsLogger(cfg.train.out_dir, enabled=self.rank == 0)
+        self.iteration = 0
+        self.consecutive_skips = 0
+        resume_from = ckpt.select_checkpoint(cfg.checkpoint)  # verified on rank 0 before any rank loads
+        if resume_from is None:
+            self._fresh_out_dir()
+        else:
+            self._resume(resume_from)
+        self.metrics.open(self.iteration)  # one history: rows and events after the resumed iteration are dropped
         self.samples = SampleLogger(cfg.logging, out_dir=cfg.train.out_dir, enabled=self.rank == 0, decoder=self.decoder,
                                     tau=cfg.objective.tau, tensorboard=self.metrics.writer, run_config=to_dict(cfg))
         self.archive = None
         if cfg.train.rollout_archive and self.rank == 0:
             from kvpo_megatron.data.rollout_archive import RolloutArchive
             self.archive = RolloutArchive(cfg.train.rollout_archive)
-        self.iteration = 0
-        self.consecutive_skips = 0
-        self._resume()
+
+    # ---- execution forms of the one model -----------------------------------------------------
+    @contextmanager
+    def _generation_form(self):
+        """No-grad generation: merged adapters (``rollout.merge_lora``) and FP8 where the spec built it."""
+        with contextlib.ExitStack() as st:
+            if self.cfg.rollout.merge_lora:
+                st.enter_context(merged(self.model))
+            st.enter_context(fp8_enabled(self.model, True))
+            yield
+
+    @contextmanager
+    def _training_form(self):
+        """pi_theta as the replay differentiates it: unmerged adapters, FP8 only with ``model.fp8_replay``."""
+        with unmerged(self.model), fp8_enabled(self.model, self.cfg.model.fp8_replay):
+            yield
+
+    @contextmanager
+    def _reference(self):
+        """pi_ref: adapters disabled, in the training form's precision."""
+        with fp8_enabled(self.model, self.cfg.model.fp8_replay), adapters_disabled(self.model):
+            yield
 
     def _load_weights_and_lora(self):
         """Base weights, then LoRA. A converted checkpoint directory's LoRA becomes the trainable adapter."""
-        from kvpo_megatron.checkpoint.loading import load_weights_with_lora
+        from kvpo_megatron.checkpoint.loading import load_weights_with_lora, warn_if_random_weights
 
+        warn_if_random_weights(self.cfg.model)
         load_weights_with_lora(self.model, self.cfg.model, self.cfg.lora)
 
-    # ---- checkpoints -------------------------------------------------------------------------
-    def _resume(self):
-        path = ckpt.find_latest_checkpoint(self.cfg.checkpoint)
-        if path is None:
-            return
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def _fresh_out_dir(self):
+        """Nothing to resume: refuse an out_dir (or checkpoint.dir) holding another run, unless train.overwrite."""
+        tc, cc = self.cfg.train, self.cfg.checkpoint
+        old = []
+        if cc.dir and (ckpt.complete_checkpoints(cc.dir) or (Path(cc.dir) / ckpt.LATEST).exists()):
+            if not tc.overwrite:  # resume=never (auto would have resumed)
+                raise ConfigError(f"checkpoint.dir={cc.dir!r} holds another run's checkpoints and checkpoint.resume="
+                                  f"{cc.resume!r}; set train.overwrite=true to delete them, or choose another "
+                                  "checkpoint.dir")
+            old = [p for p in Path(cc.dir).iterdir() if p.name.startswith(("iter_", ckpt.LATEST))]
+        old += check_out_dir(tc.out_dir, overwrite=tc.overwrite)
+        dist.barrier()  # every rank has checked before rank 0 deletes
+        if self.rank == 0:
+            remove_run_files(old)
+        dist.barrier()
+
+    def _resume(self, path: Path):
+        self._check_resumed_config(path, ckpt.read_training_state(path)["extra"].get("config"))
         state = ckpt.load_training_checkpoint(path, model=self.model, optimizer=self.optimizer,
                                               pg_collection=self.pgs, ema=self.ema.shadow if self.ema else None)
         if self.ema is not None and not state["ema_restored"]:
-            log.warning("%s holds no EMA: the EMA restarts at its weights", path)
+            log_single_rank(log, logging.WARNING, "%s holds no EMA: the EMA restarts at its weights", path)
             self.ema.reset()
         self.iteration = state["iteration"]
         self.scheduler.load_state_dict(state["scheduler_state"])
+        self._apply_optim_config()
         self.loader.load_state_dict(state["data_state"])
         self.consecutive_skips = state["extra"].get("consecutive_skips", 0)
         self.metrics.history = list(state["extra"].get("history", []))
         log.info("resumed from %s at iteration %d", path, self.iteration)
+
+    def _check_resumed_config(self, path: Path, saved: dict | None):
+        """Changes allowed on resume (``train_config.RESUMABLE``) are applied and logged; others are refused."""
+        if saved is None:
+            log_single_rank(log, logging.WARNING, "%s holds no config: changed settings cannot be checked", path)
+            return
+        allowed, refused = resume_changes(saved, to_dict(self.cfg))
+        if refused:
+            raise ConfigError(f"resuming {path} with settings that cannot change on resume: {'; '.join(refused)}; "
+                              "restore them, or start a new run (checkpoint.resume=never, another checkpoint.dir)")
+        for line in allowed:  # hyper-parameters loudly, paths and loop settings quietly
+            level = logging.INFO if line.startswith(("train.", "checkpoint.")) else logging.WARNING
+            log_single_rank(log, level, "resume: %s (applied)", line)
+
+    def _apply_optim_config(self):
+        """optim.* of this run over the restored optimizer and schedule (no-op when unchanged)."""
+        o = self.cfg.optim
+        for i, g in enumerate(self.optimizer.param_groups):
+            g.update(weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps, initial_lr=o.lr,
+                     lr=o.lr * self.scheduler.lr_lambdas[i](self.scheduler.last_epoch))
+        self.scheduler.base_lrs = [o.lr] * len(self.optimizer.param_groups)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def _save(self):
         ckpt.save_training_checkpoint(
@@ -170,7 +259,8 @@ class KVPOTrainer:
     def _contexts(self, sample: PromptSample) -> list[PromptContext]:
         emb, _ = self.text_encoder.encode(sample.prompts)
         starts = [0, *sample.switch_frames]
-        return [PromptContext(start_frame=s, context=emb[i:i + 1].to(self.device)) for i, s in enumerate(starts)]
+        return [PromptContext(start_frame=s, context=emb[i:i + 1].to(self.device),
+                              shot_boundary=i > 0 and is_scene_cut(sample.prompts[i])) for i, s in enumerate(starts)]
 
     def _score(self, group: RolloutGroup, sample: PromptSample):
         videos = torch.cat([group.anchor.latents] + [b.latents for b in group.branches])
@@ -246,14 +336,47 @@ class KVPOTrainer:
                 res = self._coefficients(group, rewards, anchor)
             if res.passed_guard:
                 with tl.phase("replay", j):
-                    replay_gradients(self.replay_gen, group, res.coeffs, loss_scale=scale)
+                    res.tve_replay = self._replay(group, res.coeffs, scale, tl_times=None)
             return res
 
         results = run_overlapped(len(samples), produce, consume, device=self.device, timeline=tl)
         self.last_timeline = tl
         return results, tl.metrics()
 
+    def _replay(self, group: RolloutGroup, coeffs: torch.Tensor, scale: float, *,
+                tl_times: dict | None) -> torch.Tensor:
+        """Gradient phase of one group; returns this rank's branch TVEs as the replay recomputed them."""
+        plan = self.replay_plan
+        self.model.recompute_blocks = plan.recompute
+        try:
+            tve = replay_gradients(self.replay_gen, group, coeffs, loss_scale=scale, batch_size=plan.batch_size,
+                                   commit_pass=self.cfg.routing.commit_pass, generation=self._generation_form,
+                                   training=self._training_form, times=tl_times)
+        finally:
+            self.model.recompute_blocks = False
+        return torch.tensor(tve)
+
+    def _ratio_deviation(self, results: list[GroupResult]) -> float:
+        """max_k |pi_theta(k) / pi_old(k) - 1| at the update's parameters: the replay's TVEs against the rollout's
+        TVE_old (0 when both evaluate the same function; merged-LoRA generation and bf16 kernels make it small,
+        not 0); 0 when no group was replayed."""
+        devs = []
+        for r in results:
+            if r.tve_replay is None:
+                continue
+            full = self._gather_dp(r.tve_replay) if self.branch_ids is not None else r.tve_replay
+            tau = self.cfg.objective.tau
+            rho = (gibbs_log_policy(full.double(), tau) - gibbs_log_policy(r.tve.double(), tau)).exp()
+            devs.append(float((rho - 1).abs().max()))
+        return max(devs) if devs else 0.0
+
+    def _work(self) -> tuple[float, int]:
+        """(model FLOPs, block forwards of single samples) issued so far by this trainer's engines."""
+        gens = {id(g): g for g in (self.gen, self.replay_gen)}.values()
+        return sum(g.flops for g in gens), sum(g.sample_forwards for g in gens)
+
     def step(self) -> dict:
+        flops0, forwards0 = self._work()
         samples = self.loader.next()
         if self.cfg.train.overlap:
             results, times = self._pipelined_groups(samples)
@@ -275,7 +398,7 @@ class KVPOTrainer:
             with _timer(times, "time_replay"):
                 for r in results:
                     if r.passed_guard:
-                        replay_gradients(self.gen, r.group, r.coeffs, loss_scale=scale)
+                        r.tve_replay = self._replay(r.group, r.coeffs, scale, tl_times=times)
         with _timer(times, "time_update"):
             self.ddp.finish_grad_sync()
             for p in self.params:
@@ -293,6 +416,8 @@ class KVPOTrainer:
             self.scheduler.step()
         self.consecutive_skips = 0 if finite.item() > 0 else self.consecutive_skips + 1
         self.last_results = results  # for inspection (tests, debugging)
+        flops1, forwards1 = self._work()
+        times.update(tflop=(flops1 - flops0) / 1e12, block_forwards=float(forwards1 - forwards0))
         metrics = self._metrics(results, times, grad_norm, stepped, finite.item() > 0)
         if self.cfg.train.overlap and self.rank == 0:
             self.last_timeline.append_jsonl(Path(self.cfg.train.out_dir) / "timeline.jsonl", iteration=self.iteration)
@@ -311,6 +436,7 @@ class KVPOTrainer:
             "clip_frac": sum(r.terms.clip_frac for r in results) / len(results),
             "kl": sum(float(r.terms.kl.detach()) for r in results) / len(results),
             "skipped_by_guard": sum(not r.passed_guard for r in results) / len(results),
+            "ratio_dev": self._ratio_deviation(results),
             **times,
         }
         for name in results[0].rewards:
@@ -348,13 +474,7 @@ class KVPOTrainer:
             bar.update(1)
             bar.set_postfix(reward=f"{m['reward_mean']:.4f}", anchor=f"{m['anchor_reward']:.4f}",
                             H=f"{m['entropy']:.3f}", kl=f"{m['kl']:.2e}", gnorm=f"{m['grad_norm']:.2e}")
-            log.info("it %d | reward %.4f anchor %.4f | adv %.2f+-%.2f | tve %.3e (spread %.2e) | H %.3f (ln G %.3f) "
-                     "kl %.2e clip %.2f | gnorm %.2e | guard-skip %.2f | rollout %.1fs reward %.1fs replay %.1fs "
-                     "update %.2fs", self.iteration, m["reward_mean"], m["anchor_reward"], m["adv_mean"], m["adv_std"],
-                     m["tve_mean"], m["tve_spread"], m["entropy"], math.log(self.cfg.rollout.num_branches), m["kl"],
-                     m["clip_frac"], m["grad_norm"],
-                     m["skipped_by_guard"], m.get("time_rollout", 0), m.get("time_reward", 0),
-                     m.get("time_replay", 0), m.get("time_update", 0))
+            log.info("%s", iteration_line(self.iteration, m, num_branches=self.cfg.rollout.num_branches))
             if m["nonfinite_skip"]:
                 log.warning("iteration %d: non-finite reward/loss/gradient, update skipped (%d in a row)",
                             self.iteration, self.consecutive_skips)
@@ -374,8 +494,8 @@ class KVPOTrainer:
         self.metrics.close()
         if self.cfg.checkpoint.dir:
             self._save()
-        adapter_dir = out / "final_adapter"
-        save_adapter(self.model, self.cfg.lora, adapter_dir)
+        adapter_dir = out / "final_adapter"  # peft (lora.load_adapter); final_lora.safetensors: ComfyUI, diffusers
+        save_adapter(self.model, self.cfg.lora, adapter_dir, comfyui_file=out / "final_lora.safetensors")
         if self.ema is not None:
             with self.ema.applied():
                 save_adapter(self.model, self.cfg.lora, out / "final_adapter_ema")

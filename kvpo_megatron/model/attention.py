@@ -8,6 +8,8 @@ implement the same contract.
 """
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +20,7 @@ from torch import nn
 from kvpo_megatron.model.config import WanConfig
 from kvpo_megatron.model.kv_cache import LayerKV
 from kvpo_megatron.model.rope import apply_rope
+from kvpo_megatron.model.split_attention import cached_attention
 
 
 @dataclass
@@ -40,6 +43,44 @@ class TextKV:
     """[b, Lt] bool, True at real (unpadded) text tokens; None = all real. Cross-attention attends every
     position as Wan does; the mask only keeps padding out of MemFlow's bank scores (model/memory_bank.py)."""
 
+    def expand(self, batch: int) -> "TextKV":
+        """The same prompt for a batch of ``batch`` samples (views, no copy) when it was encoded for one."""
+        have = self.layers[0][0].shape[0]
+        if have == batch:
+            return self
+        if have != 1:
+            raise ValueError(f"a prompt encoded for {have} samples cannot serve a batch of {batch}")
+        ex = lambda t: t.expand(batch, *t.shape[1:])  # noqa: E731
+        return TextKV(layers=[(ex(k), ex(v)) for k, v in self.layers],
+                      mask=None if self.mask is None else ex(self.mask))
+
+
+_REPLAY_KERNEL = threading.local()
+
+
+@contextmanager
+def replay_attention():
+    """Inside this region every cached self-attention core attends ``[cache; current]`` with
+    :func:`~kvpo_megatron.model.split_attention.cached_attention` -- the kernel the replay's backward needs --
+    also without autograd, so no-grad scores (KVPO's TVE_old) evaluate exactly the function the replay
+    differentiates. Outside it, that kernel is used only when the current block needs gradients."""
+    before = getattr(_REPLAY_KERNEL, "on", False)
+    _REPLAY_KERNEL.on = True
+    try:
+        yield
+    finally:
+        _REPLAY_KERNEL.on = before
+
+
+def replay_attention_active() -> bool:
+    return getattr(_REPLAY_KERNEL, "on", False)
+
+
+def uses_replay_kernel(*current: torch.Tensor) -> bool:
+    """Whether a cached core attends with ``cached_attention`` (see :func:`replay_attention`)."""
+    return getattr(_REPLAY_KERNEL, "on", False) or (
+        torch.is_grad_enabled() and any(t.requires_grad for t in current))
+
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """[b, Lq, h, d] x [b, Lk, h, d] -> [b, Lq, h, d]."""
@@ -55,12 +96,15 @@ class CachedSDPA(nn.Module):
 
     def forward(self, q, k, v, *, kv: LayerKV | None = None, attn_mask=None):
         if kv is not None:
-            ctx = kv.read(q)  # read before write: a commit may overwrite a slot this view reads
+            ctx = kv.read(q)  # read before write: a commit may overwrite a page this view reads
             kv.write(k, v)
             if ctx is not None:
-                k, v = torch.cat([ctx[0].to(k.dtype), k], 1), torch.cat([ctx[1].to(v.dtype), v], 1)
                 if attn_mask is not None:
                     raise ValueError("attn_mask is only supported without a KV cache (full-sequence mode)")
+                ck, cv = ctx[0].to(k.dtype), ctx[1].to(v.dtype)
+                if uses_replay_kernel(q, k, v):
+                    return cached_attention(q, k, v, ck, cv)  # replay: no dK/dV for the detached cache
+                k, v = torch.cat([ck, k], 1), torch.cat([cv, v], 1)
         return sdpa(q, k, v, attn_mask)
 
 

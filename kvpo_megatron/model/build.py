@@ -13,13 +13,32 @@ from kvpo_megatron.parallel.state import check_group_sizes
 @dataclass(kw_only=True)
 class ModelSection:
     preset: str = "tiny"
-    """Named architecture: tiny | wan-1.3b | wan-14b."""
+    """Named architecture: tiny | tiny-wan2.2 | wan-1.3b | wan-14b | wan2.2-5b (model/config.py PRESETS)."""
     overrides: dict = field(default_factory=dict)
     """WanConfig field overrides (e.g. ``params_dtype``); unknown fields raise."""
     checkpoint: str | None = None
     """Weights to load (see tools/convert_checkpoint.py); random init when None."""
     use_ema: bool = False
     """``checkpoint`` is a Self-Forcing/LongLive training file: load its ``generator_ema`` (else ``generator``)."""
+    compile: bool = False
+    """torch.compile every DiT block (TE calls stay eager); applied by ``accelerate.accelerate``."""
+    cuda_graphs: bool = False
+    """Replay no-grad streaming forwards from CUDA graphs captured per shape (GPU; ``accelerate.py``)."""
+    fp8_linears: tuple[str, ...] | None = None
+    """TE spec: linear groups run in FP8 (``self_attn``, ``cross_attn``, ``ffn``); None = all groups when
+    ``overrides.fp8`` is set without ``fp8_dot_product_attention``, none otherwise (``model/te_spec.py``)."""
+    fp8_replay: bool = False
+    """Also run the scoring and the replay (forwards with gradients) in FP8; by default FP8 is for the no-grad
+    rollout only and the replay stays bf16."""
+
+    def __post_init__(self):
+        if self.fp8_linears is not None:
+            from kvpo_megatron.model.te_spec import LinearGroup
+            self.fp8_linears = tuple(self.fp8_linears)
+            bad = [g for g in self.fp8_linears if g not in {x.value for x in LinearGroup}]
+            if bad:
+                raise ConfigError(f"model.fp8_linears: unknown group(s) {bad}; choose from "
+                                  f"{[x.value for x in LinearGroup]}")
 
 
 def cp_attention_kind(cfg: WanConfig, requested: str) -> str:
@@ -46,7 +65,7 @@ def build_model(section: ModelSection, *, pg_collection, tp: int = 1, cp: int = 
     check_group_sizes(pg_collection, tp=tp, cp=cp)
     if cfg.spec == LayerSpecKind.te:
         from kvpo_megatron.model.te_spec import te_spec
-        spec = te_spec(cfg)
+        spec = te_spec(cfg, fp8_linears=section.fp8_linears)
     elif cp > 1:
         spec = context_parallel_spec(cp_attention_kind(cfg, cp_attention))
     else:

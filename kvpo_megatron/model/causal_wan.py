@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.spec_utils import build_module
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.model.attention import TextKV
@@ -47,6 +48,9 @@ class CausalWanDiT(nn.Module):
                                                   pg_collection=pg_collection) for i in range(config.num_layers)])
         self.head = Head(config)
         self.token_sharder = build_module(submodules.token_sharder, pg_collection=pg_collection)
+        self.recompute_blocks = False
+        """Recompute each block's activations in the backward (activation checkpointing) instead of keeping them;
+        forwards that write the KV cache never recompute."""
         if config.params_dtype != torch.float32:  # megatron's linears already are; the plain modules follow
             self.to(config.params_dtype)  # (norms, modulation and RoPE still compute in fp32 internally)
 
@@ -71,10 +75,15 @@ class CausalWanDiT(nn.Module):
         return TextKV(layers=[blk.cross_attn.project_text(c) for blk in self.blocks], mask=mask)
 
     def embed_time(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """timestep [b, F] -> e [b, F, dim] (head) and e0 [b, F, 6, dim] (blocks), both float32."""
+        """timestep [b, F] -> e [b, F, dim] (head) and e0 [b, F, 6, dim] (blocks), both float32.
+
+        Computed one sample at a time: these matmuls have a handful of rows, where BLAS rounds differently for
+        different row counts, and a sample must get the same result alone or in a batch (KVPO's batched branches
+        equal plain generation)."""
         dtype = self.time_embedding[0].weight.dtype
-        e = self.time_embedding(sinusoidal_embedding(timestep, self.config.freq_dim, self.config.sinusoid_fp64).to(dtype)).float()
-        e0 = self.time_projection(e.to(dtype)).float().unflatten(-1, (6, -1))
+        sin = sinusoidal_embedding(timestep, self.config.freq_dim, self.config.sinusoid_fp64).to(dtype)
+        e = torch.cat([self.time_embedding(row) for row in sin.split(1)]).float()
+        e0 = torch.cat([self.time_projection(row) for row in e.to(dtype).split(1)]).float().unflatten(-1, (6, -1))
         return e, e0
 
     # ---- forward -----------------------------------------------------------------------------
@@ -115,9 +124,14 @@ class CausalWanDiT(nn.Module):
         tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
         cos, sin = self.rope(frame_offset, *grid)
         tokens, cos, sin = self.token_sharder.shard(tokens, cos, sin, frames=nf)
+        recompute = self.recompute_blocks and torch.is_grad_enabled() and (view is None or view.write_slots is None)
         for i, blk in enumerate(self.blocks):
             kv = None if cache is None else cache.layer(i, view)
-            tokens = blk(tokens, e0=e0, rope=(cos, sin), text_kv=text.layers[i], kv=kv, attn_mask=attn_mask)
+            if recompute:  # activation recompute: keep only each block's input for the backward
+                tokens = checkpoint(blk, tokens, e0=e0, rope=(cos, sin), text_kv=text.layers[i], kv=kv,
+                                    attn_mask=attn_mask, use_reentrant=False)
+            else:
+                tokens = blk(tokens, e0=e0, rope=(cos, sin), text_kv=text.layers[i], kv=kv, attn_mask=attn_mask)
         if not compute_output:
             return None
         tokens = self.token_sharder.gather(tokens, frames=nf)

@@ -1,7 +1,16 @@
-"""Model configuration: megatron-core's ``TransformerConfig`` extended with Wan2.1 fields, plus presets.
+"""Model configuration: megatron-core's ``TransformerConfig`` extended with Wan fields, plus presets.
 
-``WanConfig`` is the only place model hyper-parameters live. Named presets (``tiny``, ``wan-1.3b``,
-``wan-14b``) are functions returning fresh configs; YAML/CLI values only override fields.
+``WanConfig`` is the only place model hyper-parameters live. Named presets (``tiny``, ``tiny-wan2.2``,
+``wan-1.3b``, ``wan-14b``, ``wan2.2-5b``) are functions returning fresh configs; YAML/CLI values only override
+fields.
+
+Wan2.2-TI2V-5B (LongLive 2.0's base) is the Wan2.1 DiT at other sizes: the same blocks, parameter names, per-frame
+adaLN modulation, 3D RoPE split and timestep sinusoid; what differs is only the numbers -- dim 3072, ffn 14336,
+24 heads of 128, 30 layers, 48 latent channels in and out (the Wan2.2 VAE's z_dim; 16x spatial, 4x temporal
+compression) with the same (1, 2, 2) patch. Sources: Wan-Video/Wan2.2 ``wan/configs/wan_ti2v_5B.py``,
+NVlabs/LongLive ``wan_5b/configs/wan_ti2v_5B.py``, diffusers ``scripts/convert_wan_to_diffusers.py``
+(``Wan2.2-TI2V-5B``). Its per-token timesteps (diffusers ``expand_timesteps``: ``[batch, tokens]``, first frame at
+0 for image conditioning) are constant within a latent frame, i.e. our per-frame ``timestep [b, F]``.
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ class LayerSpecKind(StrEnum):
 
 @dataclass(kw_only=True)
 class WanConfig(TransformerConfig):
-    """Wan2.1 DiT. ``hidden_size`` is Wan's ``dim``, ``ffn_hidden_size`` its ``ffn_dim``,
+    """Wan2.1 / Wan2.2 DiT. ``hidden_size`` is Wan's ``dim``, ``ffn_hidden_size`` its ``ffn_dim``,
     ``layernorm_epsilon`` its ``eps``. Parallel sizes come from ``TransformerConfig``."""
 
     in_channels: int = 16
@@ -90,10 +99,17 @@ PRESETS: dict[str, dict] = {
     # ~0.25M parameters; 12 heads so TP in {1,2,3,4,6,12} and TP*CP=4 divide; head_dim 8.
     "tiny": _base(num_layers=2, hidden_size=96, ffn_hidden_size=192, num_attention_heads=12, freq_dim=32,
                   text_dim=32, text_len=16, in_channels=4, out_channels=4),
+    # Wan2.2-TI2V-5B shaped: 48 latent channels, head_dim 16 (RoPE parts 8/4/4 like 5B's 44/42/42), 6 heads so
+    # TP in {1,2,3,6}; ffn/dim ratio of 5B (14336/3072 = 4.67).
+    "tiny-wan2.2": _base(num_layers=2, hidden_size=96, ffn_hidden_size=448, num_attention_heads=6, freq_dim=32,
+                         text_dim=32, text_len=16, in_channels=48, out_channels=48),
     "wan-1.3b": _base(num_layers=30, hidden_size=1536, ffn_hidden_size=8960, num_attention_heads=12, freq_dim=256,
                       text_dim=4096, text_len=512, in_channels=16, out_channels=16),
     "wan-14b": _base(num_layers=40, hidden_size=5120, ffn_hidden_size=13824, num_attention_heads=40, freq_dim=256,
                      text_dim=4096, text_len=512, in_channels=16, out_channels=16),
+    # Wan2.2-TI2V-5B (LongLive 2.0): ~5.0B parameters; latents [48, F, H/16, W/16] (1280x704 -> 44x80, 880 tokens).
+    "wan2.2-5b": _base(num_layers=30, hidden_size=3072, ffn_hidden_size=14336, num_attention_heads=24, freq_dim=256,
+                       text_dim=4096, text_len=512, in_channels=48, out_channels=48),
 }
 
 

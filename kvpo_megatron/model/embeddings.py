@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kvpo_megatron.model.config import WanConfig
@@ -25,9 +26,24 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, fp64: bool = True) -> torch.
     return torch.cat([ang.cos(), ang.sin()], dim=-1).float()
 
 
+class PatchEmbedding(nn.Conv3d):
+    """Conv3d with kernel = stride = patch (Wan's parameters), computed as one matmul over the patches.
+
+    Same result as the convolution up to summation order, and the same for every batch size (oneDNN's
+    convolution rounds differently for different batches), so a batch of samples equals each sample alone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [b, C, F, H, W] -> [b, dim, F/pt, H/ph, W/pw]."""
+        b, c, f, h, w = x.shape
+        pt, ph, pw = self.kernel_size
+        p = x.view(b, c, f // pt, pt, h // ph, ph, w // pw, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        y = F.linear(p.reshape(b, -1, c * pt * ph * pw), self.weight.flatten(1), self.bias)  # [b, N, dim]
+        return y.transpose(1, 2).reshape(b, -1, f // pt, h // ph, w // pw)
+
+
 def patch_embedding(cfg: WanConfig) -> nn.Conv3d:
     """Conv3d with kernel = stride = patch."""
-    return nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+    return PatchEmbedding(cfg.in_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
 
 
 def time_embedding(cfg: WanConfig) -> nn.Sequential:

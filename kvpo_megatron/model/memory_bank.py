@@ -6,15 +6,25 @@ The K/V of one latent frame, *after RoPE at its absolute position*: the first fr
 the clean commit pass (t = 0) into bank slots of the same per-layer buffers as the cache (see
 ``KVCache`` "Memory bank"), so it survives the frame's eviction from the ring history. No parameters.
 
-Rules (``MemoryBankConfig``; block ``b`` starts at frame ``s = b * frames_per_block``)
--------------------------------------------------------------------------------------
-1. Record: the commit of block ``b`` records frame ``s`` iff ``b % record_interval == 0`` and ``s`` is not a
-   sink frame (``s >= num_sink_frames``; a sink frame is attended anyway). With the defaults (sink 3,
-   3 frames per block, interval 3) that is frames 9, 18, 27, ... after blocks 3, 6, 9, ...
-   Recomputations of earlier blocks (LongLive's recache at a prompt switch) never record.
-2. Compress: recording into a full bank (``bank_size`` entries) scores the old entries against the prompt
-   of the block being committed, keeps the top ``bank_size - 1`` (ties: the older entry) plus the new frame,
-   which is always kept. Entries stay in frame order. Each layer (and each sample) decides on its own.
+Rules (``MemoryBankConfig``; block ``b`` starts at frame ``s = b * frames_per_block``; ``r = record_interval``)
+-------------------------------------------------------------------------------------------------------------
+1. Record (``schedule``), on the commit of block ``b``; recomputations of earlier blocks (LongLive's recache at a
+   prompt switch) never record:
+
+   * ``release`` (default; MemFlow's released inference, ``wan/modules/causal_model.py`` at KlingTeam/MemFlow
+     7ed5147: ``current_end_bank``, ``_apply_cache_updates_before``, ``compress_kv_bank``): *every* commit
+     records frame ``s``. While ``b // r < bank_size`` the frame goes to entry ``b // r``, replacing the frame an
+     earlier block of the same group put there; after that every commit compresses (rule 2). Sink frames count
+     (block 0 puts frame 0 in entry 0 until block 1 replaces it). With the defaults (3 frames per block, r = 3,
+     bank 3) the bank after blocks 0..8 holds [0], [3], [6], [6 9], [6 12], [6 15], [6 15 18], [6 15 21],
+     [6 15 24], and from block 9 on two kept entries plus the newest block's first frame.
+   * ``interval``: block ``b`` records iff ``b % r == 0`` and ``s >= num_sink_frames`` (frames 9, 18, 27, ...
+     after blocks 3, 6, 9, ... with the defaults); a full bank compresses.
+2. Compress: the old entries are scored against the prompt of the block being committed and the top
+   ``bank_size - 1`` are kept (ties: the older entry) plus the new frame, which is always kept. Entries stay in
+   frame order (the release orders them by score; attention does not depend on the order). Each layer (and each
+   sample) decides on its own. ``mask_padding`` (default off, as released: MemFlow scores its whole 512-position
+   cross-attention cache) leaves padded text positions out of the scores.
 3. Attend: every forward (solver steps, commit, CHR-routed steps, KVPO replay) attends
    ``[sink ; bank ; local window]``. Bank entries are never routed; they are not in the ring's frame table,
    so CHR's routable set never contains them.
@@ -28,10 +38,11 @@ Rules (``MemoryBankConfig``; block ``b`` starts at frame ``s = b * frames_per_bl
    in view order, followed by the local window. The choice differs per layer, per sample, per solver step,
    and is not differentiated (an index). Sharded caches complete the means and head sums through the same
    :class:`ScoreReduction`; its results are bitwise identical on every rank, so every rank picks the same
-   frames without a broadcast.
+   frames without a broadcast. (MemFlow's released ``dynamic_topk_routing_attention`` picks per head and
+   without the scale; its released configs leave it off, as the ``memflow-1.3b`` preset does.)
 
 Score of entry ``i`` (per layer, per sample); ``z[l,h,t] = <k_text[l,h], k_i[t,h]> / sqrt(head_dim)`` over
-valid (unpadded) text positions ``l``, heads ``h`` and the entry's tokens ``t``:
+the text positions ``l`` (the valid ones under ``mask_padding``), heads ``h`` and the entry's tokens ``t``:
 
 * ``dot`` (as released): ``s_i = mean_{l,h,t} z[l,h,t]``;
 * ``softmax`` (attention-normalised over the entry's tokens): the uniform mean over ``t`` is replaced by the
@@ -66,6 +77,13 @@ class BankScore(StrEnum):
     softmax = "softmax"  # attention-weighted mean over the entry's tokens (MemFlow's paper)
 
 
+class BankSchedule(StrEnum):
+    """Which commits record a bank entry (module docstring, rule 1)."""
+
+    release = "release"  # MemFlow's released inference: every commit; entry b // r until full, then compress
+    interval = "interval"  # every record_interval-th block (sink frames excepted)
+
+
 @dataclass(kw_only=True, slots=True)
 class MemoryBankConfig:
     """MemFlow memory bank (``cache.memory_bank``; None = no bank, LongLive)."""
@@ -73,9 +91,14 @@ class MemoryBankConfig:
     bank_size: int = 3
     """Entries per layer (the attended span grows by this many frames)."""
     record_interval: int = 3
-    """A block whose index is a multiple of this records its first frame (sink frames excepted)."""
+    """Blocks per bank entry: ``release``: blocks ``b`` with the same ``b // record_interval`` share an entry while
+    the bank fills; ``interval``: a block whose index is a multiple of this records (sink frames excepted)."""
+    schedule: BankSchedule = BankSchedule.release
+    """``release`` (MemFlow's released inference) or ``interval`` (rule 1)."""
     bank_score: BankScore = BankScore.dot
     """Relevance score used to compress a full bank: ``dot`` or ``softmax``."""
+    mask_padding: bool = False
+    """Leave padded text positions out of the scores (MemFlow's release counts all of them)."""
     sma: bool = False
     """MemFlow's sparse memory activation: each forward of each layer attends only the ``sma_top_k`` sink/bank
     frames most relevant to its queries (rule 5); the local window is always attended."""
@@ -83,7 +106,12 @@ class MemoryBankConfig:
     """Sink + bank frames kept by ``sma`` (with sink 3 and bank 3: half of the long-range frames)."""
 
     def __post_init__(self):
-        self.bank_score = BankScore(self.bank_score)
+        for name, enum in (("bank_score", BankScore), ("schedule", BankSchedule)):
+            try:
+                setattr(self, name, enum(getattr(self, name)))
+            except ValueError:
+                raise ConfigError(f"cache.memory_bank.{name} must be one of {[e.value for e in enum]}, "
+                                  f"got {getattr(self, name)!r}") from None
         if self.bank_size < 1:
             raise ConfigError(f"cache.memory_bank.bank_size must be >= 1, got {self.bank_size}")
         if self.record_interval < 1:
@@ -211,8 +239,11 @@ def keep_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
 def records(cache_cfg, block: int) -> bool:
     """Whether the commit of ``block`` records a bank entry (rule 1)."""
     cfg = cache_cfg.memory_bank
-    return (cfg is not None and block % cfg.record_interval == 0
-            and block * cache_cfg.frames_per_block >= cache_cfg.num_sink_frames)
+    if cfg is None:
+        return False
+    if cfg.schedule == BankSchedule.release:
+        return True
+    return block % cfg.record_interval == 0 and block * cache_cfg.frames_per_block >= cache_cfg.num_sink_frames
 
 
 def update_after_commit(cache: "KVCache", block: int, text: "TextKV") -> bool:
@@ -225,10 +256,13 @@ def update_after_commit(cache: "KVCache", block: int, text: "TextKV") -> bool:
     frame = block * cache.cfg.frames_per_block
     n, layers = cache.bank_len, range(cache.num_layers)
     b = cache.batch_size
-    if n < cfg.bank_size:
-        keep = torch.arange(n + 1).expand(cache.num_layers, b, n + 1)
+    # the entry the new frame takes while the bank is not full (candidates: the n entries, then the new frame)
+    entry = min(n, block // cfg.record_interval) if cfg.schedule == BankSchedule.release else n
+    if entry < cfg.bank_size:  # fill (release: replace the group's previous frame when entry == n - 1)
+        keep = torch.tensor(list(range(entry)) + [n]).expand(cache.num_layers, b, entry + 1)
     else:
-        scores = bank_scores([text.layers[i][0] for i in layers], text.mask, [cache.bank_kv(i)[0] for i in layers],
+        mask = text.mask if cfg.mask_padding else None
+        scores = bank_scores([text.layers[i][0] for i in layers], mask, [cache.bank_kv(i)[0] for i in layers],
                              cfg.bank_score, reduction)  # [L, b, n]
         old = keep_indices(scores, cfg.bank_size - 1).cpu()
         keep = torch.cat([old, torch.full((*old.shape[:2], 1), n, dtype=old.dtype)], -1)
@@ -238,34 +272,9 @@ def update_after_commit(cache: "KVCache", block: int, text: "TextKV") -> bool:
     return True
 
 
-# ---- named generator presets ---------------------------------------------------------------------------------
-GENERATOR_PRESETS: dict[str, dict] = {
-    # LongLive: Wan2.1-1.3B, sink 3 + local 9 (span 12), 30 retained frames, recache at prompt switches.
-    "longlive-1.3b": {
-        "model": {"preset": "wan-1.3b"},
-        "cache": {"frames_per_block": 3, "num_sink_frames": 3, "local_attn_frames": 9, "history_frames": 30,
-                  "memory_bank": None},
-        "routing": {"num_local_slots": 9, "num_recent_fixed": 3},
-        "recache_on_switch": True,
-    },
-    # MemFlow: LongLive + a 3-entry bank recorded every 3 blocks (attended span up to 15 frames).
-    "memflow-1.3b": {
-        "model": {"preset": "wan-1.3b"},
-        "cache": {"frames_per_block": 3, "num_sink_frames": 3, "local_attn_frames": 9, "history_frames": 30,
-                  "memory_bank": {"bank_size": 3, "record_interval": 3, "bank_score": "dot", "sma": False,
-                                  "sma_top_k": 3}},
-        "routing": {"num_local_slots": 9, "num_recent_fixed": 3},
-        "recache_on_switch": True,
-    },
-}
-
-
-def generator_preset(name: str, sections: set[str] | None = None) -> dict:
-    """Config-tree values of a named generator (merge under a YAML/CLI tree, e.g. ``KVPOTrainConfig``);
-    ``sections`` keeps only those top-level keys (``GenerateConfig`` has no ``routing``)."""
-    import copy
-
-    if name not in GENERATOR_PRESETS:
-        raise ConfigError(f"unknown generator preset {name!r}; choose one of {sorted(GENERATOR_PRESETS)}")
-    tree = copy.deepcopy(GENERATOR_PRESETS[name])
-    return tree if sections is None else {k: v for k, v in tree.items() if k in sections}
+# ---- named generator presets (moved to kvpo_megatron/presets.py; this path keeps working) -------------------
+def __getattr__(name: str):
+    if name in ("GENERATOR_PRESETS", "generator_preset"):
+        from kvpo_megatron import presets
+        return getattr(presets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

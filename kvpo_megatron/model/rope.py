@@ -30,11 +30,21 @@ class Rope3D(nn.Module):
             self.register_buffer(f"angles_{name}", a, persistent=False)
         self.max_positions = max_positions
 
-    def forward(self, frame_offset: int, frames: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin), each [frames*height*width, head_dim/2] float64, token order (f, h, w)."""
-        if frame_offset + frames > self.max_positions:
-            raise ValueError(f"frame position {frame_offset + frames} exceeds rope_max_positions {self.max_positions}")
-        af = self.angles_f[frame_offset:frame_offset + frames].view(frames, 1, 1, -1).expand(frames, height, width, -1)
+    def forward(self, frame_offset: int | torch.Tensor, frames: int, height: int, width: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each [frames*height*width, head_dim/2] float64, token order (f, h, w).
+
+        ``frame_offset`` may be a 0-dim integer tensor on the buffers' device: the tables are then gathered on the
+        device (no host value), so a captured CUDA graph serves every frame offset."""
+        if isinstance(frame_offset, torch.Tensor):
+            pos = frame_offset + torch.arange(frames, device=self.angles_f.device)
+            af = self.angles_f.index_select(0, pos)
+        else:
+            if frame_offset + frames > self.max_positions:
+                raise ValueError(f"frame position {frame_offset + frames} exceeds rope_max_positions "
+                                 f"{self.max_positions}")
+            af = self.angles_f[frame_offset:frame_offset + frames]
+        af = af.view(frames, 1, 1, -1).expand(frames, height, width, -1)
         ah = self.angles_h[:height].view(1, height, 1, -1).expand(frames, height, width, -1)
         aw = self.angles_w[:width].view(1, 1, width, -1).expand(frames, height, width, -1)
         ang = torch.cat([af, ah, aw], dim=-1).reshape(frames * height * width, -1)

@@ -21,9 +21,11 @@ Delayed scaling normally updates its scales only when autograd is on; the FP8 wr
 no-grad rollouts (the first call of a module then runs with scale 1, later calls with the previous amax).
 
 Fast path of the cached core: the gathered context ``[cached frames of the view; current tokens]`` lives in a
-per-layer buffer that is reused while the cache tensor, its version counter and the view's frames are unchanged
-(the 4 denoising steps and the commit pass of a block read the same frames): one gather per block instead of
-one gather plus one concatenation per step. With autograd on, the context is concatenated (no in-place reuse).
+per-layer buffer that is reused while the page buffer, its version counter and the view's pages are unchanged
+(the solver steps of a block read the same pages): one gather per block instead of one gather plus one
+concatenation per step. Inside a CUDA graph capture every replay gathers (plain concatenation). With autograd
+on (the replay), the cached part and the current block are attended separately and merged by log-sum-exp
+(``model/split_attention.py``), so the detached cache costs no dK/dV.
 TransformerEngine is imported lazily: without it this module imports, and ``te_spec`` raises ``ConfigError``.
 """
 from __future__ import annotations
@@ -38,9 +40,11 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from torch import nn
 
 from kvpo_megatron.errors import ConfigError
-from kvpo_megatron.model.attention import AttentionSubmodules, WanCrossAttention, WanSelfAttention, sdpa
+from kvpo_megatron.model.attention import (AttentionSubmodules, WanCrossAttention, WanSelfAttention, sdpa,
+                                           uses_replay_kernel)
 from kvpo_megatron.model.block import WanBlock, WanBlockSubmodules
 from kvpo_megatron.model.kv_cache import LayerKV
+from kvpo_megatron.model.split_attention import cached_attention
 from kvpo_megatron.model.specs import CausalWanSubmodules, NoTokenSharding
 from kvpo_megatron.parallel.norms import FullDimRMSNorm
 
@@ -117,12 +121,15 @@ def _te_classes():
                              gather_output=gather_output, bias=bias, skip_bias_add=False, is_expert=False,
                              tp_group=tp_group)
             self.fp8_recipe = fp8_recipe
+            self.fp8_active = True  # accelerate.fp8_enabled switches it per region
             self.disable_parameter_transpose_cache = True  # weights may change between calls (LoRA, training)
-            self.gather_output = gather_output  # megatron ColumnParallelLinear's attribute (LoRA layers read it)
+            # megatron ColumnParallelLinear's attributes, which the LoRA layers read (full sizes, group)
+            self.gather_output, self.input_size, self.output_size = gather_output, input_size, output_size
+            self.tp_group = self._tp_group
 
         @torch.compiler.disable
         def forward(self, x):
-            with quantized(self.fp8_recipe):
+            with quantized(self.fp8_recipe if self.fp8_active else None):
                 return super().forward(x)
 
     class TERowLinear(TERowParallelLinear):
@@ -134,12 +141,15 @@ def _te_classes():
                              input_is_parallel=input_is_parallel, skip_bias_add=skip_bias_add, is_expert=False,
                              tp_group=tp_group)
             self.fp8_recipe = fp8_recipe
+            self.fp8_active = True  # accelerate.fp8_enabled switches it per region
             self.disable_parameter_transpose_cache = True
-            self.input_is_parallel = input_is_parallel  # megatron RowParallelLinear's attribute
+            # megatron RowParallelLinear's attributes, which the LoRA layers read (full sizes, group)
+            self.input_is_parallel, self.input_size, self.output_size = input_is_parallel, input_size, output_size
+            self.tp_group = self._tp_group
 
         @torch.compiler.disable
         def forward(self, x):
-            with quantized(self.fp8_recipe):
+            with quantized(self.fp8_recipe if self.fp8_active else None):
                 return super().forward(x)
 
     class TEQKRMSNorm(te.RMSNorm):
@@ -157,6 +167,12 @@ def _te_classes():
     return TEColumnLinear, TERowLinear, TEQKRMSNorm
 
 
+def te_linear_classes():
+    """The TE spec's (column, row) parallel linear classes (raises ``ConfigError`` without TransformerEngine)."""
+    column, row, _ = _te_classes()
+    return column, row
+
+
 def _dpa(config, pg_collection):
     heads = config.num_attention_heads // _tp_size(getattr(pg_collection, "tp", None))
     return _te().DotProductAttention(heads, config.head_dim, attention_dropout=0.0, qkv_format="bshd",
@@ -170,10 +186,10 @@ class TECachedAttention(nn.Module):
         super().__init__()
         self.attn = _dpa(config, pg_collection)
         self.fp8_recipe = fp8_recipe
+        self.fp8_active = True
         self._ctx_key = None
-        self._ctx_src = None  # weakref to the cache tensor the context was gathered from
+        self._ctx_src = None  # weakref to the page buffer the context was gathered from
         self._ctx = None  # (k, v) buffers [b, n*T + L, h, d]; the first n*T rows hold the gathered frames
-        self._graph_buffers: list = []
 
     def forward(self, q, k, v, *, kv: LayerKV | None = None, attn_mask=None):
         """q, k, v: [b, L, h, d] -> [b, L, h, d]."""
@@ -183,9 +199,14 @@ class TECachedAttention(nn.Module):
             if kv is not None:
                 kv.write(k, v)
             return sdpa(q, k, v, attn_mask)
-        if kv is not None:
+        if kv is not None and uses_replay_kernel(q, k, v):
+            ctx = kv.read(q)  # replay: no gradient flows into the detached cache (model/split_attention.py)
+            kv.write(k, v)
+            if ctx is not None:
+                return cached_attention(q, k, v, ctx[0].to(k.dtype), ctx[1].to(v.dtype))
+        elif kv is not None:
             k, v = self._with_context(kv, q, k, v)
-        with quantized(self.fp8_recipe):
+        with quantized(self.fp8_recipe if self.fp8_active else None):
             out = self.attn(q, k, v)
         return out.view(q.shape)
 
@@ -196,29 +217,26 @@ class TECachedAttention(nn.Module):
         if kv.view.read_slots.numel() == 0:
             kv.write(k, v)
             return k, v
+        if k.is_cuda and torch.cuda.is_current_stream_capturing():  # a CUDA graph gathers on every replay
+            ck, cv = kv.read(q)
+            kv.write(k, v)
+            return torch.cat([ck, k], 1), torch.cat([cv, v], 1)
         src = kv.cache.k[kv.layer]
-        key = (src._version, kv.cache.v[kv.layer]._version, kv.view.read_frames, kv.view.bank_entries, k.shape,
-               k.dtype)
+        key = (src._version, kv.cache.v[kv.layer]._version, kv.view.page_key, k.shape, k.dtype)
         sparse = bool(kv.view.sparse_candidates)  # the frames read depend on q: never reuse, never reused
-        capturing = k.is_cuda and torch.cuda.is_current_stream_capturing()  # a CUDA graph must gather every replay
-        hit = (not capturing and not sparse and self._ctx_key == key and self._ctx_src is not None
-               and self._ctx_src() is src)
+        hit = not sparse and self._ctx_key == key and self._ctx_src is not None and self._ctx_src() is src
         if not hit:
-            ck, cv = kv.read(q)  # sparse memory activation picks frames per forward: no reuse
+            ck, cv = kv.read(q)
             n = ck.shape[1]
             shape = (k.shape[0], n + k.shape[1], *k.shape[2:])
             if self._ctx is None or self._ctx[0].shape != shape or self._ctx[0].device != k.device:
                 self._ctx = (k.new_empty(shape), v.new_empty(shape))
             self._ctx[0][:, :n].copy_(ck)
             self._ctx[1][:, :n].copy_(cv)
-            self._ctx_key, self._ctx_src = (None, None) if capturing or sparse else (key, weakref.ref(src))
-        if capturing:  # keep the buffers a captured graph writes alive even if _ctx is replaced later
-            self._graph_buffers.append(self._ctx)
-        kv.write(k, v)  # after the read: a commit may overwrite a slot this view reads
+            self._ctx_key, self._ctx_src = (None, None) if sparse else (key, weakref.ref(src))
+        kv.write(k, v)  # after the read: a commit may overwrite a page this view reads
         kb, vb = self._ctx
         n = kb.shape[1] - k.shape[1]
-        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-            return torch.cat([kb[:, :n], k], 1), torch.cat([vb[:, :n], v], 1)
         kb[:, n:].copy_(k)
         vb[:, n:].copy_(v)
         return kb, vb
@@ -231,9 +249,10 @@ class TETextAttention(nn.Module):
         super().__init__()
         self.attn = _dpa(config, pg_collection)
         self.fp8_recipe = fp8_recipe
+        self.fp8_active = True
 
     def forward(self, q, k, v):
-        with quantized(self.fp8_recipe):
+        with quantized(self.fp8_recipe if self.fp8_active else None):
             out = self.attn(q, k.contiguous(), v.contiguous())
         return out.view(q.shape)
 

@@ -43,8 +43,9 @@ import torch
 from torch import nn
 
 from kvpo_megatron.errors import ConfigError
-from kvpo_megatron.model.attention import sdpa
+from kvpo_megatron.model.attention import sdpa, uses_replay_kernel
 from kvpo_megatron.model.kv_cache import KVCache, LayerKV
+from kvpo_megatron.model.split_attention import cached_attention
 from kvpo_megatron.parallel.collectives import (all_gather_dim0, all_gather_dim0_nograd, all_to_all_dim0,
                                                 group_rank, group_size)
 
@@ -140,11 +141,13 @@ class UlyssesCachedAttention(nn.Module):
         if kv is not None:
             ctx = kv.read(qh)  # read before write
             if kv.view.write_slots is not None:
-                nf = kv.view.write_slots.numel()
+                nf = kv.view.write_slots.shape[-1]
                 kv.write(self._frame_major(kh, nf), self._frame_major(vh, nf))
             if ctx is not None:
-                kh = torch.cat([ctx[0].to(kh.dtype), kh], 1)
-                vh = torch.cat([ctx[1].to(vh.dtype), vh], 1)
+                ck, cv = ctx[0].to(kh.dtype), ctx[1].to(vh.dtype)
+                if uses_replay_kernel(qh, kh, vh):
+                    return self._heads_to_seq(cached_attention(qh, kh, vh, ck, cv))  # no dK/dV for the cache
+                kh, vh = torch.cat([ck, kh], 1), torch.cat([cv, vh], 1)
         return self._heads_to_seq(sdpa(qh, kh, vh))  # key order is irrelevant without a mask
 
 
@@ -173,11 +176,12 @@ class AllGatherCachedAttention(nn.Module):
         needs_grad = torch.is_grad_enabled() and cur.requires_grad
         if ctx is None:
             kv_all = self._gather_tokens(cur, needs_grad)
-        elif not needs_grad:  # one collective for context + current
+        elif not uses_replay_kernel(q, k, v):  # one collective for context + current
             kv_all = self._gather_tokens(torch.cat([torch.stack(ctx).to(cur.dtype), cur], 2), False)
-        else:  # gradient of the current K/V returns to its owning rank (reduce-scatter)
-            kv_all = torch.cat([self._gather_tokens(torch.stack(ctx).to(cur.dtype), False),
-                                self._gather_tokens(cur, True)], 2)
+        else:  # gradient of the current K/V returns to its owning rank (reduce-scatter); none for the cache
+            c_all = self._gather_tokens(torch.stack(ctx).to(cur.dtype), False)
+            n_all = self._gather_tokens(cur, needs_grad)
+            return cached_attention(q, n_all[0], n_all[1], c_all[0], c_all[1])
         return sdpa(q, kv_all[0], kv_all[1])
 
 

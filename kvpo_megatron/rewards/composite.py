@@ -189,14 +189,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def _model_kwargs(c: RewardComponentConfig) -> dict[str, Any]:
-    kw = {k: v for k, v in c.params.items() if k != "prompt_template_file"}
+    """videoalign ``prompt_template_file``: your VideoAlign release's ``prompt_template.py`` (or the template
+    text); without it the template is looked for beside the checkpoint (``rewards/videoalign_template.py``)."""
+    kw = dict(c.params)
     if "normalization" in kw:
         kw["normalization"] = {d: tuple(v) for d, v in kw["normalization"].items()}
-    if "prompt_template_file" in c.params:
-        from kvpo_megatron.conditioning.files import require_path
-
-        kw["prompt_template"] = require_path(c.params["prompt_template_file"], "VideoAlign prompt template",
-                                             field="params.prompt_template_file").read_text()
     return dict(kw, device=c.device, dtype=_DTYPES[c.dtype], offload=c.offload)
 
 

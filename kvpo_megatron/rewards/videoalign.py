@@ -6,6 +6,8 @@ Expected files (YAML config):
   load) + ``non_lora_state_dict.pth`` (``rm_head``, trained embeddings/merger), or one full ``model.pth``.
   ``model_config.json`` (next to them or one level up) supplies the score normalisation if present.
 - ``base_path``: the Qwen2-VL-2B-Instruct folder (``config.json``, ``*.safetensors``, ``tokenizer.json``).
+- the prompt template of your VideoAlign release, used verbatim (``rewards/videoalign_template.py``):
+  ``params.prompt_template_file`` (its ``prompt_template.py`` or the template text), or found beside ``path``.
 Scores are normalised ``(raw - mean) / std`` with VideoAlign's published statistics: VQ (3.6757, 2.2476),
 MQ (1.1646, 1.3811), TA (2.8105, 2.5121). Frames are sampled at ``fps`` (2) from a ``video_fps`` (16) video as
 qwen-vl-utils does; ``mq_grayscale`` scores MQ on grayscale frames (a second forward).
@@ -21,49 +23,14 @@ import torch
 from kvpo_megatron.conditioning.files import MissingFileError, require_path
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.rewards import qwen2vl as q
+from kvpo_megatron.rewards import videoalign_template as T
 from kvpo_megatron.rewards.base import as_unit_frames, check_prompts, luma
 
 logger = logging.getLogger(__name__)
 
 DIMENSIONS = ("VQ", "MQ", "TA")
-SPECIAL_TOKENS = ["<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>"]
+SPECIAL_TOKENS = list(T.SPECIAL_TOKENS)
 NORMALIZATION = {"VQ": (3.6757, 2.2476), "MQ": (1.1646, 1.3811), "TA": (2.8105, 2.5121)}
-
-# VideoAlign's 'detailed_special' prompt, reconstructed (upstream prompt_template.py was not available offline);
-# pass ``prompt_template`` (text with ``{text_prompt}``) to use the exact upstream text.
-PROMPT_TEMPLATE = """You are tasked with evaluating a generated video based on three distinct criteria: Visual Quality, Motion Quality, and Text Alignment. Please provide a rating from 0 to 10 for each of the three categories, with 0 being the worst and 10 being the best. Each evaluation should be independent of the others.
-
-**Visual Quality:**
-Evaluate the overall visual quality of the video, with a focus on static factors. The following sub-dimensions should be considered:
-- **Reasonableness:** The video should not contain any significant biological or logical errors, such as abnormal body structures or nonsensical environmental setups.
-- **Clarity:** Evaluate the sharpness and visibility of the video. The image should be clear and easy to interpret, with no blurring or indistinct areas.
-- **Detail Richness:** Consider the level of detail in textures, materials, lighting, and other visual elements (e.g., hair, clothing, shadows).
-- **Aesthetic and Creativity:** Assess the artistic aspects of the video, including the color scheme, composition, atmosphere, depth of field, and the overall creative appeal. The scene should convey a sense of harmony and balance.
-- **Safety:** The video should not contain harmful or inappropriate content, such as political, violent, or adult material. If such content is present, the image quality and satisfaction score should be the lowest possible.
-
-**Motion Quality:**
-Assess the dynamic aspects of the video, with a focus on dynamic factors. Consider the following sub-dimensions:
-- **Stability:** Evaluate the continuity and stability between frames. There should be no sudden, unnatural jumps, and the video should maintain stable attributes (e.g., no fluctuating colors, textures, or missing body parts).
-- **Naturalness:** The movement should align with physical laws and be realistic. For example, clothing should flow naturally with motion, and facial expressions should change appropriately (e.g., blinking, mouth movements).
-- **Aesthetic Quality:** The movement should be smooth and fluid. The transitions between different motions or camera angles should be seamless, and the overall dynamic feel should be visually pleasing.
-- **Fusion:** Ensure that elements in motion (e.g., edges of the subject, hair, clothing) blend naturally with the background, without obvious artifacts or the feeling of cut-and-paste effects.
-- **Clarity of Motion:** The video should be clear and smooth in motion. Pay attention to any areas where the video might have blurry or unsteady sections that hinder visual continuity.
-- **Amplitude:** If the video is largely static or has little movement, assign a low score for motion quality.
-
-**Text Alignment:**
-Assess how well the video matches the textual prompt across the following sub-dimensions:
-- **Subject Relevance** Evaluate how accurately the subject(s) in the video (e.g., person, animal, object) align with the textual description. The subject should match the description in terms of number, appearance, and behavior.
-- **Motion Relevance:** Evaluate if the dynamic actions (e.g., gestures, posture, facial expressions like talking or smiling) align with the described prompt. The motion should match the prompt in terms of type, scale, and direction.
-- **Environment Relevance:** Assess whether the background and scene fit the prompt. This includes checking if real-world locations or scenes are accurately represented, though some stylistic adaptation is acceptable.
-- **Style Relevance:** If the prompt specifies a particular artistic or stylistic style, evaluate how well the video adheres to this style.
-- **Camera Movement Relevance:** Check if the camera movements (e.g., following the subject, focus shifts) are consistent with the expected behavior from the prompt.
-
-Textual prompt - {text_prompt}
-Please provide the ratings of Visual Quality: <|VQ_reward|>
- Please provide the ratings of Motion Quality: <|MQ_reward|>
- Please provide the ratings of Text Alignment: <|TA_reward|>
-"""
-
 
 def sample_indices(total: int, *, video_fps: float, fps: float, min_frames: int = 4,
                    max_frames: int = 768) -> list[int]:
@@ -96,7 +63,7 @@ def merge_lora(state: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], ad
         state[base_key] = (w.float() + scale * (b @ a)).to(w.dtype)
 
 
-def _checkpoint_dir(path: Path) -> Path:
+def checkpoint_dir(path: Path) -> Path:
     steps = sorted((p for p in path.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
                    key=lambda p: int(p.name.split("-")[-1]))
     return steps[-1] if steps else path
@@ -104,7 +71,7 @@ def _checkpoint_dir(path: Path) -> Path:
 
 def load_videoalign_state(ckpt: Path, base: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Base weights + merged LoRA + non-LoRA trained weights (normalised keys), and model_config.json (or {})."""
-    folder = _checkpoint_dir(ckpt)
+    folder = checkpoint_dir(ckpt)
     meta_file = next((f for f in (folder / "model_config.json", ckpt / "model_config.json") if f.exists()), None)
     meta = q.read_json(meta_file) if meta_file else {}
     if (folder / "model.pth").exists():
@@ -124,13 +91,14 @@ class VideoAlignReward:
     """VQ/MQ/TA of ``[B, T, 3, H, W]`` videos. ``score_all`` returns normalised scores per dimension; component
     views (``component('MQ')``) share one forward per batch through a one-entry memo."""
 
-    def __init__(self, model: q.Qwen2VLRewardModel, tokenizer, *, device: str = "cpu",
+    def __init__(self, model: q.Qwen2VLRewardModel, tokenizer, *, prompt_template: str, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, offload: bool = False, fps: float = 2.0,
                  video_fps: float = 16.0, min_pixels: int = 128 * 28 * 28, max_pixels: int = 448 * 448,
                  mq_grayscale: bool = False, normalization: dict[str, tuple[float, float]] | None = None,
-                 prompt_template: str = PROMPT_TEMPLATE, batch_size: int = 2) -> None:
-        if "{text_prompt}" not in prompt_template or any(t not in prompt_template for t in SPECIAL_TOKENS):
-            raise ConfigError(f"VideoAlign prompt_template needs '{{text_prompt}}' and {SPECIAL_TOKENS}")
+                 batch_size: int = 2) -> None:
+        """``prompt_template``: the release's template text (``videoalign_template.read_template``)."""
+        if "{text_prompt}" not in prompt_template or any(prompt_template.count(t) != 1 for t in SPECIAL_TOKENS):
+            raise ConfigError(f"VideoAlign prompt_template needs '{{text_prompt}}' and each of {SPECIAL_TOKENS} once")
         self.model, self.tokenizer = model, tokenizer
         self.vision = q.VisionSpec.from_config(model.model.config)
         self.device, self.dtype, self.offload = torch.device(device), dtype, offload
@@ -146,19 +114,26 @@ class VideoAlignReward:
         self.model.rm_head.float()
 
     @classmethod
-    def from_pretrained(cls, path: str, *, base_path: str, **kwargs) -> "VideoAlignReward":
+    def from_pretrained(cls, path: str, *, base_path: str, prompt_template_file: str | None = None,
+                        **kwargs) -> "VideoAlignReward":
+        """``prompt_template_file``: the release's ``prompt_template.py`` (or the template text); None looks
+        beside ``path``. Its template type is ``model_config.json``'s ``data_config.prompt_template_type``."""
         ckpt = require_path(path, "VideoAlign reward checkpoint folder", field="rewards.videoalign.path")
         base = require_path(base_path, "Qwen2-VL-2B-Instruct folder", field="rewards.videoalign.base_path")
+        template_file = Path(prompt_template_file) if prompt_template_file else \
+            T.find_template(ckpt, checkpoint_dir(ckpt))
         config = q.load_config(base, field="rewards.videoalign.base_path")
         tokenizer, special_ids = q.load_tokenizer(base, SPECIAL_TOKENS)
         state, meta = load_videoalign_state(ckpt, base)
+        kind = (meta.get("data_config") or {}).get("prompt_template_type", T.DEFAULT_TYPE)
+        kwargs["prompt_template"] = T.read_template(template_file, kind)
         head = meta.get("model_config", {}).get("rm_head_type", "default")
         model = q.build_reward_model(config, state, head_type=head, output_dim=1, special_token_ids=special_ids,
                                      source=str(ckpt))
         inf = meta.get("inference_config") or {}
         if "normalization" not in kwargs and all(f"{d}_mean" in inf for d in DIMENSIONS):
             kwargs["normalization"] = {d: (float(inf[f"{d}_mean"]), float(inf[f"{d}_std"])) for d in DIMENSIONS}
-        logger.info("loaded VideoAlign from %s (base %s)", ckpt, base)
+        logger.info("loaded VideoAlign from %s (base %s, prompt template %s)", ckpt, base, template_file)
         return cls(model, tokenizer, **kwargs)
 
     @torch.no_grad()
@@ -171,9 +146,7 @@ class VideoAlignReward:
             for s in range(0, frames.shape[0], self.batch_size):
                 clips = frames[s : s + self.batch_size, idx].to(self.device)
                 pixel_values, grid = self.vision.patchify(clips, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
-                texts = [q.chat_text(self.prompt_template.format(text_prompt=p), media="video",
-                                     num_media_tokens=self.vision.num_tokens(g))
-                         for p, g in zip(prompts[s : s + self.batch_size], grid)]
+                texts = [self.chat_text(p, self.vision.num_tokens(g)) for p, g in zip(prompts[s : s + self.batch_size], grid)]
                 batch = self.tokenizer(texts, padding=True, return_tensors="pt").to(self.device)
                 logits = model(batch["input_ids"], batch["attention_mask"],
                                pixel_values_videos=pixel_values.to(self.dtype), video_grid_thw=grid)  # [b, 3, 1]
@@ -182,6 +155,10 @@ class VideoAlignReward:
             if self.offload:
                 model.to(device="cpu")
         return torch.cat(out)
+
+    def chat_text(self, prompt: str, num_media_tokens: int) -> str:
+        """The model's input text: the chat turn [video, the release template filled with ``prompt``]."""
+        return q.chat_text(T.render(self.prompt_template, prompt), media="video", num_media_tokens=num_media_tokens)
 
     def score_all(self, frames: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         x = as_unit_frames(frames, where="videoalign")

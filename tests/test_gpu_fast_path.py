@@ -1,0 +1,164 @@
+"""The fast path on the GPU (skipped without CUDA; run on the GPU machine with TransformerEngine).
+
+Model: Wan-1.3B widths cut to 2 layers, latents 16x32 (128 tokens per frame), bf16. Tolerances (bf16):
+* LoRA on TE linears vs LoRA on the local spec, a replay-style forward + backward under a filled cache:
+  outputs within 2e-2 relative, every LoRA gradient within 5e-2 relative (the bf16 grads tolerance of
+  tests/test_gpu.py);
+* merged-LoRA rollout vs unmerged: within 2e-2 relative, and unmerging restores the weights bit for bit;
+* CUDA-graph replays vs eager forwards of the same engine: within 1e-2 relative;
+* one trainer iteration, fast path (TE spec, merged-LoRA rollout, CUDA graphs, batched branches) vs the eager local
+  path: TVE_old within 5e-2 relative, loss within 5e-2 relative, LoRA gradients with cosine >= 0.99 and within
+  0.15 relative; pi_old consistency: the first-step ratio within 1e-3 of 1 (``ratio_dev``).
+Measured values are appended as JSON lines to ``$KVPO_GPU_REPORT`` when set.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_gpu import _model, _rel, _report, _rollout
+
+pytestmark = pytest.mark.gpu
+
+
+def _with_lora(model, lora_sd=None, rank: int = 16):
+    from kvpo_megatron.lora import LoRAConfig, apply_lora, load_lora_full_state_dict, lora_full_state_dict
+
+    apply_lora(model, LoRAConfig(rank=rank, alpha=float(rank)))
+    if lora_sd is None:
+        g = torch.Generator().manual_seed(11)
+        lora_sd = {k: (v + 0.02 * torch.randn(v.shape, generator=g).to(v.device)) if "lora_B" in k else v
+                   for k, v in lora_full_state_dict(model).items()}
+    load_lora_full_state_dict(model, lora_sd, source_name="test")
+    return lora_sd
+
+
+@pytest.fixture(scope="module")
+def weights(pgs):
+    from kvpo_megatron.checkpoint.sharding import gather_full_state_dict
+
+    torch.manual_seed(0)
+    sd = gather_full_state_dict(_model(pgs, "local", None, torch.float32))
+    g = torch.Generator().manual_seed(1)
+    return dict(sd=sd, ctx=torch.randn(1, 512, 4096, generator=g).cuda(),
+                noise=torch.randn(1, 16, 15, 16, 32, generator=g).cuda())
+
+
+def test_lora_on_te_linears_equals_lora_on_local(pgs, weights):
+    from kvpo_megatron.lora import lora_parameters
+    from kvpo_megatron.model import CacheConfig
+    from kvpo_megatron.sampling import FlowMatchSampler, SamplerConfig, StreamingGenerator
+
+    out, grads, lora_sd = {}, {}, None
+    for kind in ("local", "te"):
+        m = _model(pgs, kind, weights["sd"], torch.bfloat16)
+        lora_sd = _with_lora(m, lora_sd)
+        gen = StreamingGenerator(m, FlowMatchSampler(SamplerConfig()), CacheConfig(history_frames=9))
+        cache = gen.new_cache()
+        with torch.no_grad():
+            text = m.encode_text(weights["ctx"])
+            for s in range(0, 9, 3):
+                gen.commit_block(cache, weights["noise"][:, :, s:s + 3], s, text)
+        view = cache.view(CacheConfig().default_read_frames(9), device="cuda")
+        y = m(weights["noise"][:, :, 9:12], torch.tensor([500.0], device="cuda"), text=m.encode_text(weights["ctx"]),
+              frame_offset=9, cache=cache, view=view)
+        (y.float() * weights["noise"][:, :, 12:15]).sum().backward()
+        out[kind] = y.float().detach()
+        grads[kind] = {n: p.grad.float().clone() for n, p in lora_parameters(m)}
+    errs = {n: _rel(grads["te"][n], g) for n, g in grads["local"].items()}
+    e_out = _rel(out["te"], out["local"])
+    _report(test="lora_te_vs_local", err_out=e_out, max_grad_rel=max(errs.values()), worst=max(errs, key=errs.get),
+            lora_tensors=len(errs))
+    assert set(grads["te"]) == set(grads["local"]) and len(errs) == 2 * 2 * 10  # 2 layers x 10 linears x (A, B)
+    assert e_out <= 2e-2 and max(errs.values()) <= 5e-2
+
+
+def test_merged_lora_rollout_equals_unmerged(pgs, weights):
+    from kvpo_megatron.lora import merged
+
+    m = _model(pgs, "te", weights["sd"], torch.bfloat16)
+    _with_lora(m)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    plain = _rollout(m, weights["ctx"], weights["noise"])
+    with merged(m):
+        folded = _rollout(m, weights["ctx"], weights["noise"])
+    err = _rel(folded, plain)
+    _report(test="merged_vs_unmerged_rollout", rel_err=err)
+    assert err <= 2e-2
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())  # exact unmerge
+
+
+def test_cuda_graph_runner_equals_eager(pgs, weights):
+    from kvpo_megatron.accelerate import GraphRunner
+    from kvpo_megatron.lora import merged
+    from kvpo_megatron.model import CacheConfig
+    from kvpo_megatron.sampling import FlowMatchSampler, PromptSwitch, SamplerConfig, StreamingGenerator
+
+    m = _model(pgs, "te", weights["sd"], torch.bfloat16)
+    _with_lora(m)
+    outs = {}
+    with torch.no_grad(), merged(m):
+        text = m.encode_text(weights["ctx"])
+        for name, runner in (("eager", None), ("graphs", GraphRunner())):
+            gen = StreamingGenerator(m, FlowMatchSampler(SamplerConfig()), CacheConfig(history_frames=9),
+                                     runner=runner)
+            for _ in range(2):  # the second video replays graphs captured during the first
+                outs[name] = gen.generate(weights["noise"], [PromptSwitch(0, text)]).float()
+        captures = runner.captures
+    err = _rel(outs["graphs"], outs["eager"])
+    _report(test="graphs_vs_eager", rel_err=err, captures=captures)
+    assert captures >= 2 and err <= 1e-2
+
+
+def _trainer_cfg(tmp_path, name: str, fast: bool) -> dict:
+    spec = "te" if fast else "local"
+    return {
+        "model": {"preset": "wan-1.3b", "cuda_graphs": fast,
+                  "overrides": {"num_layers": 2, "params_dtype": "bfloat16", "bf16": True, "spec": spec,
+                                "use_cpu_initialization": not fast}},
+        "video": {"num_frames": 18, "latent_height": 16, "latent_width": 32},
+        "routing": {"window_blocks": 2}, "rollout": {"num_branches": 4, "merge_lora": fast},
+        "lora": {"rank": 16, "alpha": 16.0}, "optim": {"lr": 0.0}, "objective": {"guard": False},
+        "decoder": {"kind": "preview", "latent_channels": 16},
+        "reward": {"components": [{"kind": "brightness", "weight": 1.0, "params": {"target": 1.0}}]},
+        "train": {"iterations": 1, "out_dir": str(tmp_path / name), "progress": False},
+    }
+
+
+def test_trainer_iteration_fast_path_equals_eager_local(tmp_path):
+    from kvpo_megatron.config import from_dict
+    from kvpo_megatron.kvpo.train_config import KVPOTrainConfig
+    from kvpo_megatron.kvpo.trainer import KVPOTrainer
+    from kvpo_megatron.lora import lora_parameters
+
+    local = KVPOTrainer(from_dict(KVPOTrainConfig, _trainer_cfg(tmp_path, "local", False)))
+    with torch.no_grad():  # identical weights (TE initialises differently), non-zero LoRA B
+        g = torch.Generator().manual_seed(5)
+        for n, p in lora_parameters(local.model):
+            if "lora_B" in n:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    fast = KVPOTrainer(from_dict(KVPOTrainConfig, _trainer_cfg(tmp_path, "fast", True)))
+    src = dict(local.model.named_parameters())
+    with torch.no_grad():
+        for n, p in fast.model.named_parameters():
+            p.copy_(src[n])
+    res, metrics = {}, {}
+    for name, tr in (("local", local), ("fast", fast)):
+        metrics[name] = tr.step()
+        r = tr.last_results[0]
+        res[name] = dict(tve=r.tve.double(), loss=float(r.terms.total), pivot=r.group.pivot,
+                         grads={n: p.grad.float().cpu() for n, p in lora_parameters(tr.model)})
+    a, b = res["fast"], res["local"]
+    ga = torch.cat([g.flatten() for g in a["grads"].values()])
+    gb = torch.cat([b["grads"][n].flatten() for n in a["grads"]])
+    cos = float(torch.nn.functional.cosine_similarity(ga.double(), gb.double(), dim=0))
+    report = dict(test="trainer_fast_vs_local", pivot=a["pivot"], tve_rel=_rel(a["tve"], b["tve"]),
+                  loss_fast=a["loss"], loss_local=b["loss"], grad_rel=_rel(ga, gb), grad_cos=cos,
+                  ratio_dev_fast=metrics["fast"]["ratio_dev"], ratio_dev_local=metrics["local"]["ratio_dev"],
+                  captures=getattr(fast.runner, "captures", 0))
+    _report(**report)
+    assert a["pivot"] == b["pivot"]
+    assert report["tve_rel"] <= 5e-2
+    assert abs(a["loss"] - b["loss"]) <= 5e-2 * max(abs(b["loss"]), 1e-6)
+    assert cos >= 0.99 and report["grad_rel"] <= 0.15
+    assert metrics["fast"]["ratio_dev"] <= 1e-3 and metrics["local"]["ratio_dev"] <= 1e-3
