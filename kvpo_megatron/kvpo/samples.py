@@ -3,7 +3,9 @@
 Every ``logging.sample_every`` iterations, global rank 0 decodes the anchor and the best and the worst branch
 (by total reward, among the branches it rolled out) of its first prompt group, and logs
 
-* ``out_dir/samples/iter_NNNNNNN_{anchor,best,worst}.mp4`` (``conditioning/video_io.py``);
+* ``out_dir/samples/iter_NNNNNNN_{anchor,best,worst}.mp4`` (``conditioning/video_io.py``; needs the ``media``
+  extra: without PyAV, which ``pip install .`` leaves out, the mp4s are skipped with one warning and the rest is
+  logged);
 * TensorBoard: ``samples/anchor_best_worst`` -- an image grid, one row per video, one column per frame (the
   ``add_video`` path needs moviepy, which this project does not depend on) -- and ``samples/branches``, a text
   table with each branch's route (routed frames per window block), every reward component, the total, the
@@ -128,7 +130,7 @@ class SampleLogger:
         """``tensorboard``: a ``SummaryWriter`` (the metrics logger's) or None; ``decoder``: latents -> frames."""
         self.cfg, self.out, self.enabled = cfg, Path(out_dir), enabled
         self.decoder, self.tau, self.tb = decoder, tau, tensorboard
-        self.wandb = None
+        self.wandb, self._warned_mp4 = None, False
         if enabled and cfg.wandb is not None:
             self.wandb = self._init_wandb(cfg.wandb, run_config or {})
 
@@ -162,6 +164,15 @@ class SampleLogger:
         """Decode anchor, best and worst branch of ``result`` (a ``GroupResult``); write and log them."""
         from kvpo_megatron.conditioning.video_io import write_mp4
 
+        try:
+            import av  # noqa: F401  (the mp4 writer's; the media extra)
+            mp4 = True
+        except ImportError:
+            mp4 = False
+        if not mp4 and not self._warned_mp4:
+            log.warning("sample videos: PyAV is not installed, so no mp4s are written (the TensorBoard frame grid and "
+                        "the branch table are): pip install 'kvpo_megatron[media]'")
+            self._warned_mp4 = True
         g = result.group
         local = sorted(g.branches, key=lambda b: float(result.total[b.branch]))
         shown = {"anchor": g.anchor, "best": local[-1], "worst": local[0]}
@@ -170,7 +181,7 @@ class SampleLogger:
         out = self.out / SAMPLES_DIR
         out.mkdir(parents=True, exist_ok=True)
         paths = {k: write_mp4(frames[i], out / f"iter_{iteration:07d}_{k}.mp4", fps=self.cfg.sample_fps)
-                 for i, k in enumerate(shown)}
+                 for i, k in enumerate(shown)} if mp4 else {}
         cols, rows = branch_table(result, tau=self.tau,
                                   chosen={shown["best"].branch: "best", shown["worst"].branch: "worst"})
         caption = f"prompt {g.prompt_index}" + (f": {' | '.join(prompts)}" if prompts else "") + \
@@ -185,7 +196,8 @@ class SampleLogger:
             self.wandb.log({**{f"samples/{k}": wandb.Video(str(p), format="mp4", caption=caption)
                                for k, p in paths.items()},
                             "samples/branches": wandb.Table(columns=cols, data=rows)}, step=iteration)
-        log.info("iteration %d: sample videos %s", iteration, ", ".join(str(p) for p in paths.values()))
+        if paths:
+            log.info("iteration %d: sample videos %s", iteration, ", ".join(str(p) for p in paths.values()))
         return paths
 
     def close(self) -> None:
