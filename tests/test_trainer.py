@@ -215,3 +215,24 @@ def test_sample_videos_branch_table_and_wandb(tmp_path, monkeypatch):
     cols, rows = media[0][2]["samples/branches"][1:]
     assert cols[:3] == ["branch", "route", "brightness"] and len(rows) == 5  # anchor + 4 branches
     assert fake.calls[-1] == ("finish",)
+
+
+def _dp_mean_worker(rank, world):
+    import torch.distributed as dist
+
+    from kvpo_megatron.kvpo.metrics import dp_mean
+
+    dist.init_process_group("gloo")
+    # rank 1's groups all failed the guard: no replay, so no replay timings (the vector lengths differ)
+    local = {"reward_mean": 1.0 + rank, "time_replay": 2.0}
+    if rank == 0:
+        local.update(time_replay_rebuild=4.0, time_replay_tuples=6.0)
+    out = dp_mean(local, group=dist.group.WORLD, device=torch.device("cpu"))
+    assert out == {"reward_mean": 1.5, "time_replay": 2.0, "time_replay_rebuild": 2.0, "time_replay_tuples": 3.0}, out
+
+
+def test_dp_mean_of_metrics_when_ranks_have_different_keys():
+    """The DP mean of the metrics survives ranks with different metric keys (a missing key counts 0)."""
+    from tests.dist_utils import run_workers
+
+    run_workers(_dp_mean_worker, 2)

@@ -64,6 +64,27 @@ def truncate_jsonl(path: Path, keep) -> int:
     return len(lines) - len(kept)
 
 
+def dp_mean(local: dict[str, float], *, group, device) -> dict[str, float]:
+    """Mean over the ranks of ``group`` of every metric any of them has (a rank without a key counts 0 for it:
+    e.g. replay timings of a rank whose groups all failed the guard). Three collectives; no pickling."""
+    import torch
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    data = json.dumps(sorted(local)).encode()
+    n = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n, group=group)
+    buf = torch.zeros(int(max(sizes).item()), dtype=torch.uint8, device=device)
+    buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    bufs = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(bufs, buf, group=group)
+    keys = sorted({k for b, m in zip(bufs, sizes) for k in json.loads(bytes(b[:int(m.item())].cpu().tolist()))})
+    vec = torch.tensor([float(local.get(k, 0.0)) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(vec, group=group)
+    return {k: float(v) / world for k, v in zip(keys, vec.cpu())}
+
+
 def iteration_line(iteration: int, m: dict, *, num_branches: int) -> str:
     """The trainer's log line of one iteration's metrics: rewards, advantages, TVE, the Gibbs policy's entropy H
     against its maximum ln G (a uniform policy), the KL to the reference, the clip fraction, timings."""

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from kvpo_megatron.checkpoint import training as ckpt
+from kvpo_megatron.checkpoint.loading import load_weights_with_lora, warn_if_random_weights
 from kvpo_megatron.conditioning.text_encoder import build_text_encoder
 from kvpo_megatron.conditioning.vae import build_decoder
 from kvpo_megatron.config import to_dict
@@ -33,7 +34,7 @@ from kvpo_megatron.data.prompts import PromptDataset, PromptLoader, PromptSample
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.cli import log_single_rank
 from kvpo_megatron.kvpo.ema import ParameterEMA
-from kvpo_megatron.kvpo.metrics import MetricsLogger, check_out_dir, iteration_line, remove_run_files
+from kvpo_megatron.kvpo.metrics import MetricsLogger, check_out_dir, dp_mean, iteration_line, remove_run_files
 from kvpo_megatron.kvpo.objective import (LossTerms, gibbs_log_policy, guard_passes, multi_advantages,
                                           tve_coefficients)
 from kvpo_megatron.kvpo.pipeline import ModelGuard, Timeline, check_overlap_supported, replay_generator, run_overlapped
@@ -104,7 +105,8 @@ class KVPOTrainer:
         self.model = build_model(cfg.model, pg_collection=self.pgs, tp=par.tensor_model_parallel_size,
                                  cp=par.context_parallel_size, cp_attention=par.cp_attention)
         validate_tokens(self.model.config, par, cfg.video.latent_height, cfg.video.latent_width)
-        self._load_weights_and_lora()
+        warn_if_random_weights(cfg.model)
+        load_weights_with_lora(self.model, cfg.model, cfg.lora)  # a converted checkpoint's LoRA trains on
         self.model.to(self.device)
         self.runner = accelerate(self.model, cfg.model, device=self.device, cp=par.context_parallel_size)
         self.ddp = wrap_data_parallel(self.model, self.pgs)
@@ -158,8 +160,9 @@ class KVPOTrainer:
         else:
             self._resume(resume_from)
         self.metrics.open(self.iteration)  # one history: rows and events after the resumed iteration are dropped
-        self.samples = SampleLogger(cfg.logging, out_dir=cfg.train.out_dir, enabled=self.rank == 0, decoder=self.decoder,
-                                    tau=cfg.objective.tau, tensorboard=self.metrics.writer, run_config=to_dict(cfg))
+        self.samples = SampleLogger(cfg.logging, out_dir=cfg.train.out_dir, enabled=self.rank == 0,
+                                    decoder=self.decoder, tau=cfg.objective.tau, tensorboard=self.metrics.writer,
+                                    run_config=to_dict(cfg))
         self.archive = None
         if cfg.train.rollout_archive and self.rank == 0:
             from kvpo_megatron.data.rollout_archive import RolloutArchive
@@ -186,13 +189,6 @@ class KVPOTrainer:
         """pi_ref: adapters disabled, in the training form's precision."""
         with fp8_enabled(self.model, self.cfg.model.fp8_replay), adapters_disabled(self.model):
             yield
-
-    def _load_weights_and_lora(self):
-        """Base weights, then LoRA. A converted checkpoint directory's LoRA becomes the trainable adapter."""
-        from kvpo_megatron.checkpoint.loading import load_weights_with_lora, warn_if_random_weights
-
-        warn_if_random_weights(self.cfg.model)
-        load_weights_with_lora(self.model, self.cfg.model, self.cfg.lora)
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def _fresh_out_dir(self):
@@ -441,11 +437,7 @@ class KVPOTrainer:
         }
         for name in results[0].rewards:
             local[f"reward/{name}"] = float(torch.cat([r.rewards[name] for r in results]).mean())
-        keys = sorted(local)
-        vec = torch.tensor([local[k] for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(vec, group=self.pgs.dp)
-        vec = vec.cpu()
-        out = {k: float(v) / self.dp_size for k, v in zip(keys, vec)}
+        out = dp_mean(local, group=self.pgs.dp, device=self.device)  # ranks may differ in timing keys
         out.update(grad_norm=grad_norm, stepped=float(stepped), nonfinite_skip=float(not finite),
                    lr=self.scheduler.get_last_lr()[0])
         return out
