@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="KVPO (ODE-native GRPO with Causal History Routing) for streaming AR video DiTs on megatron-core",
     packages=find_packages(include=["kvpo_megatron", "kvpo_megatron.*"]),
+    package_data={"kvpo_megatron.data": ["*.txt", "*.jsonl"]},
     python_requires=">=3.11",
     # Everything the main job (examples/train_kvpo.py: metrics, reward_curve.png, TensorBoard events, adapters)
     # imports; tests/test_install.py runs it with nothing else importable. megatron-core 0.19.2 declares Python
@@ -15,8 +16,9 @@ setup(
     extras_require={
         "models": ["diffusers", "transformers", "accelerate", "sentencepiece", "protobuf"],  # umT5, Wan VAE, rewards
         "data": ["tensorstore", "ml_dtypes"],  # embedding store, rollout archive
-        "media": ["imageio", "av"],  # mp4 output
+        "media": ["imageio", "av"],  # mp4 output (generation, training's sample videos, tools/evaluate.py)
         "te": ["transformer_engine[pytorch]"],
+        "wandb": ["wandb"],  # logging.wandb
         "test": ["pytest", "diffusers", "transformers", "accelerate", "sentencepiece", "protobuf", "tensorstore",
                  "ml_dtypes", "imageio", "av"],
     },

@@ -212,9 +212,10 @@ def test_resume_applies_allowed_changes_and_refuses_others(trained_run, tmp_path
     with caplog.at_level(logging.WARNING):
         tr = KVPOTrainer(_cfg(root, trained_run, "train.iterations=3", "optim.lr=0.005", "optim.grad_clip=0.5"))
     assert tr.iteration == 2
-    assert "resume: optim.lr: 0.01 -> 0.005 (applied)" in caplog.text
+    from kvpo_megatron.kvpo.train_config import TINY_DEFAULT
+    assert f"resume: optim.lr: {TINY_DEFAULT['optim']['lr']!r} -> 0.005 (applied)" in caplog.text  # the saved lr
     assert "resume: optim.grad_clip: 1.0 -> 0.5 (applied)" in caplog.text
-    assert [g["lr"] for g in tr.optimizer.param_groups] == [0.005]  # the saved 0.01 would win without the change
+    assert [g["lr"] for g in tr.optimizer.param_groups] == [0.005]  # the saved lr would win without the change
     hist = tr.train()
     assert [h["iteration"] for h in hist] == [1, 2, 3] and hist[-1]["lr"] == 0.005
 

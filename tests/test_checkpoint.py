@@ -391,6 +391,7 @@ def _training_worker(rank, world, root, full):
 
     from kvpo_megatron.checkpoint.training import (CheckpointConfig, find_latest_checkpoint, load_training_checkpoint,
                                                    save_training_checkpoint)
+    from kvpo_megatron.kvpo.ema import ParameterEMA
     from kvpo_megatron.lora import LoRAConfig, apply_lora, lora_full_state_dict
     from kvpo_megatron.model import CausalWanDiT, model_config
     from kvpo_megatron.parallel.state import ParallelConfig, init_parallel
@@ -410,11 +411,15 @@ def _training_worker(rank, world, root, full):
     pgs = init_parallel(ParallelConfig(tensor_model_parallel_size=2))
     torch.manual_seed(0), random.seed(0), np.random.seed(0)
     model, opt = build(2, pgs)
-    metrics = []
+    ema = ParameterEMA([(n, p) for n, p in model.named_parameters() if p.requires_grad], decay=0.5)
+    metrics, ema_at = [], {}
     for it in range(1, 5):
         _train_step(model, opt, metrics)
+        ema.update()
+        ema_at[it] = {n: t.clone() for n, t in ema.shadow.items()}
         save_training_checkpoint(cfg, it, model=model, optimizer=opt, scheduler_state={"lr": 1e-2 * it},
-                                 data_state={"cursor": it * 3}, extra={"metrics": list(metrics)}, pg_collection=pgs)
+                                 data_state={"cursor": it * 3}, extra={"metrics": list(metrics)}, pg_collection=pgs,
+                                 ema=ema.shadow)
     final = lora_full_state_dict(model)
     assert sorted(p.name for p in Path(root).iterdir()) == ["iter_0000003", "iter_0000004", "latest"]
     assert (Path(root) / "latest").read_text() == "iter_0000004"
@@ -434,31 +439,45 @@ def _training_worker(rank, world, root, full):
     # resume from iteration 3 into a freshly built model/optimizer with scrambled RNGs
     torch.manual_seed(123), random.seed(123), np.random.seed(123)
     model2, opt2 = build(2, pgs)
+    ema2 = ParameterEMA([(n, p) for n, p in model2.named_parameters() if p.requires_grad], decay=0.5)
     state = load_training_checkpoint(find_latest_checkpoint(CheckpointConfig(resume=str(Path(root) / "iter_0000003"))),
-                                     model=_Wrapper(model2), optimizer=opt2, pg_collection=pgs)  # DDP-style names
+                                     model=_Wrapper(model2), optimizer=opt2, pg_collection=pgs,  # DDP-style names
+                                     ema=ema2.shadow)
     assert state == {"iteration": 3, "scheduler_state": {"lr": 1e-2 * 3}, "data_state": {"cursor": 9},
-                     "extra": {"metrics": [list(m) for m in metrics[:3]]}}, state  # JSON: tuples read back as lists
+                     "extra": {"metrics": [list(m) for m in metrics[:3]]},  # JSON: tuples read back as lists
+                     "ema_restored": True}, state
+    assert all(torch.equal(ema2.shadow[n], t) for n, t in ema_at[3].items())  # this rank's EMA shards, bitwise
     files = {p.name for p in (Path(root) / "iter_0000003").iterdir()}
     assert {"training_state.json", "rng_00000.json", "rng_00001.json", "integrity.json", "complete.json"} <= files
+    # the EMA shards live in the torch_dist files the integrity manifest covers, beside the model's
+    from kvpo_megatron.checkpoint.dist import tensor_metadata
+    from kvpo_megatron.checkpoint.training import verify_training_checkpoint
+    verify_training_checkpoint(Path(root) / "iter_0000003")
+    meta = tensor_metadata(Path(root) / "iter_0000003")
+    assert {k[len("ema."):] for k in meta if k.startswith("ema.")} == {k[len("model."):] for k in meta
+                                                                        if k.startswith("model.")}
     resumed = metrics[:3]
     _train_step(model2, opt2, resumed)
+    ema2.update()
     assert resumed == metrics, (resumed, metrics)  # loss and every RNG stream continue exactly
     assert all(torch.equal(v, lora_full_state_dict(model2)[k]) for k, v in final.items())
+    assert all(torch.equal(ema2.shadow[n], t) for n, t in ema_at[4].items())
     # the same checkpoint at TP=1 (x DP=2): the LoRA and AdamW state reshard
     exp_avg = {n: opt.state[p]["exp_avg"] for n, p in model.named_parameters() if p.requires_grad}
     pgs1 = init_parallel(ParallelConfig(tensor_model_parallel_size=1))
     model1, opt1 = build(1, pgs1)
-    load_training_checkpoint(Path(root) / "iter_0000004", model=model1, optimizer=opt1, pg_collection=pgs1)
+    ema1 = ParameterEMA([(n, p) for n, p in model1.named_parameters() if p.requires_grad], decay=0.5)
+    load_training_checkpoint(Path(root) / "iter_0000004", model=model1, optimizer=opt1, pg_collection=pgs1,
+                             ema=ema1.shadow)
     assert all(torch.equal(v, lora_full_state_dict(model1)[k]) for k, v in final.items())
     tp_rank = torch.distributed.get_rank(pgs.tp)
     for n, p in model1.named_parameters():
         if p.requires_grad:
-            full_avg = opt1.state[p]["exp_avg"]
-            local = exp_avg[n]
-            if local.shape != full_avg.shape:
-                dim = [i for i in range(local.dim()) if local.shape[i] != full_avg.shape[i]][0]
-                full_avg = full_avg.chunk(2, dim=dim)[tp_rank]
-            assert torch.equal(full_avg, local), n
+            for full_t, local in ((opt1.state[p]["exp_avg"], exp_avg[n]), (ema1.shadow[n], ema_at[4][n])):
+                if local.shape != full_t.shape:  # the TP=2 shard of this rank
+                    dim = [i for i in range(local.dim()) if local.shape[i] != full_t.shape[i]][0]
+                    full_t = full_t.chunk(2, dim=dim)[tp_rank]
+                assert torch.equal(full_t, local), n
             assert opt1.state[p]["step"].item() == 4
     # a truncated shard in the newest checkpoint: rank 0 finds it before any rank loads, every rank falls back
     from kvpo_megatron.checkpoint.training import select_checkpoint

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 INDIRECT = {"torch.utils.tensorboard": "tensorboard"}
 # Probed by the package and optional on a CPU machine: the job must run on without them.
 OPTIONAL = {"triton": "GPU kernels; ships with CUDA torch, a PyTorch fallback runs without it",
-            "transformer_engine": "the te extra (model.spec=te)"}
+            "transformer_engine": "the te extra (model.spec=te)",
+            "av": "the media extra: training's sample mp4s are skipped without it (frame grid and table still logged)"}
 
 
 def install_requires() -> list[str]:
@@ -83,16 +84,19 @@ def test_main_job_runs_on_what_setup_py_installs(tmp_path):
     log, out = tmp_path / "blocked.txt", tmp_path / "run"
     cmd = [sys.executable, "-c", HOOK, json.dumps(sorted(mods)), json.dumps(sorted(dists)), json.dumps(INDIRECT),
            str(log), str(ROOT / "examples" / "train_kvpo.py"), "train.iterations=2", f"train.out_dir={out}",
-           "train.progress=false"]
+           "train.progress=false", "logging.sample_every=2"]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     blocked = log.read_text().splitlines() if log.exists() else []
     required = [line for line in blocked if line.split(" imports ")[1].split(".")[0] not in OPTIONAL]
     assert not required, "imports outside setup.py's install_requires:\n" + "\n".join(required)
     assert p.returncode == 0, p.stderr[-3000:]
-    for f in ("metrics.jsonl", "reward_curve.png", "final_adapter/adapter_model.safetensors", "final_lora.safetensors"):
+    for f in ("metrics.jsonl", "reward_curve.png", "final_adapter/adapter_model.safetensors", "final_lora.safetensors",
+              "final_adapter_ema/adapter_model.safetensors"):
         assert (out / f).is_file(), f
     assert list((out / "tensorboard").glob("events.*")), "no TensorBoard events"
+    # the sample videos of iteration 2 without PyAV (the media extra): no mp4s, one warning, the job goes on
+    assert "PyAV is not installed, so no mp4s are written" in p.stderr and not list(out.glob("samples/*.mp4"))
 
 
 def test_the_guard_blocks_what_is_not_declared():

@@ -7,7 +7,9 @@ checkpoints, and export them back to diffusers or original Wan files (or a peft 
         [--tp N --cp N] [--dtype auto|bf16|fp32] [--dry-run] [--force]
   python tools/convert_checkpoint.py export DIR --to {diffusers,wan} OUT [--merge-lora] [--dtype keep|bf16|fp32]
   python tools/convert_checkpoint.py export DIR --lora-only OUT [--lora-format comfyui|diffusers|peft]
-        [--lora-names ours|wan]    # comfyui (default): OUT/lora.safetensors for ComfyUI and diffusers' Wan loader
+        [--lora-names ours|wan] [--weights raw|ema]
+        # comfyui (default): OUT/lora.safetensors for ComfyUI and diffusers' Wan loader; DIR may be a training
+        # checkpoint (iter_NNNNNNN), whose LoRA --weights raw or its EMA (ema) is exported
 
 The imported directory loads at any TP/CP with ``kvpo_megatron.checkpoint.loading.load_model_weights`` (set
 ``model.checkpoint: DIR``); its ``kvpo_checkpoint.json`` holds the model preset/overrides and the LoRA config.
@@ -46,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
     imp.add_argument("--force", action="store_true", help="replace an existing output directory")
     imp.add_argument("--no-progress", action="store_true")
     exp = sub.add_parser("export", help="dist checkpoint directory -> diffusers / Wan files or a peft adapter")
-    exp.add_argument("src", help="model checkpoint directory (from import)")
+    exp.add_argument("src", help="model checkpoint directory (from import); with --lora-only also a training "
+                     "checkpoint (iter_NNNNNNN)")
     exp.add_argument("out", help="output directory")
     what = exp.add_mutually_exclusive_group(required=True)
     what.add_argument("--to", choices=("diffusers", "wan"))
@@ -57,6 +60,8 @@ def parser() -> argparse.ArgumentParser:
                           "load_lora_weights), diffusers (pytorch_lora_weights.safetensors) or peft")
     exp.add_argument("--lora-names", default="ours", choices=("ours", "wan"),
                      help="module names of --lora-format peft")
+    exp.add_argument("--weights", default="raw", choices=("raw", "ema"),
+                     help="--lora-only from a training checkpoint: the trained LoRA or its EMA")
     exp.add_argument("--dtype", default="keep", choices=("keep", "bf16", "fp32"))
     exp.add_argument("--force", action="store_true", help="replace an existing output directory")
     return ap
@@ -72,8 +77,10 @@ def run(argv: list[str] | None = None) -> None:
     elif a.lora_only:
         if a.merge_lora:
             raise ConfigError("--merge-lora and --lora-only exclude each other")
-        export_lora(a.src, a.out, fmt=a.lora_format, names=a.lora_names, force=a.force)
+        export_lora(a.src, a.out, fmt=a.lora_format, names=a.lora_names, force=a.force, weights=a.weights)
     else:
+        if a.weights != "raw":
+            raise ConfigError("--weights applies to --lora-only exports")
         export_checkpoint(a.src, a.out, to=a.to, merge_lora=a.merge_lora, dtype=a.dtype, force=a.force)
 
 

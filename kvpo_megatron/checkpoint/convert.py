@@ -288,11 +288,13 @@ def open_model_dir(path: Path) -> tuple[dict | None, dict]:
     if path.is_dir() and not (path / safe_dcp.MEGATRON_META).exists() and any(
             p.name.startswith("iter_") for p in path.iterdir()):
         raise ConfigError(f"{path} is a directory of training checkpoints, not a model checkpoint directory; "
-                          "a run's LoRA is in its train.out_dir/final_adapter (a peft adapter)")
+                          "a run's LoRA is in its train.out_dir/final_adapter (a peft adapter); export one "
+                          "iter_NNNNNNN's LoRA with --lora-only [--weights raw|ema]")
     meta = tensor_metadata(path)
     if (path / "complete.json").exists() or any(k.startswith("optimizer.") for k in meta):
         raise ConfigError(f"{path} is a training checkpoint (trainable LoRA + optimizer state, no base weights), not "
-                          "a model checkpoint directory; a run's LoRA is in its train.out_dir/final_adapter")
+                          "a model checkpoint directory; a run's LoRA is in its train.out_dir/final_adapter, or "
+                          "export this checkpoint's with --lora-only [--weights raw|ema]")
     safe_dcp.verify_manifest(path, required=False)
     return read_info(path), meta
 
@@ -377,16 +379,19 @@ def _write_dir(out: Path, force: bool, write) -> list[Path]:
 
 
 def export_lora(path: str | Path, out: str | Path, *, fmt: str = "comfyui", names: str = "ours",
-                force: bool = False) -> list[Path]:
+                force: bool = False, weights: str = "raw") -> list[Path]:
     """The checkpoint's LoRA as an adapter other tools load (``checkpoint/adapter_formats.py``).
 
-    ``fmt``: ``comfyui`` (default; ``lora.safetensors`` that ComfyUI and diffusers' ``WanPipeline.load_lora_weights``
-    load), ``diffusers`` (``pytorch_lora_weights.safetensors``), or ``peft`` (``adapter_config.json`` +
-    ``adapter_model.safetensors``); ``names`` (peft only): ``ours`` (loads with ``lora.load_adapter``) or ``wan``
-    (original module names, e.g. ``ffn.0``, as LongLive/MemFlow's peft models name them).
+    ``path``: a model checkpoint directory (from import) or a training checkpoint (``iter_NNNNNNN``), whose
+    ``weights`` are ``raw`` or ``ema`` (``checkpoint/training_adapter.py``). ``fmt``: ``comfyui`` (default;
+    ``lora.safetensors`` that ComfyUI and diffusers' ``WanPipeline.load_lora_weights`` load), ``diffusers``
+    (``pytorch_lora_weights.safetensors``), or ``peft`` (``adapter_config.json`` + ``adapter_model.safetensors``);
+    ``names`` (peft only): ``ours`` (loads with ``lora.load_adapter``) or ``wan`` (original module names, e.g.
+    ``ffn.0``, as LongLive/MemFlow's peft models name them).
     """
     from safetensors.torch import save_file
 
+    from kvpo_megatron.checkpoint import training_adapter as ta
     from kvpo_megatron.checkpoint.adapter_formats import COMFYUI_FILE, AdapterFormat, write_comfyui, write_diffusers
     from kvpo_megatron.lora import PEFT_PREFIX, WEIGHTS_FILE, LoRAConfig, peft_lora_config
 
@@ -398,15 +403,23 @@ def export_lora(path: str | Path, out: str | Path, *, fmt: str = "comfyui", name
         raise ConfigError(f"--lora-names must be ours or wan, got {names!r}")
     if names != "ours" and fmt != AdapterFormat.peft:
         raise ConfigError("--lora-names applies to --lora-format peft only (comfyui uses Wan names, diffusers its own)")
+    if weights not in ("raw", "ema"):
+        raise ConfigError(f"--weights must be raw or ema, got {weights!r}")
     path, out = Path(path), Path(out)
     check_output(out, force)
     _single_process()
-    info, meta = open_model_dir(path)
-    info = info or {}
-    if not any(k.startswith(LORA_PREFIX) for k in meta) or not info.get("lora"):
-        raise ConfigError(f"--lora-only: {path} holds no LoRA")
-    lcfg = info["lora"]
-    full = load_full_tensors(path, prefix=LORA_PREFIX, meta=meta)
+    if ta.is_training_checkpoint(path):
+        lcfg = ta.training_config(path).get("lora") or {}
+        full = ta.read_training_adapter(path, weights)
+    else:
+        if weights != "raw":
+            raise ConfigError(f"--weights {weights}: {path} is not a training checkpoint (only those hold EMA)")
+        info, meta = open_model_dir(path)
+        info = info or {}
+        if not any(k.startswith(LORA_PREFIX) for k in meta) or not info.get("lora"):
+            raise ConfigError(f"--lora-only: {path} holds no LoRA")
+        lcfg = info["lora"]
+        full = load_full_tensors(path, prefix=LORA_PREFIX, meta=meta)
     cfg = LoRAConfig(rank=int(lcfg["rank"]), alpha=float(lcfg["alpha"]), target_modules=tuple(lcfg["target_modules"]))
     if fmt == AdapterFormat.comfyui:
         return _write_dir(out, force, lambda tmp: [write_comfyui(full, cfg.alpha, tmp / COMFYUI_FILE)])

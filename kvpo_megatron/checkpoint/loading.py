@@ -69,3 +69,23 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, *, use_ema: boo
         if name != base_name(name) and base_name(name) in full:
             full[name] = full.pop(base_name(name))
     load_full_state_dict(model, full, source_name=weights.name, skip=is_lora_name)
+
+
+def load_weights_with_lora(model: torch.nn.Module, section, lora_cfg) -> None:
+    """Base weights from ``section.checkpoint`` (a ``ModelSection``; random init when None), then LoRA
+    ``lora_cfg`` applied. A converted checkpoint directory's LoRA becomes the model's adapter (its rank and alpha
+    must match ``lora_cfg``). The trainer and ``tools/evaluate.py`` build their models this way."""
+    from kvpo_megatron.lora import apply_lora
+
+    path = section.checkpoint
+    ck = checkpoint_lora_config(path) if path is not None and Path(path).is_dir() else None
+    if ck is not None:
+        if (ck.rank, ck.alpha) != (lora_cfg.rank, lora_cfg.alpha):
+            raise ConfigError(f"checkpoint {path} holds a LoRA of rank {ck.rank}, alpha {ck.alpha}; set "
+                              f"lora.rank/lora.alpha to match (got {lora_cfg.rank}, {lora_cfg.alpha})")
+        apply_lora(model, lora_cfg)
+        load_model_weights(model, path, use_ema=section.use_ema)
+        return
+    if path is not None:
+        load_model_weights(model, path, use_ema=section.use_ema)
+    apply_lora(model, lora_cfg)

@@ -11,6 +11,8 @@ Contents of one checkpoint (all ranks call save/load together):
 
 * ``model.<name>``: the trainable parameters (the LoRA) as ShardedTensors sharded like the parameters, so a
   checkpoint loads at another TP/CP/DP layout;
+* ``ema.<name>``: the EMA of the trainable parameters when the trainer keeps one (``kvpo/ema.py``), sharded like
+  ``model.<name>``;
 * ``optimizer.<name>.<state>``: every optimizer state tensor shaped like its parameter (AdamW's ``exp_avg``,
   ``exp_avg_sq``), sharded the same way;
 * ``training_state.json`` (rank 0): iteration, world size, per-parameter optimizer scalars (``step``) and the
@@ -54,6 +56,7 @@ from kvpo_megatron.errors import ConfigError
 
 log = logging.getLogger(__name__)
 COMPLETE, LATEST, STATE_FILE = "complete.json", "latest", "training_state.json"
+EMA_PREFIX = "ema."
 _ITER = re.compile(r"^iter_(\d{7})$")
 FORMAT_VERSION = 2
 
@@ -148,6 +151,16 @@ def _optimizer_layout(model, optimizer) -> tuple[dict, dict, list]:
     return tensors, scalars, groups
 
 
+def _ema_sharded(model, ema: dict[str, torch.Tensor], pgs) -> dict:
+    """EMA tensors (this rank's shards, by parameter name) as ``ema.<name>``, sharded like their parameters."""
+    params = _named_params(model)
+    unknown = sorted(_name(n) for n in ema if _name(n) not in params)
+    if unknown:
+        raise ConfigError(f"EMA tensors of parameters the model does not have: {unknown[:10]}")
+    return {_name(n): sharded_tensor(EMA_PREFIX + _name(n), t, partition_dim(params[_name(n)]), pgs)
+            for n, t in ema.items()}
+
+
 def _optimizer_sharded(model, tensors: dict, pgs) -> dict:
     params = _named_params(model)
     return {f"optimizer.{n}.{k}": sharded_tensor(f"optimizer.{n}.{k}", t, partition_dim(params[n]), pgs)
@@ -169,8 +182,11 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
 
 
 def save_training_checkpoint(cfg: CheckpointConfig, iteration: int, *, model, optimizer, scheduler_state: dict,
-                             data_state: dict, extra: dict, pg_collection) -> Path:
-    """Save a complete checkpoint of ``iteration`` (collective: every rank calls it). Returns its path."""
+                             data_state: dict, extra: dict, pg_collection, ema: dict | None = None) -> Path:
+    """Save a complete checkpoint of ``iteration`` (collective: every rank calls it). Returns its path.
+
+    ``ema``: this rank's EMA shards by parameter name (``ParameterEMA.shadow``), saved as ``ema.<name>``.
+    """
     if not cfg.dir:
         raise ConfigError("checkpoint.dir is not set; cannot save a training checkpoint")
     t0 = time.perf_counter()
@@ -191,6 +207,8 @@ def save_training_checkpoint(cfg: CheckpointConfig, iteration: int, *, model, op
     names = _trainable(model)
     sd = {"model": model_sharded_state_dict(model, names=names, key_fn=_key, pg_collection=pg_collection),
           "optimizer": _optimizer_sharded(model, tensors, pg_collection)}
+    if ema is not None:
+        sd["ema"] = _ema_sharded(model, ema, pg_collection)
     save_sharded(sd, tmp)
     (tmp / f"rng_{global_rank():05d}.json").write_text(json.dumps(rng_state()))
     _barrier()
@@ -341,10 +359,12 @@ def select_checkpoint(cfg: CheckpointConfig) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------ load
-def load_training_checkpoint(path, *, model, optimizer, pg_collection) -> dict:
+def load_training_checkpoint(path, *, model, optimizer, pg_collection, ema: dict | None = None) -> dict:
     """Restore trainable parameters, optimizer state and this rank's RNG states (collective).
 
-    Returns ``{'iteration', 'scheduler_state', 'data_state', 'extra'}``.
+    Returns ``{'iteration', 'scheduler_state', 'data_state', 'extra'}``. With ``ema`` (this rank's EMA tensors
+    by parameter name) the checkpoint's ``ema.<name>`` are copied into them when it has them, and the result
+    also holds ``'ema_restored'`` (False: a checkpoint saved without EMA; ``ema`` is left as it was).
     """
     path = Path(path)
     common = read_training_state(path)
@@ -376,7 +396,18 @@ def load_training_checkpoint(path, *, model, optimizer, pg_collection) -> dict:
             rng = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{f} is missing or damaged: {e}") from None
+    has_ema = ema is not None and any(k.startswith(EMA_PREFIX) for k in meta)
+    if has_ema:
+        raw = {_name(n): n for n in names}
+        check_model_keys(model, meta, path, names=[raw[_name(n)] for n in ema], prefix=EMA_PREFIX,
+                         key_fn=lambda n: EMA_PREFIX + _name(n), pg_collection=pg_collection)
+        sd["ema"] = _ema_sharded(model, {n: torch.empty(t.shape, dtype=meta[EMA_PREFIX + _name(n)][1])
+                                         for n, t in ema.items()}, pg_collection)
     loaded = load_sharded(sd, path)
+    if has_ema:
+        with torch.no_grad():
+            for n, t in ema.items():
+                t.copy_(loaded["ema"][_name(n)])
     with torch.no_grad():
         for n in names:
             params[n].copy_(loaded["model"][n])
@@ -398,4 +429,7 @@ def load_training_checkpoint(path, *, model, optimizer, pg_collection) -> dict:
         log.warning("%s was saved by %d ranks, this run has %d: RNG states are not restored", path,
                     common["world_size"], _world())
     log.info("resumed from %s (iteration %d)", path, common["iteration"])
-    return {k: common[k] for k in ("iteration", "scheduler_state", "data_state", "extra")}
+    out = {k: common[k] for k in ("iteration", "scheduler_state", "data_state", "extra")}
+    if ema is not None:
+        out["ema_restored"] = has_ema
+    return out

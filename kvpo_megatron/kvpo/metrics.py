@@ -17,7 +17,8 @@ from kvpo_megatron.errors import ConfigError
 
 log = logging.getLogger(__name__)
 METRICS, TIMELINE, TENSORBOARD = "metrics.jsonl", "timeline.jsonl", "tensorboard"
-RUN_FILES = (METRICS, TIMELINE, TENSORBOARD, "reward_curve.png", "final_adapter")
+RUN_FILES = (METRICS, TIMELINE, TENSORBOARD, "reward_curve.png", "final_adapter", "final_adapter_ema",
+             "final_lora.safetensors", "samples", "wandb_run_id")
 """What a run writes into ``train.out_dir`` (besides checkpoints, if ``checkpoint.dir`` is inside it)."""
 
 
@@ -63,6 +64,38 @@ def truncate_jsonl(path: Path, keep) -> int:
     return len(lines) - len(kept)
 
 
+def dp_mean(local: dict[str, float], *, group, device) -> dict[str, float]:
+    """Mean over the ranks of ``group`` of every metric any of them has (a rank without a key counts 0 for it:
+    e.g. replay timings of a rank whose groups all failed the guard). Three collectives; no pickling."""
+    import torch
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    data = json.dumps(sorted(local)).encode()
+    n = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n, group=group)
+    buf = torch.zeros(int(max(sizes).item()), dtype=torch.uint8, device=device)
+    buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    bufs = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(bufs, buf, group=group)
+    keys = sorted({k for b, m in zip(bufs, sizes) for k in json.loads(bytes(b[:int(m.item())].cpu().tolist()))})
+    vec = torch.tensor([float(local.get(k, 0.0)) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(vec, group=group)
+    return {k: float(v) / world for k, v in zip(keys, vec.cpu())}
+
+
+def iteration_line(iteration: int, m: dict, *, num_branches: int) -> str:
+    """The trainer's log line of one iteration's metrics: rewards, advantages, TVE, the Gibbs policy's entropy H
+    against its maximum ln G (a uniform policy), the KL to the reference, the clip fraction, timings."""
+    return (f"it {iteration} | reward {m['reward_mean']:.4f} anchor {m['anchor_reward']:.4f} | adv "
+            f"{m['adv_mean']:.2f}+-{m['adv_std']:.2f} | tve {m['tve_mean']:.3e} (spread {m['tve_spread']:.2e}) | "
+            f"H {m['entropy']:.3f} (ln G {math.log(num_branches):.3f}) kl {m['kl']:.2e} clip {m['clip_frac']:.2f} | "
+            f"gnorm {m['grad_norm']:.2e} | guard-skip {m['skipped_by_guard']:.2f} | rollout "
+            f"{m.get('time_rollout', 0):.1f}s reward {m.get('time_reward', 0):.1f}s replay "
+            f"{m.get('time_replay', 0):.1f}s update {m.get('time_update', 0):.2f}s")
+
+
 class MetricsLogger:
     def __init__(self, out_dir: str | Path, *, enabled: bool, tensorboard: bool = True):
         self.out = Path(out_dir)
@@ -86,6 +119,11 @@ class MetricsLogger:
                 self._tb = SummaryWriter(str(self.out / TENSORBOARD), purge_step=iteration + 1 if iteration else None)
             except ImportError:  # tensorboard is an optional extra
                 self._tb = None
+
+    @property
+    def writer(self):
+        """The TensorBoard ``SummaryWriter`` (None when disabled or tensorboard is not installed)."""
+        return self._tb
 
     def log(self, iteration: int, metrics: dict) -> None:
         row = {"iteration": iteration, **{k: (float(v) if isinstance(v, (int, float)) else v)

@@ -197,10 +197,23 @@ class GuardedModel:
         return getattr(self._model, name)
 
 
+class _GuardedGenerator(StreamingGenerator):
+    """The replay thread's generator: a whole forward holds the guard's lock -- the model call and its FLOP record,
+    which reads the adapters' state (the rollout thread's reference disables them meanwhile otherwise)."""
+
+    def __init__(self, *args, guard: ModelGuard, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._guard = guard
+
+    def forward(self, *args, **kwargs):
+        with self._guard.lock:
+            return super().forward(*args, **kwargs)
+
+
 def replay_generator(gen: StreamingGenerator, guard: ModelGuard) -> StreamingGenerator:
     """A second generator over the same model (own ``forward_count``) whose forwards hold ``guard.lock``."""
-    return StreamingGenerator(GuardedModel(gen.model, guard), gen.sampler, gen.cache_cfg,
-                              recache_on_switch=gen.recache_on_switch, bank_reduction=gen.bank_reduction)
+    return _GuardedGenerator(GuardedModel(gen.model, guard), gen.sampler, gen.cache_cfg,
+                             recache_on_switch=gen.recache_on_switch, bank_reduction=gen.bank_reduction, guard=guard)
 
 
 # ---- the pipeline ------------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ from kvpo_megatron.conditioning.vae import DecoderConfig
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.generation import VideoConfig
 from kvpo_megatron.kvpo.config import ObjectiveConfig, ReplayConfig, RolloutConfig, RoutingConfig
+from kvpo_megatron.kvpo.ema import EMAConfig
+from kvpo_megatron.kvpo.samples import LoggingConfig
 from kvpo_megatron.lora import LoRAConfig
 from kvpo_megatron.model.build import ModelSection
 from kvpo_megatron.model.kv_cache import CacheConfig
@@ -114,6 +116,10 @@ class KVPOTrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    """EMA of the LoRA weights (saved in checkpoints, ``final_adapter_ema/``)."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Sample videos during training, Weights & Biases."""
     recache_on_switch: bool = True
     """LongLive recache of the local window at prompt switches."""
 
@@ -132,27 +138,37 @@ class KVPOTrainConfig:
 # Why these values: a random tiny DiT barely depends on its attended context at megatron's default init
 # (std 0.02: branches differ by ~4e-5 relative), so the tiny default initialises linears with std 0.3
 # (~5e-3 relative divergence); 18 latent frames is the shortest video whose pivot (block 4, |R| = 9 > 6)
-# leaves a 2-block window; Adam at lr 1e-2 makes the brightness reward rise within ~15 iterations.
+# leaves a 2-block window. So that the run shows the method and not only the direction of the update:
+# routing every solver step (routing.steps=all) doubles the branches' divergence (TVE ~1e-2, spread ~5e-3), and
+# tau = 3e-3 sets the Gibbs temperature on that scale (the method's tau = 1 against TVEs of 1e-2 is a uniform
+# policy: entropy ln G at every iteration, KL < 2e-4). At this temperature the KL to the adapter-free reference
+# is O(0.1-10) once the LoRA moves, so beta = 0.1 (the method's 10 would hold the tiny model at the reference for
+# the whole 30 iterations) and Adam at lr 3e-3 (1e-2 collapses the model's context dependence, so the policy
+# turns uniform again within ~10 iterations). EMA decay 0.9 averages over the ~10 last steps of a 30-step run.
 TINY_DEFAULT: dict = {
     "model": {"preset": "tiny", "overrides": {"init_method_std": 0.3}},
     "video": {"num_frames": 18, "latent_height": 8, "latent_width": 8},
-    "routing": {"window_blocks": 2},
+    "routing": {"window_blocks": 2, "steps": "all"},
     "rollout": {"num_branches": 4},
+    "objective": {"tau": 3e-3, "beta": 0.1},
     "lora": {"rank": 8, "alpha": 8.0},
-    "optim": {"lr": 1e-2, "warmup_steps": 2},
+    "optim": {"lr": 3e-3, "warmup_steps": 2},
     "decoder": {"kind": "preview", "latent_channels": 4},
     "reward": {"components": [{"kind": "brightness", "weight": 1.0, "params": {"target": 1.0}}]},
     "train": {"iterations": 30, "out_dir": "runs/kvpo_tiny"},
+    "ema": {"decay": 0.9},
+    "logging": {"sample_every": 10},
 }
 
 
 # ------------------------------------------------------------------------------------------ resume
 RESUMABLE = ("optim.", "objective.", "checkpoint.", "parallel.", "train.iterations", "train.progress",
              "train.max_consecutive_skips", "train.out_dir", "train.overwrite", "train.rollout_archive",
-             "train.overlap")
+             "train.overlap", "ema.", "logging.")
 """Fields (dotted prefixes) that may differ from the checkpoint's config on resume: optimizer hyper-parameters
 (applied to the restored optimizer and schedule), the objective's, checkpointing, the parallel layout
-(checkpoints reshard), and the loop's length/logging. Every other field (model, LoRA, video, cache, sampler,
+(checkpoints reshard), the loop's length/logging, the EMA's decay (the restored average continues with the new
+one) and sample videos / W&B. Every other field (model, LoRA, video, cache, sampler,
 routing, rollout, reward, text, decoder, data, seed) must match: a resume refuses a change there."""
 
 

@@ -26,22 +26,25 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from kvpo_megatron.checkpoint import training as ckpt
+from kvpo_megatron.checkpoint.loading import load_weights_with_lora, warn_if_random_weights
 from kvpo_megatron.conditioning.text_encoder import build_text_encoder
 from kvpo_megatron.conditioning.vae import build_decoder
 from kvpo_megatron.config import to_dict
 from kvpo_megatron.data.prompts import PromptDataset, PromptLoader, PromptSample
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.cli import log_single_rank
-from kvpo_megatron.kvpo.metrics import MetricsLogger, check_out_dir, remove_run_files
+from kvpo_megatron.kvpo.ema import ParameterEMA
+from kvpo_megatron.kvpo.metrics import MetricsLogger, check_out_dir, dp_mean, iteration_line, remove_run_files
 from kvpo_megatron.kvpo.objective import (LossTerms, gibbs_log_policy, guard_passes, multi_advantages,
                                           tve_coefficients)
 from kvpo_megatron.kvpo.pipeline import ModelGuard, Timeline, check_overlap_supported, replay_generator, run_overlapped
 from kvpo_megatron.kvpo.replay import plan_replay, replay_gradients
 from kvpo_megatron.kvpo.rollout import Rollout
+from kvpo_megatron.kvpo.samples import SampleLogger
 from kvpo_megatron.kvpo.types import PromptContext, RolloutGroup
 from kvpo_megatron.kvpo.train_config import KVPOTrainConfig, resume_changes
 from kvpo_megatron.accelerate import accelerate, fp8_enabled
-from kvpo_megatron.lora import adapters_disabled, apply_lora, lora_parameters, merged, save_adapter, unmerged
+from kvpo_megatron.lora import adapters_disabled, lora_parameters, merged, save_adapter, unmerged
 from kvpo_megatron.model.build import build_model
 from kvpo_megatron.model.multishot import is_scene_cut
 from kvpo_megatron.parallel.data_parallel import clip_grad_norm, wrap_data_parallel
@@ -102,7 +105,8 @@ class KVPOTrainer:
         self.model = build_model(cfg.model, pg_collection=self.pgs, tp=par.tensor_model_parallel_size,
                                  cp=par.context_parallel_size, cp_attention=par.cp_attention)
         validate_tokens(self.model.config, par, cfg.video.latent_height, cfg.video.latent_width)
-        self._load_weights_and_lora()
+        warn_if_random_weights(cfg.model)
+        load_weights_with_lora(self.model, cfg.model, cfg.lora)  # a converted checkpoint's LoRA trains on
         self.model.to(self.device)
         self.runner = accelerate(self.model, cfg.model, device=self.device, cp=par.context_parallel_size)
         self.ddp = wrap_data_parallel(self.model, self.pgs)
@@ -112,6 +116,7 @@ class KVPOTrainer:
                                            eps=o.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / max(1, o.warmup_steps)))
+        self.ema = ParameterEMA(lora_parameters(self.model), cfg.ema.decay) if cfg.ema.enabled else None
         mc = self.model.config
         text_cfg = dataclasses.replace(cfg.text, text_len=mc.text_len, text_dim=mc.text_dim)
         self.text_encoder = build_text_encoder(text_cfg)
@@ -155,6 +160,9 @@ class KVPOTrainer:
         else:
             self._resume(resume_from)
         self.metrics.open(self.iteration)  # one history: rows and events after the resumed iteration are dropped
+        self.samples = SampleLogger(cfg.logging, out_dir=cfg.train.out_dir, enabled=self.rank == 0,
+                                    decoder=self.decoder, tau=cfg.objective.tau, tensorboard=self.metrics.writer,
+                                    run_config=to_dict(cfg))
         self.archive = None
         if cfg.train.rollout_archive and self.rank == 0:
             from kvpo_megatron.data.rollout_archive import RolloutArchive
@@ -182,26 +190,6 @@ class KVPOTrainer:
         with fp8_enabled(self.model, self.cfg.model.fp8_replay), adapters_disabled(self.model):
             yield
 
-    def _load_weights_and_lora(self):
-        """Base weights, then LoRA. A converted checkpoint directory's LoRA becomes the trainable adapter."""
-        from kvpo_megatron.checkpoint.loading import (checkpoint_lora_config, load_model_weights,
-                                                      warn_if_random_weights)
-
-        path = self.cfg.model.checkpoint
-        warn_if_random_weights(self.cfg.model)
-        lora_in_ckpt = path is not None and Path(path).is_dir() and checkpoint_lora_config(path) is not None
-        if lora_in_ckpt:
-            ck = checkpoint_lora_config(path)
-            if (ck.rank, ck.alpha) != (self.cfg.lora.rank, self.cfg.lora.alpha):
-                raise ConfigError(f"checkpoint {path} holds a LoRA of rank {ck.rank}, alpha {ck.alpha}; set "
-                                  f"lora.rank/lora.alpha to match (got {self.cfg.lora.rank}, {self.cfg.lora.alpha})")
-            apply_lora(self.model, self.cfg.lora)
-            load_model_weights(self.model, path, use_ema=self.cfg.model.use_ema)
-            return
-        if path is not None:
-            load_model_weights(self.model, path, use_ema=self.cfg.model.use_ema)
-        apply_lora(self.model, self.cfg.lora)
-
     # ---- checkpoints ----------------------------------------------------------------------------
     def _fresh_out_dir(self):
         """Nothing to resume: refuse an out_dir (or checkpoint.dir) holding another run, unless train.overwrite."""
@@ -222,7 +210,10 @@ class KVPOTrainer:
     def _resume(self, path: Path):
         self._check_resumed_config(path, ckpt.read_training_state(path)["extra"].get("config"))
         state = ckpt.load_training_checkpoint(path, model=self.model, optimizer=self.optimizer,
-                                              pg_collection=self.pgs)
+                                              pg_collection=self.pgs, ema=self.ema.shadow if self.ema else None)
+        if self.ema is not None and not state["ema_restored"]:
+            log_single_rank(log, logging.WARNING, "%s holds no EMA: the EMA restarts at its weights", path)
+            self.ema.reset()
         self.iteration = state["iteration"]
         self.scheduler.load_state_dict(state["scheduler_state"])
         self._apply_optim_config()
@@ -258,7 +249,7 @@ class KVPOTrainer:
             self.cfg.checkpoint, self.iteration, model=self.model, optimizer=self.optimizer,
             scheduler_state=self.scheduler.state_dict(), data_state=self.loader.state_dict(),
             extra={"consecutive_skips": self.consecutive_skips, "history": self.metrics.history,
-                   "config": to_dict(self.cfg)}, pg_collection=self.pgs)
+                   "config": to_dict(self.cfg)}, pg_collection=self.pgs, ema=self.ema.shadow if self.ema else None)
 
     # ---- one prompt group --------------------------------------------------------------------
     def _contexts(self, sample: PromptSample) -> list[PromptContext]:
@@ -419,6 +410,8 @@ class KVPOTrainer:
             stepped = bool(any_update.item() > 0 and finite.item() > 0)
             if stepped:
                 self.optimizer.step()
+                if self.ema is not None:
+                    self.ema.update()
             self.scheduler.step()
         self.consecutive_skips = 0 if finite.item() > 0 else self.consecutive_skips + 1
         self.last_results = results  # for inspection (tests, debugging)
@@ -447,11 +440,7 @@ class KVPOTrainer:
         }
         for name in results[0].rewards:
             local[f"reward/{name}"] = float(torch.cat([r.rewards[name] for r in results]).mean())
-        keys = sorted(local)
-        vec = torch.tensor([local[k] for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(vec, group=self.pgs.dp)
-        vec = vec.cpu()
-        out = {k: float(v) / self.dp_size for k, v in zip(keys, vec)}
+        out = dp_mean(local, group=self.pgs.dp, device=self.device)  # ranks may differ in timing keys
         out.update(grad_norm=grad_norm, stepped=float(stepped), nonfinite_skip=float(not finite),
                    lr=self.scheduler.get_last_lr()[0])
         return out
@@ -476,15 +465,11 @@ class KVPOTrainer:
             m = self.step()
             self.iteration += 1
             self.metrics.log(self.iteration, m)
+            self.samples.after_iteration(self.iteration, m, self.last_results, self.loader.dataset)
             bar.update(1)
             bar.set_postfix(reward=f"{m['reward_mean']:.4f}", anchor=f"{m['anchor_reward']:.4f}",
-                            kl=f"{m['kl']:.2e}", gnorm=f"{m['grad_norm']:.2e}")
-            log.info("it %d | reward %.4f anchor %.4f | adv %.2f+-%.2f | tve %.3e (spread %.2e) | H %.3f clip %.2f "
-                     "kl %.2e | gnorm %.2e | guard-skip %.2f | rollout %.1fs reward %.1fs replay %.1fs update %.2fs",
-                     self.iteration, m["reward_mean"], m["anchor_reward"], m["adv_mean"], m["adv_std"],
-                     m["tve_mean"], m["tve_spread"], m["entropy"], m["clip_frac"], m["kl"], m["grad_norm"],
-                     m["skipped_by_guard"], m.get("time_rollout", 0), m.get("time_reward", 0),
-                     m.get("time_replay", 0), m.get("time_update", 0))
+                            H=f"{m['entropy']:.3f}", kl=f"{m['kl']:.2e}", gnorm=f"{m['grad_norm']:.2e}")
+            log.info("%s", iteration_line(self.iteration, m, num_branches=self.cfg.rollout.num_branches))
             if m["nonfinite_skip"]:
                 log.warning("iteration %d: non-finite reward/loss/gradient, update skipped (%d in a row)",
                             self.iteration, self.consecutive_skips)
@@ -506,6 +491,10 @@ class KVPOTrainer:
             self._save()
         adapter_dir = out / "final_adapter"  # peft (lora.load_adapter); final_lora.safetensors: ComfyUI, diffusers
         save_adapter(self.model, self.cfg.lora, adapter_dir, comfyui_file=out / "final_lora.safetensors")
+        if self.ema is not None:
+            with self.ema.applied():
+                save_adapter(self.model, self.cfg.lora, out / "final_adapter_ema")
+        self.samples.close()
         if self.archive is not None:
             self.archive.close()
         log.info("done: metrics %s, plot %s, adapter %s", out / "metrics.jsonl", out / "reward_curve.png", adapter_dir)
