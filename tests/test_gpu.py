@@ -110,7 +110,7 @@ def test_te_bf16_matches_local_longlive2(pgs):
     from kvpo_megatron.checkpoint.sharding import gather_full_state_dict
     from kvpo_megatron.config import from_dict
     from kvpo_megatron.model import CacheConfig
-    from kvpo_megatron.model.memory_bank import generator_preset
+    from kvpo_megatron.presets import generator_preset
     from kvpo_megatron.sampling import FlowMatchSampler, SamplerConfig, StreamingGenerator
     from kvpo_megatron.sampling.streaming import PromptSwitch
 

@@ -182,7 +182,8 @@ def test_nvfp4_release_and_wrong_inputs_are_refused(tmp_path, capsys):
     code = _cli("import", str(tmp_path / "model_bf16.pt"), "--from", "longlive2", "--config",
                 str(tmp_path / "config.json"), "--out", str(tmp_path / "out"), "--tp", "4")
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: ") and "--tp 4 does not divide num_attention_heads (6)" in err
+    assert code == 2 and err.startswith("error: ") and "num_attention_heads of " in err and \
+        "model_bf16.pt (6) is not divisible by --tp (4)" in err
     assert not (tmp_path / "out").exists()
     code = _cli("import", str(tmp_path / "model_te.pt"), "--from", "longlive2", "--out", str(tmp_path / "out"))
     assert code == 2 and "NVFP4" in capsys.readouterr().err and not (tmp_path / "out").exists()

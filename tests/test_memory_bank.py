@@ -22,10 +22,9 @@ from kvpo_megatron.kvpo.types import PromptContext
 from kvpo_megatron.model import CacheConfig, KVCache, TextKV
 from kvpo_megatron.model import memory_bank
 from kvpo_megatron.model.kv_cache import LayerKV
-from kvpo_megatron.model.memory_bank import (LOCAL, MemoryBankConfig, bank_scores, generator_preset, keep_indices,
-                                             update_after_commit)
+from kvpo_megatron.model.memory_bank import LOCAL, MemoryBankConfig, bank_scores, keep_indices, update_after_commit
 from kvpo_megatron.sampling import FlowMatchSampler, PromptSwitch, SamplerConfig, StreamingGenerator
-from kvpo_megatron.presets import GENERATE_SECTIONS
+from kvpo_megatron.presets import GENERATE_SECTIONS, generator_preset
 from tests.dist_utils import run_workers
 from tests.helpers import tiny_full_state_dict, tiny_model
 

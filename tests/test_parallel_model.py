@@ -92,7 +92,7 @@ def _wan22_step(model, grads_fn) -> dict:
     ctx = torch.randn(2, 16, 32, generator=g)
     cache_cfg = CacheConfig(frames_per_block=2, num_sink_frames=2, local_attn_frames=4, history_frames=6)
     gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cache_cfg)
-    cache = gen.new_cache()
+    cache = gen.new_cache(clean.shape[0])
     with torch.no_grad():
         text = model.encode_text(ctx)
         for s in range(0, 6, 2):
@@ -367,7 +367,8 @@ def test_tp2xcp2_equal_single_process(ref, tmp_path):
 
 def test_bad_parallel_configs_name_the_problem(pgs):
     from kvpo_megatron.model import model_config
-    from kvpo_megatron.model.build import ModelSection, build_model, cp_attention_kind
+    from kvpo_megatron.model.build import ModelSection, build_model
+    from kvpo_megatron.parallel.layout import check_heads
     from kvpo_megatron.parallel.state import ParallelConfig, validate_layout, validate_tokens
 
     with pytest.raises(ConfigError, match=r"world size 6 is not divisible by tensor_model_parallel_size \(2\) x "
@@ -387,11 +388,10 @@ def test_bad_parallel_configs_name_the_problem(pgs):
     with pytest.raises(ConfigError, match="parallel.cp_attention must be auto|ulysses|allgather, got 'ring'"):
         ParallelConfig(cp_attention="ring")
     # auto: Ulysses where heads divide TP*CP, else the K/V all-gather
-    assert cp_attention_kind(model_config("tiny", tensor_model_parallel_size=2, context_parallel_size=2), "auto") \
-        == "ulysses"
-    cfg8 = model_config("tiny", tensor_model_parallel_size=1, context_parallel_size=8)
-    assert cp_attention_kind(cfg8, "auto") == "allgather"
+    heads = model_config("tiny").num_attention_heads
+    assert check_heads(heads, tp=2, cp=2, cp_attention="auto") == "ulysses"
+    assert check_heads(heads, tp=1, cp=8, cp_attention="auto") == "allgather"
     with pytest.raises(ConfigError, match=r"ulysses needs num_attention_heads \(12\) divisible by TP\*CP \(8\)"):
-        cp_attention_kind(cfg8, "ulysses")
+        check_heads(heads, tp=1, cp=8, cp_attention="ulysses")
     with pytest.raises(ConfigError, match=r"model built with tp size 2 but pg_collection.tp has 1 ranks"):
         build_model(ModelSection(), pg_collection=pgs, tp=2)

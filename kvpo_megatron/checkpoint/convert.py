@@ -28,6 +28,7 @@ from kvpo_megatron.checkpoint.dist import (INFO_FILE, LORA_PREFIX, MODEL_PREFIX,
                                            tensor_metadata)
 from kvpo_megatron.checkpoint.mappings import rename
 from kvpo_megatron.errors import ConfigError
+from kvpo_megatron.parallel.layout import check_heads
 
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -90,8 +91,7 @@ def validate_source(src: formats.Source, *, tp: int, cp: int) -> dict:
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"{name} must be a positive integer, got {v!r}")
     heads = formats.section_arch(src.section)["num_attention_heads"]
-    if heads % tp:
-        raise ConfigError(f"--tp {tp} does not divide num_attention_heads ({heads}) of {src.name}")
+    check_heads(heads, tp=tp, tp_name="--tp", heads_name=f"num_attention_heads of {src.name}")
     from kvpo_megatron.model import model_config
     model_config(src.section["preset"], tensor_model_parallel_size=tp, context_parallel_size=cp,
                  **src.section["overrides"])  # any other field the layout must divide (ffn width) raises here

@@ -11,7 +11,6 @@ from kvpo_megatron.conditioning.text_encoder import (
     TextEncoderConfig,
     TextEncoderKind,
     build_text_encoder,
-    prompt_hash,
 )
 from kvpo_megatron.conditioning.vae import (
     DecoderConfig,
@@ -35,5 +34,5 @@ def __getattr__(name: str):
 __all__ = [
     "CachedTextEncoder", "DecoderConfig", "DecoderKind", "HashTextEncoder", "LatentDecoder", "LatentPreviewDecoder",
     "MissingFileError", "SentencePieceTokenizer", "StoreTextEncoder", "TextEncoder", "TextEncoderConfig",
-    "TextEncoderKind", "UMT5TextEncoder", "WanVAEDecoder", "build_decoder", "build_text_encoder", "prompt_hash",
+    "TextEncoderKind", "UMT5TextEncoder", "WanVAEDecoder", "build_decoder", "build_text_encoder",
 ]

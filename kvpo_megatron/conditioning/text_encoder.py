@@ -5,7 +5,6 @@ beyond ``lengths[b]`` zeroed, which is what Wan's DiT cross-attention expects (W
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from enum import StrEnum
@@ -13,6 +12,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from kvpo_megatron.data.embedding_store import EmbeddingStore
+from kvpo_megatron.data.prompts import prompt_hash
 from kvpo_megatron.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -77,11 +78,6 @@ class TextEncoderConfig:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def prompt_hash(prompt: str) -> int:
-    """Stable 63-bit hash of a prompt's text (sha256), used for seeds and embedding-store lookups."""
-    return int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "little") >> 1
 
 
 class HashTextEncoder:
@@ -179,8 +175,6 @@ def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
         enc = UMT5TextEncoder.from_pretrained(cfg.path, tokenizer=cfg.tokenizer, text_len=cfg.text_len,
                                               device=cfg.device, dtype=DTYPES[cfg.dtype])
     else:
-        from kvpo_megatron.data.embedding_store import EmbeddingStore
-
         enc = StoreTextEncoder(EmbeddingStore.open(cfg.store, prompts_file=cfg.prompts))
     if (enc.text_len, enc.text_dim) != (cfg.text_len, cfg.text_dim):
         raise ConfigError(f"text_encoder: config says text_len={cfg.text_len}, text_dim={cfg.text_dim} but the "

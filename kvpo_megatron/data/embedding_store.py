@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvpo_megatron.conditioning.text_encoder import prompt_hash
-from kvpo_megatron.data.prompts import DataError, read_prompt_file, unique_prompts
+from kvpo_megatron.data.prompts import DataError, prompt_hash, read_prompt_file, unique_prompts
 
 FORMAT = "kvpo-embedding-store"
 VERSION = 1

@@ -16,6 +16,7 @@ The paper's long setting is ``num_segments=4, switch_interval=147`` (147 latent 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -26,6 +27,11 @@ import numpy as np
 from kvpo_megatron.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+
+
+def prompt_hash(prompt: str) -> int:
+    """Stable 63-bit hash of a prompt's text (sha256), used for seeds and embedding-store lookups."""
+    return int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "little") >> 1
 
 
 class DataError(ConfigError):

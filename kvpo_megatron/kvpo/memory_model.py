@@ -47,6 +47,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
+
+from kvpo_megatron.kvpo.config import ReplayConfig, RolloutConfig
+from kvpo_megatron.parallel.layout import check_heads
 
 GB = 1e9
 COLUMN = ("q", "k", "v", "ffn_fc1")
@@ -59,7 +63,7 @@ class MemoryPlan:
     tp: int = 1
     cp: int = 1
     cp_attention: str = "ulysses"
-    """``ulysses`` or ``allgather`` (only with cp > 1)."""
+    """``ulysses``, ``allgather`` or ``auto`` (only with cp > 1; ``parallel/layout.py``)."""
     frames: int = 147
     latent_hw: tuple[int, int] = (60, 104)
     branches: int = 8
@@ -101,7 +105,7 @@ class MemoryPlan:
 
 def model_sizes(preset: str, **overrides) -> dict:
     """The preset's architecture fields (``kvpo_megatron.model.config.PRESETS``) with overrides."""
-    from kvpo_megatron.model.config import PRESETS
+    from kvpo_megatron.model.config import PRESETS  # megatron-free import of this module (the CLI)
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -189,8 +193,6 @@ def rollout_batch(plan: MemoryPlan, kv_frame: int, samples: int, private: int) -
     rule, ``kvpo/rollout.py``)."""
     if plan.branch_batch is not None:
         return min(plan.branch_batch, samples)
-    from kvpo_megatron.kvpo.config import RolloutConfig
-
     budget = RolloutConfig().kv_budget_gb if plan.kv_budget_gb is None else plan.kv_budget_gb
     fit = int((budget * GB - (plan.sink + plan.history) * kv_frame) // (private * kv_frame))
     return max(1, min(samples, fit))
@@ -199,10 +201,7 @@ def rollout_batch(plan: MemoryPlan, kv_frame: int, samples: int, private: int) -
 def replay_schedule(plan: MemoryPlan, m: dict) -> tuple[int, bool]:
     """(tuples per replay batch, recompute) as ``kvpo.replay.plan_replay`` chooses them on a GPU (it sizes with
     its own, coarser estimate)."""
-    from types import SimpleNamespace
-
-    from kvpo_megatron.kvpo.config import ReplayConfig
-    from kvpo_megatron.kvpo.replay import activation_bytes
+    from kvpo_megatron.kvpo.replay import activation_bytes  # megatron-free import of this module (the CLI)
 
     cfg = SimpleNamespace(hidden_size=m["hidden_size"], ffn_hidden_size=m["ffn_hidden_size"],
                           num_layers=m["num_layers"], tensor_model_parallel_size=plan.tp,
@@ -217,8 +216,8 @@ def replay_schedule(plan: MemoryPlan, m: dict) -> tuple[int, bool]:
 def predict(plan: MemoryPlan, m: dict | None = None) -> dict:
     """Per-GPU bytes of each term and the two phases' peaks (GB); ``m``: architecture (default: the preset's)."""
     m = m or model_sizes(plan.preset)
-    if plan.cp > 1 and plan.cp_attention not in ("ulysses", "allgather"):
-        raise ValueError(f"cp_attention must be ulysses or allgather, got {plan.cp_attention!r}")
+    kind = check_heads(m["num_attention_heads"], tp=plan.tp, cp=plan.cp, cp_attention=plan.cp_attention)
+    plan = dataclasses.replace(plan, cp_attention=kind.value)
     g_rank, P = plan.branches // plan.branches_over_dp, plan.prompts_per_rank
     blocks = plan.frames // plan.frames_per_block
     window = min(plan.window, blocks - (earliest_pivot(plan) if plan.pivot is None else plan.pivot))

@@ -5,8 +5,10 @@ from dataclasses import dataclass, field
 
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.model.causal_wan import CausalWanDiT
-from kvpo_megatron.model.config import LayerSpecKind, WanConfig, model_config
-from kvpo_megatron.model.specs import context_parallel_spec, local_spec
+from kvpo_megatron.model.config import LayerSpecKind, model_config
+from kvpo_megatron.model.specs import local_spec
+from kvpo_megatron.parallel.cp_attention import context_parallel_spec
+from kvpo_megatron.parallel.layout import CPAttention, check_heads
 from kvpo_megatron.parallel.state import check_group_sizes
 
 
@@ -41,21 +43,8 @@ class ModelSection:
                                   f"{[x.value for x in LinearGroup]}")
 
 
-def cp_attention_kind(cfg: WanConfig, requested: str) -> str:
-    """Resolve ``auto``: Ulysses when heads divide by TP*CP, else the K/V all-gather."""
-    mp = cfg.tensor_model_parallel_size * cfg.context_parallel_size
-    if requested == "auto":
-        return "ulysses" if cfg.num_attention_heads % mp == 0 else "allgather"
-    if requested not in ("ulysses", "allgather"):
-        raise ConfigError(f"parallel.cp_attention must be auto|ulysses|allgather, got {requested!r}")
-    if requested == "ulysses" and cfg.num_attention_heads % mp:
-        raise ConfigError(f"cp_attention=ulysses needs num_attention_heads ({cfg.num_attention_heads}) divisible "
-                          f"by TP*CP ({mp}); use cp_attention=allgather or auto")
-    return requested
-
-
-def build_model(section: ModelSection, *, pg_collection, tp: int = 1, cp: int = 1, cp_attention: str = "auto",
-                **extra) -> CausalWanDiT:
+def build_model(section: ModelSection, *, pg_collection, tp: int = 1, cp: int = 1,
+                cp_attention: CPAttention = CPAttention.auto, **extra) -> CausalWanDiT:
     import torch
 
     ov = dict(section.overrides)
@@ -67,7 +56,7 @@ def build_model(section: ModelSection, *, pg_collection, tp: int = 1, cp: int = 
         from kvpo_megatron.model.te_spec import te_spec
         spec = te_spec(cfg, fp8_linears=section.fp8_linears)
     elif cp > 1:
-        spec = context_parallel_spec(cp_attention_kind(cfg, cp_attention))
+        spec = context_parallel_spec(check_heads(cfg.num_attention_heads, tp=tp, cp=cp, cp_attention=cp_attention))
     else:
         spec = local_spec()
     if cfg.spec == LayerSpecKind.te and cp > 1:

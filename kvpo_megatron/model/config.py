@@ -22,6 +22,7 @@ import torch
 from megatron.core.transformer import TransformerConfig
 
 from kvpo_megatron.errors import ConfigError
+from kvpo_megatron.parallel.layout import check_heads
 
 
 class LayerSpecKind(StrEnum):
@@ -68,9 +69,7 @@ class WanConfig(TransformerConfig):
             raise ConfigError(f"model.hidden_size ({self.hidden_size}) must be divisible by "
                               f"model.num_attention_heads ({self.num_attention_heads})")
         tp = self.tensor_model_parallel_size
-        if self.num_attention_heads % tp:
-            raise ConfigError(f"model.num_attention_heads ({self.num_attention_heads}) is not divisible by "
-                              f"tensor_model_parallel_size ({tp})")
+        check_heads(self.num_attention_heads, tp=tp, heads_name="model.num_attention_heads")
         if self.ffn_hidden_size % tp:
             raise ConfigError(f"model.ffn_hidden_size ({self.ffn_hidden_size}) is not divisible by "
                               f"tensor_model_parallel_size ({tp})")

@@ -271,10 +271,3 @@ def update_after_commit(cache: "KVCache", block: int, text: "TextKV") -> bool:
         cache.set_bank(i, frame, keep[i])
     return True
 
-
-# ---- named generator presets (moved to kvpo_megatron/presets.py; this path keeps working) -------------------
-def __getattr__(name: str):
-    if name in ("GENERATOR_PRESETS", "generator_preset"):
-        from kvpo_megatron import presets
-        return getattr(presets, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,8 +2,8 @@
 
 ``local_spec()`` uses megatron-core's ``ColumnParallelLinear``/``RowParallelLinear`` (heads and FFN columns
 sharded over TP), the TP-exact full-width RMSNorm and torch SDPA; it runs on CPU and GPU.
-``context_parallel_spec(kind)`` swaps in a CP token sharder at the model boundary and a CP attention core
-(Ulysses all-to-all or K/V all-gather). The TransformerEngine spec lives in ``model/te_spec.py``.
+The context-parallel spec (``parallel/cp_attention.py``: a CP token sharder at the model boundary and a CP
+attention core) and the TransformerEngine spec (``model/te_spec.py``) are built from :func:`block_spec` too.
 The model never branches on the parallel layout: it builds whatever its spec names.
 """
 from __future__ import annotations
@@ -54,11 +54,3 @@ def block_spec(*, core_attention=CachedSDPA, cross_core=TextSDPA, column=ColumnP
 def local_spec() -> CausalWanSubmodules:
     """Plain torch attention + megatron TP linears; no context parallelism."""
     return CausalWanSubmodules(block=block_spec(), token_sharder=NoTokenSharding)
-
-
-def context_parallel_spec(kind: str) -> CausalWanSubmodules:
-    """CP spec: ``ulysses`` (all-to-all to head-sharded full sequences) or ``allgather`` (K/V all-gather)."""
-    from kvpo_megatron.parallel.cp_attention import AllGatherCachedAttention, CPTokenSharding, UlyssesCachedAttention
-
-    core = {"ulysses": UlyssesCachedAttention, "allgather": AllGatherCachedAttention}[kind]
-    return CausalWanSubmodules(block=block_spec(core_attention=core), token_sharder=CPTokenSharding)

@@ -45,9 +45,11 @@ from torch import nn
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.model.attention import sdpa, uses_replay_kernel
 from kvpo_megatron.model.kv_cache import KVCache, LayerKV
+from kvpo_megatron.model.specs import CausalWanSubmodules, block_spec
 from kvpo_megatron.model.split_attention import cached_attention
 from kvpo_megatron.parallel.collectives import (all_gather_dim0, all_gather_dim0_nograd, all_to_all_dim0,
                                                 group_rank, group_size)
+from kvpo_megatron.parallel.layout import CPAttention, check_heads
 
 
 def _cp_group(pg_collection, who: str):
@@ -107,10 +109,8 @@ class UlyssesCachedAttention(nn.Module):
     def __init__(self, config, pg_collection=None):
         super().__init__()
         self.cp_group = _cp_group(pg_collection, "UlyssesCachedAttention")
-        tp, cp = config.tensor_model_parallel_size, group_size(self.cp_group)
-        if config.num_attention_heads % (tp * cp):
-            raise ConfigError(f"cp_attention=ulysses needs num_attention_heads ({config.num_attention_heads}) "
-                              f"divisible by TP*CP ({tp}*{cp}); use cp_attention=allgather or auto")
+        check_heads(config.num_attention_heads, tp=config.tensor_model_parallel_size, cp=group_size(self.cp_group),
+                    cp_attention=CPAttention.ulysses)
 
     def _seq_to_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[s, b, Lr, H, d] (this rank's tokens) -> [s, b, cp*Lr, H/cp, d] (rank-major tokens)."""
@@ -183,6 +183,13 @@ class AllGatherCachedAttention(nn.Module):
             n_all = self._gather_tokens(cur, needs_grad)
             return cached_attention(q, n_all[0], n_all[1], c_all[0], c_all[1])
         return sdpa(q, kv_all[0], kv_all[1])
+
+
+def context_parallel_spec(kind: CPAttention) -> CausalWanSubmodules:
+    """The CP layer spec: the local spec's blocks with the ``kind`` attention core (``ulysses`` or ``allgather``,
+    as :func:`~kvpo_megatron.parallel.layout.check_heads` resolved it) and the CP token plan."""
+    core = {CPAttention.ulysses: UlyssesCachedAttention, CPAttention.allgather: AllGatherCachedAttention}[kind]
+    return CausalWanSubmodules(block=block_spec(core_attention=core), token_sharder=CPTokenSharding)
 
 
 def distributed_frame_gather(cache: KVCache, layer: int, slots: torch.Tensor, cp_group):

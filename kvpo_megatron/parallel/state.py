@@ -14,7 +14,9 @@ import torch
 import torch.distributed as dist
 
 from kvpo_megatron.errors import ConfigError
+from kvpo_megatron.parallel.collectives import group_size
 from kvpo_megatron.parallel.cpu_shims import apply_cpu_shims
+from kvpo_megatron.parallel.layout import CPAttention, check_heads, cp_attention_of
 
 
 @dataclass(kw_only=True)
@@ -25,9 +27,9 @@ class ParallelConfig:
     """Heads (and FFN columns) sharded over this many ranks."""
     context_parallel_size: int = 1
     """Tokens of a block sharded over this many ranks."""
-    cp_attention: str = "auto"
+    cp_attention: CPAttention = CPAttention.auto
     """Cached self-attention under CP: ``ulysses`` (all-to-all), ``allgather`` (of K/V) or ``auto``
-    (ulysses when heads % (TP*CP) == 0, else allgather)."""
+    (ulysses when heads % (TP*CP) == 0, else allgather); ``parallel/layout.py``."""
     branches_over_dp: bool = False
     """Spread the G branches of one prompt over the DP ranks (all DP ranks then share one prompt)."""
 
@@ -35,8 +37,7 @@ class ParallelConfig:
         for f in ("tensor_model_parallel_size", "context_parallel_size"):
             if getattr(self, f) < 1:
                 raise ConfigError(f"parallel.{f} must be >= 1, got {getattr(self, f)}")
-        if self.cp_attention not in ("auto", "ulysses", "allgather"):
-            raise ConfigError(f"parallel.cp_attention must be auto|ulysses|allgather, got {self.cp_attention!r}")
+        self.cp_attention = cp_attention_of(self.cp_attention)
 
 
 def _free_port() -> int:
@@ -68,12 +69,8 @@ def validate_layout(par: ParallelConfig, *, world_size: int, num_heads: int | No
         raise ConfigError(f"world size {world_size} is not divisible by tensor_model_parallel_size "
                           f"({par.tensor_model_parallel_size}) x context_parallel_size ({par.context_parallel_size})")
     if num_heads is not None:
-        if num_heads % par.tensor_model_parallel_size:
-            raise ConfigError(f"num_attention_heads ({num_heads}) is not divisible by "
-                              f"tensor_model_parallel_size ({par.tensor_model_parallel_size})")
-        if par.cp_attention == "ulysses" and num_heads % mp:
-            raise ConfigError(f"cp_attention=ulysses needs num_attention_heads ({num_heads}) divisible by "
-                              f"TP*CP ({mp}); use cp_attention=allgather or auto")
+        check_heads(num_heads, tp=par.tensor_model_parallel_size, cp=par.context_parallel_size,
+                    cp_attention=par.cp_attention)
 
 
 def validate_tokens(cfg, par: ParallelConfig, latent_height: int, latent_width: int) -> None:
@@ -96,8 +93,7 @@ def validate_tokens(cfg, par: ParallelConfig, latent_height: int, latent_width: 
 def check_group_sizes(pg_collection, *, tp: int, cp: int) -> None:
     """The layout sizes a model is built with must match the process groups it is given."""
     for name, want in (("tp", tp), ("cp", cp)):
-        group = getattr(pg_collection, name, None)
-        got = 1 if group is None else dist.get_world_size(group)
+        got = group_size(getattr(pg_collection, name, None))
         if got != want:
             raise ConfigError(f"model built with {name} size {want} but pg_collection.{name} has {got} ranks; "
                               "pass the sizes init_parallel was called with")
