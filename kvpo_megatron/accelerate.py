@@ -27,7 +27,8 @@ from torch import nn
 
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.lora import lora_state
-from kvpo_megatron.model.attention import replay_attention_active
+from kvpo_megatron.model.attention import TextKV, replay_attention_active
+from kvpo_megatron.model.kv_cache import AttentionView
 from kvpo_megatron.sampling.streaming import eager_runner
 
 log = logging.getLogger(__name__)
@@ -95,9 +96,6 @@ class _Graph:
     """One captured forward and its static inputs."""
 
     def __init__(self, model, x, t, text, frame_offset, cache, view, compute_output, pool):
-        from kvpo_megatron.model.attention import TextKV
-        from kvpo_megatron.model.kv_cache import AttentionView
-
         dev = x.device
         self.x, self.t = x.clone(), t.clone()
         self.offset = torch.tensor(int(frame_offset), dtype=torch.long, device=dev)

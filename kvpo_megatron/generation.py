@@ -7,14 +7,17 @@ from pathlib import Path
 
 import torch
 
-from kvpo_megatron.conditioning.text_encoder import TextEncoderConfig
-from kvpo_megatron.conditioning.vae import DecoderConfig
+from kvpo_megatron.accelerate import accelerate
+from kvpo_megatron.checkpoint.loading import load_model_weights, warn_if_random_weights
+from kvpo_megatron.conditioning.text_encoder import TextEncoderConfig, build_text_encoder
+from kvpo_megatron.conditioning.vae import DecoderConfig, build_decoder
+from kvpo_megatron.conditioning.video_io import write_mp4
 from kvpo_megatron.errors import ConfigError
+from kvpo_megatron.extras import check_job_extras
 from kvpo_megatron.model.build import ModelSection, build_model
 from kvpo_megatron.model.kv_cache import CacheConfig
 from kvpo_megatron.model.multishot import is_scene_cut
-from kvpo_megatron.parallel.state import ParallelConfig, init_parallel
-from kvpo_megatron.accelerate import accelerate
+from kvpo_megatron.parallel.state import ParallelConfig, init_parallel, validate_tokens
 from kvpo_megatron.sampling import FlowMatchSampler, PromptSwitch, SamplerConfig, StreamingGenerator
 from kvpo_megatron.sampling.noise import StepNoise
 
@@ -73,11 +76,6 @@ def _prompt_schedule(cfg: GenerateConfig) -> list[tuple[int, str]]:
 def run_generation(cfg: GenerateConfig, *, progress: bool = True) -> torch.Tensor:
     import dataclasses
 
-    from kvpo_megatron.checkpoint.loading import load_model_weights, warn_if_random_weights
-    from kvpo_megatron.conditioning.text_encoder import build_text_encoder
-    from kvpo_megatron.extras import check_job_extras
-    from kvpo_megatron.parallel.state import validate_tokens
-
     check_job_extras(cfg)
     pgs = init_parallel(cfg.parallel)
     torch.manual_seed(cfg.seed)
@@ -108,8 +106,6 @@ def run_generation(cfg: GenerateConfig, *, progress: bool = True) -> torch.Tenso
     out.mkdir(parents=True, exist_ok=True)
     torch.save(latents.cpu(), out / "latents.pt")
     if cfg.decoder:
-        from kvpo_megatron.conditioning.vae import build_decoder
-        from kvpo_megatron.conditioning.video_io import write_mp4
         frames = build_decoder(cfg.decoder).decode(latents.float().cpu())
         write_mp4(frames[0], out / "video.mp4")
     log.info("wrote %s (latents %s)", out, tuple(latents.shape))

@@ -7,7 +7,7 @@ model keeps its type and module names.
 Names after :func:`apply_lora` (peft's convention; ``{n}`` block index, ``{a}`` ``self_attn``/``cross_attn``):
 
 * base weights of an adapted linear move one level down:
-  ``blocks.{n}.{a}.q.weight`` -> ``blocks.{n}.{a}.q.base_layer.weight`` (see :func:`base_parameter_name`);
+  ``blocks.{n}.{a}.q.weight`` -> ``blocks.{n}.{a}.q.base_layer.weight`` (``lora_tensors.base_name``);
   every other parameter keeps its name;
 * LoRA parameters: ``blocks.{n}.{a}.q.lora_A.default.weight`` / ``...lora_B.default.weight``
   (also ``ffn_fc1``, ``ffn_fc2``; :func:`lora_parameters` lists them);
@@ -33,8 +33,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from kvpo_megatron.checkpoint.adapter_formats import write_comfyui
+from kvpo_megatron.checkpoint.formats import read_safetensors
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.lora_layers import ParallelLoraLinear, lora_base_types
+from kvpo_megatron.lora_tensors import BLOCK_LINEARS
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +46,6 @@ ADAPTER = "default"
 PEFT_PREFIX = "base_model.model."
 """Key prefix of peft's saved adapter files (``PeftModel`` wraps the model as ``base_model.model``)."""
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-BLOCK_LINEARS = ("q", "k", "v", "o", "ffn_fc1", "ffn_fc2")
-"""Leaf names of the linears inside a DiT block (q,k,v,o exist in both self_attn and cross_attn)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -142,11 +143,6 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     logger.info("LoRA r=%d alpha=%g on %d linears: %d trainable parameters on this rank", cfg.rank, cfg.alpha,
                 len(matched), n_params)
     return model
-
-
-def base_parameter_name(name: str) -> str:
-    """Name of a parameter as it was before :func:`apply_lora` (drops peft's ``.base_layer``)."""
-    return name.replace(".base_layer.", ".")
 
 
 def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -301,7 +297,6 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir: str | Path, *,
               metadata={"format": "pt"})
     logger.info("saved LoRA adapter (%d tensors) to %s", len(sd), out_dir)
     if comfyui_file is not None:
-        from kvpo_megatron.checkpoint.adapter_formats import write_comfyui
         Path(comfyui_file).parent.mkdir(parents=True, exist_ok=True)
         write_comfyui({k: v.cpu() for k, v in sd.items()}, cfg.alpha, comfyui_file)
         logger.info("saved the LoRA for ComfyUI / diffusers (WanPipeline.load_lora_weights) to %s", comfyui_file)
@@ -310,8 +305,6 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir: str | Path, *,
 
 def load_adapter(model: nn.Module, path: str | Path) -> None:
     """Load a peft-format adapter directory (ours or any peft LoRA with the same module names and r/alpha)."""
-    from kvpo_megatron.checkpoint.formats import read_safetensors
-
     path = Path(path)
     cfg_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
     for f in (cfg_file, weights_file):

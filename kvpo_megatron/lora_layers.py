@@ -43,6 +43,9 @@ from peft.tuners.lora import LoraConfig, LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
+from kvpo_megatron.lora_tensors import delta_weight, merged_weight
+from kvpo_megatron.model.te_spec import te_linear_classes
+
 
 def layer_seed(init_seed: int, adapter_name: str, module_name: str) -> int:
     """Seed of one layer's LoRA init: a pure function of the config seed and the module's name."""
@@ -182,7 +185,7 @@ class ParallelLoraLinear(nn.Module, LoraLayer):
     # ---- merge ---------------------------------------------------------------------------------
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """scale * B @ A for this rank's slice of the base weight ([out_local, in_local], float32)."""
-        return (self.lora_B[adapter].weight @ self.lora_A[adapter].weight) * self.scaling[adapter]
+        return delta_weight(self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter])
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None, *, exact: bool = True) -> None:
         """W += scale * B @ A in place (same storage). ``exact`` keeps a copy of the unmerged W so that
@@ -192,7 +195,7 @@ class ParallelLoraLinear(nn.Module, LoraLayer):
         for name in names:
             if exact and self._unmerged_weight is None and not self.merged:
                 self._unmerged_weight = weight.detach().clone()
-            merged = (weight.data.float() + self.get_delta_weight(name)).to(weight.dtype)
+            merged = merged_weight(weight.data, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"{self.module_name}: NaN/Inf in merged weights of adapter {name!r}")
             weight.data.copy_(merged)
@@ -242,7 +245,6 @@ def lora_base_types() -> dict[type[nn.Module], type[ParallelLoraLinear]]:
     ``tp_group``), so the same LoRA layers wrap them."""
     types = dict(CUSTOM_MODULES)
     try:
-        from kvpo_megatron.model.te_spec import te_linear_classes
         column, row = te_linear_classes()
     except Exception:  # TransformerEngine absent (CPU machines): local-spec linears only
         return types

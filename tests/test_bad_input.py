@@ -149,7 +149,7 @@ def test_truncated_safetensors_one_line_exit_2(pgs, tmp_path, capsys, monkeypatc
 
 # ------------------------------------------------------------------------------------------ export
 def test_export_of_a_training_checkpoint_or_a_corrupt_shard(pgs, trained_run, tmp_path, capsys, monkeypatch):
-    from kvpo_megatron.checkpoint.dist import save_model_dist
+    from kvpo_megatron.checkpoint.model_dir import save_model_dist
 
     out = tmp_path / "out"
     for src, needle in ((trained_run / "ckpt" / "iter_0000002", "is a training checkpoint"),

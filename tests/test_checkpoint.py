@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from kvpo_megatron.checkpoint.convert import ImportSpec, export_checkpoint, export_lora, import_checkpoint
-from kvpo_megatron.checkpoint.formats import read_lora, read_source
+from kvpo_megatron.checkpoint.adapter_formats import read_lora
+from kvpo_megatron.checkpoint.formats import read_source
 from kvpo_megatron.checkpoint.mappings import convert_state_dict, rename
 from kvpo_megatron.errors import ConfigError
 from tests.dist_utils import run_workers
@@ -308,11 +309,12 @@ def test_cli_dry_run_and_error_exit(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------ dist resharding
 def _reshard_worker(rank, world, root, full):
-    from kvpo_megatron.checkpoint.dist import save_model_dist
     from kvpo_megatron.checkpoint.loading import load_model_weights
+    from kvpo_megatron.checkpoint.model_dir import save_model_dist
     from kvpo_megatron.checkpoint.sharding import gather_full_state_dict, load_full_state_dict
-    from kvpo_megatron.lora import (LoRAConfig, apply_lora, base_parameter_name, load_lora_full_state_dict,
+    from kvpo_megatron.lora import (LoRAConfig, apply_lora, load_lora_full_state_dict,
                                     lora_full_state_dict, lora_parameters)
+    from kvpo_megatron.lora_tensors import base_name
     from kvpo_megatron.model import CausalWanDiT, model_config
     from kvpo_megatron.model.build import ModelSection, build_model
     from kvpo_megatron.model.specs import local_spec
@@ -323,7 +325,7 @@ def _reshard_worker(rank, world, root, full):
 
     def base_of(model):
         lora = {n for n, _ in lora_parameters(model)}
-        return {base_parameter_name(k): v for k, v in gather_full_state_dict(model).items() if k not in lora}
+        return {base_name(k): v for k, v in gather_full_state_dict(model).items() if k not in lora}
 
     # save at TP=2 (x DP=2), with a LoRA
     pgs = init_parallel(ParallelConfig(tensor_model_parallel_size=2))
@@ -495,7 +497,7 @@ def test_training_checkpoint_resume_is_exact_and_reshards(tmp_path):
 
 
 def test_config_json_mapping_selects_presets():
-    from kvpo_megatron.checkpoint.formats import arch_to_section, config_json_to_arch
+    from kvpo_megatron.checkpoint.architecture import arch_to_section, config_json_to_arch
 
     wan13 = {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": 1536, "eps": 1e-06, "ffn_dim": 8960,
              "freq_dim": 256, "in_dim": 16, "model_type": "t2v", "num_heads": 12, "num_layers": 30, "out_dim": 16,

@@ -191,7 +191,7 @@ def test_nvfp4_release_and_wrong_inputs_are_refused(tmp_path, capsys):
 
 def test_release_shapes_without_config_select_the_5b_preset():
     """The released file carries no config.json: its shapes (hidden 3072, 48 channels) select wan2.2-5b."""
-    from kvpo_megatron.checkpoint.formats import arch_to_section, heads_from_presets, infer_arch
+    from kvpo_megatron.checkpoint.architecture import arch_to_section, heads_from_presets, infer_arch
     from kvpo_megatron.model import CausalWanDiT, model_config
 
     with torch.device("meta"):

@@ -8,9 +8,10 @@ from torch import nn
 
 from kvpo_megatron.checkpoint.mappings import convert_state_dict, rename
 from kvpo_megatron.errors import ConfigError
-from kvpo_megatron.lora import (LoRAConfig, adapters_disabled, apply_lora, base_parameter_name, load_adapter,
+from kvpo_megatron.lora import (LoRAConfig, adapters_disabled, apply_lora, load_adapter,
                                 load_lora_full_state_dict, lora_full_state_dict, lora_layers, lora_parameters,
                                 merge_lora, save_adapter, unmerge_lora)
+from kvpo_megatron.lora_tensors import base_name
 from tests.dist_utils import run_workers
 from tests.helpers import tiny_diffusers, tiny_full_state_dict, tiny_model
 
@@ -136,7 +137,7 @@ def test_frozen_base_and_adapters_disabled_is_the_base_model(pgs):
     assert len(lora) == 40 and all(".lora_A.default." in n or ".lora_B.default." in n for n in lora)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(lora)
     assert sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in lora.values()) == n_before
-    assert base_parameter_name("blocks.1.cross_attn.k.base_layer.weight") == "blocks.1.cross_attn.k.weight"
+    assert base_name("blocks.1.cross_attn.k.base_layer.weight") == "blocks.1.cross_attn.k.weight"
     with torch.no_grad():
         assert torch.equal(model(x, t, text=model.encode_text(ctx)), base)  # B = 0 at init
     load_lora_full_state_dict(model, _random_lora(lora_full_state_dict(model)), source_name="test")
@@ -220,7 +221,7 @@ def test_save_load_round_trip_and_peft_loads_our_files(pgs, tmp_path):
 
     cfg = model.config
     mirror = _Mirror(cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_layers)
-    base = {base_parameter_name(n): p for n, p in model.named_parameters()}
+    base = {base_name(n): p for n, p in model.named_parameters()}
     mirror.load_state_dict({k: base[k] for k in mirror.state_dict()})
     peft_model = PeftModel.from_pretrained(mirror, str(tmp_path))
     peft_params = dict(peft_model.base_model.model.named_parameters())

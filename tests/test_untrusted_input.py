@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from kvpo_megatron.checkpoint import dist as cdist
+from kvpo_megatron.checkpoint import model_dir as cmodel_dir
 from kvpo_megatron.checkpoint import safe_dcp
 from kvpo_megatron.errors import ConfigError
 from tests.cli_utils import one_error, run_cli
@@ -59,8 +60,8 @@ def model_dir(pgs, path: Path, *, lora: bool = False, evil_common=None) -> Path:
     if lora:
         apply_lora(m, LoRAConfig(rank=8, alpha=8.0, target_modules=("q",)))
         info["lora"] = {"rank": 8, "alpha": 8.0, "target_modules": ["q"]}
-    with _evil_common_state(cdist, evil_common) if evil_common else contextlib.nullcontext():
-        cdist.save_model_dist(m, path, info=info)
+    with _evil_common_state(cmodel_dir, evil_common) if evil_common else contextlib.nullcontext():
+        cmodel_dir.save_model_dist(m, path, info=info)
     return path
 
 

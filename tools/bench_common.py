@@ -308,11 +308,11 @@ def reference_from(model, *, dtype: torch.dtype, device: torch.device) -> RefCau
     from kvpo_megatron.checkpoint.mappings import convert_state_dict
     from kvpo_megatron.checkpoint.sharding import gather_full_state_dict
 
-    from kvpo_megatron.lora import base_parameter_name
+    from kvpo_megatron.lora_tensors import base_name
 
     ref = RefCausalWan(model.config)
     # base weights only (under ``lora.merged`` they hold the folded adapters)
-    sd = {base_parameter_name(k): v for k, v in gather_full_state_dict(model).items() if ".lora_" not in k}
+    sd = {base_name(k): v for k, v in gather_full_state_dict(model).items() if ".lora_" not in k}
     sd = convert_state_dict(sd, "ours", "wan", source_name="benchmark model")
     ref.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     return cast_model(ref.to(device), dtype).eval()

@@ -2,7 +2,7 @@
 
 Import, in order (nothing is written before step 5, so bad input leaves the output untouched):
 
-1. open the source lazily in our names (``formats.read_source``) and the LoRA (``formats.read_lora``);
+1. open the source lazily in our names (``formats.read_source``) and the LoRA (``adapter_formats.read_lora``);
 2. build the model described by the source on the meta device and compare: unknown, missing and
    mismatched-shape keys are one error naming the file; a TP that doesn't divide the heads is an error;
 3. check the LoRA's modules and shapes against the model's linears;
@@ -22,13 +22,16 @@ from pathlib import Path
 
 import torch
 
-from kvpo_megatron.checkpoint import formats, safe_dcp
-from kvpo_megatron.checkpoint.dist import (INFO_FILE, LORA_PREFIX, MODEL_PREFIX, load_full_tensors, lora_sharded_state_dict,
-                                           model_sharded_state_dict, partition_dim, read_info, save_sharded,
-                                           tensor_metadata)
+from kvpo_megatron.checkpoint import adapter_formats, architecture, formats, safe_dcp
+from kvpo_megatron.checkpoint.adapter_formats import COMFYUI_FILE, AdapterFormat, write_comfyui, write_diffusers
+from kvpo_megatron.checkpoint.dist import (INFO_FILE, LORA_PREFIX, MODEL_PREFIX, global_rank, layout, load_full_tensors,
+                                           lora_sharded_state_dict, model_sharded_state_dict, partition_dim, read_info,
+                                           save_sharded, tensor_metadata)
 from kvpo_megatron.checkpoint.mappings import rename
 from kvpo_megatron.errors import ConfigError
+from kvpo_megatron.lora_tensors import BLOCK_LINEARS, merge_full
 from kvpo_megatron.parallel.layout import check_heads
+from kvpo_megatron.parallel.state import ParallelConfig, init_distributed, init_parallel
 
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -70,8 +73,8 @@ class ImportSpec:
 
 def meta_model(section: dict, *, tp: int = 1, cp: int = 1, pg_collection=None):
     """The model a section describes, on the meta device (names, shapes, TP attributes; no memory)."""
-    from kvpo_megatron.model import CausalWanDiT, model_config
-    from kvpo_megatron.model.specs import local_spec
+    from kvpo_megatron.model import CausalWanDiT, model_config  # megatron: only once the converter works (CLI)
+    from kvpo_megatron.model.specs import local_spec  # megatron: only once the converter works (CLI)
 
     ov = dict(section["overrides"])
     cfg = model_config(section["preset"], tensor_model_parallel_size=tp, context_parallel_size=cp,
@@ -90,9 +93,9 @@ def validate_source(src: formats.Source, *, tp: int, cp: int) -> dict:
     for name, v in (("--tp", tp), ("--cp", cp)):
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-    heads = formats.section_arch(src.section)["num_attention_heads"]
+    heads = architecture.section_arch(src.section)["num_attention_heads"]
     check_heads(heads, tp=tp, tp_name="--tp", heads_name=f"num_attention_heads of {src.name}")
-    from kvpo_megatron.model import model_config
+    from kvpo_megatron.model import model_config  # megatron: only once the converter works (CLI)
     model_config(src.section["preset"], tensor_model_parallel_size=tp, context_parallel_size=cp,
                  **src.section["overrides"])  # any other field the layout must divide (ffn width) raises here
     model = meta_model(src.section)
@@ -113,11 +116,9 @@ def validate_source(src: formats.Source, *, tp: int, cp: int) -> dict:
     return want
 
 
-def check_lora(lora: formats.LoraWeights, shapes: dict) -> tuple[str, ...]:
+def check_lora(lora: adapter_formats.LoraWeights, shapes: dict) -> tuple[str, ...]:
     """LoRA modules must be block linears of the model with matching shapes, and cover every block's chosen
     leaves (our adapters are applied per leaf name in every block); returns the leaf names."""
-    from kvpo_megatron.lora import BLOCK_LINEARS
-
     bad = []
     for mod, (a, b) in lora.pairs.items():
         w = shapes.get(mod + ".weight")
@@ -163,7 +164,7 @@ def import_checkpoint(spec: ImportSpec) -> dict:
     if not spec.dry_run:
         check_output(out, spec.force)
     src = formats.read_source(spec.fmt, spec.src, config_path=spec.config, use_ema=spec.use_ema)
-    lora = formats.read_lora(spec.lora) if spec.lora else None
+    lora = adapter_formats.read_lora(spec.lora) if spec.lora else None
     shapes = validate_source(src, tp=spec.tp, cp=spec.cp)
     leaves = check_lora(lora, shapes) if lora is not None else ()
     dtype = resolve_dtype(src, spec.dtype)
@@ -244,9 +245,6 @@ def write_rank(fmt, src_path, config, use_ema, lora_path, section, tp, cp, tmp, 
     """One rank's part of the import: read this rank's slices of every tensor and save them (collective)."""
     from tqdm import tqdm
 
-    from kvpo_megatron.checkpoint.dist import global_rank, layout
-    from kvpo_megatron.parallel.state import ParallelConfig, init_distributed, init_parallel
-
     if tp * cp == 1:  # this process, alone: no megatron groups needed (and a caller's stay untouched)
         init_distributed()
         pgs = None
@@ -264,7 +262,7 @@ def write_rank(fmt, src_path, config, use_ema, lora_path, section, tp, cp, tmp, 
         tensors[n] = src.tensors[n].load(partition_dim(params[n]), tp_rank, tp).to(dt)
     sd = model_sharded_state_dict(model, tensors=tensors, key_fn=lambda n: MODEL_PREFIX + n)
     if lora_path:
-        lora = formats.read_lora(lora_path)
+        lora = adapter_formats.read_lora(lora_path)
         sd.update(lora_sharded_state_dict({f"{m}.lora_{h}.weight": t.float().contiguous()
                                            for m, (a, b) in lora.pairs.items() for h, t in (("A", a), ("B", b))}))
     save_sharded(sd, tmp)
@@ -274,8 +272,6 @@ def write_rank(fmt, src_path, config, use_ema, lora_path, section, tp, cp, tmp, 
 def _single_process() -> None:
     """Exports run in one process (a 1-rank world is started if none exists)."""
     import torch.distributed as dist
-
-    from kvpo_megatron.parallel.state import init_distributed
 
     if dist.is_initialized() and dist.get_world_size() > 1:
         raise ConfigError("export runs as one process, not under a multi-rank launcher")
@@ -302,20 +298,9 @@ def open_model_dir(path: Path) -> tuple[dict | None, dict]:
 def _section_of(path: Path, info: dict | None, shapes: dict) -> dict:
     if info and info.get("model"):
         return info["model"]
-    arch = formats.infer_arch(shapes, source_name=str(path))
-    arch["num_attention_heads"] = formats.heads_from_presets(arch, source_name=str(path))
-    return formats.arch_to_section(arch)
-
-
-def merge_full(base: dict, lora: dict, scaling: float) -> dict:
-    """Full base weights with ``scaling * B @ A`` added to each adapted linear (computed in float32)."""
-    out = dict(base)
-    for k, a in lora.items():
-        if k.endswith(".lora_A.weight"):
-            mod = k[: -len(".lora_A.weight")]
-            w = out[mod + ".weight"]
-            out[mod + ".weight"] = (w.float() + scaling * (lora[mod + ".lora_B.weight"].float() @ a.float())).to(w.dtype)
-    return out
+    arch = architecture.infer_arch(shapes, source_name=str(path))
+    arch["num_attention_heads"] = architecture.heads_from_presets(arch, source_name=str(path))
+    return architecture.arch_to_section(arch)
 
 
 def export_checkpoint(path: str | Path, out: str | Path, *, to: str, merge_lora: bool = False,
@@ -351,7 +336,7 @@ def export_checkpoint(path: str | Path, out: str | Path, *, to: str, merge_lora:
         raise ConfigError(f"{path}: keys with no {to} name: {unnamed[:20]}")
     sd = {rename(k, "ours", to): v if dtype == "keep" else v.to(DTYPES[dtype])
           for k, v in tqdm(base.items(), desc=f"export to {to}", unit="tensor", disable=not progress)}
-    cfg = formats.diffusers_config_json(section) if to == "diffusers" else formats.wan_config_json(section)
+    cfg = architecture.diffusers_config_json(section) if to == "diffusers" else architecture.wan_config_json(section)
     log.info("export %s -> %s (%s): %d parameters, dtype %s, LoRA %s", path, out, to,
              sum(v.numel() for v in sd.values()), sorted({str(v.dtype).removeprefix("torch.") for v in sd.values()}),
              "merged" if merge_lora else "left out" if has_lora else "none")
@@ -391,9 +376,8 @@ def export_lora(path: str | Path, out: str | Path, *, fmt: str = "comfyui", name
     """
     from safetensors.torch import save_file
 
-    from kvpo_megatron.checkpoint import training_adapter as ta
-    from kvpo_megatron.checkpoint.adapter_formats import COMFYUI_FILE, AdapterFormat, write_comfyui, write_diffusers
-    from kvpo_megatron.lora import PEFT_PREFIX, WEIGHTS_FILE, LoRAConfig, peft_lora_config
+    from kvpo_megatron.checkpoint import training_adapter as ta  # peft + megatron: only once it works (CLI)
+    from kvpo_megatron.lora import PEFT_PREFIX, WEIGHTS_FILE, LoRAConfig, peft_lora_config  # (the same)
 
     try:
         fmt = AdapterFormat(fmt)

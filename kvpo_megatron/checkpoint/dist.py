@@ -9,13 +9,15 @@ rank in the DP x CP group)``.
 
 A *model checkpoint directory* (what ``tools/convert_checkpoint.py import`` writes) holds:
 
-* ``model.<name>``: base weights in our names (as before ``apply_lora``, see ``lora.base_parameter_name``);
+* ``model.<name>``: base weights in our names (as before ``apply_lora``, see ``lora_tensors.base_name``);
 * ``lora.<module>.lora_A.weight`` / ``lora_B.weight``: optional LoRA, full tensors (keys of
   ``lora.lora_full_state_dict``), written once;
 * ``kvpo_checkpoint.json`` (:data:`INFO_FILE`): the model section (preset + overrides), dtype, LoRA config;
 * megatron's ``metadata.json`` and torch DCP's ``.metadata`` + ``__<rank>_<n>.distcp`` files;
 * ``integrity.json``: megatron's SHA-256 manifest of the files above (checked by export).
 
+Saving and loading such a directory with its LoRA is ``checkpoint/model_dir.py``; this module holds no LoRA or
+model code, so the converter (``tools/convert_checkpoint.py``) imports it without megatron's model stack.
 Every rank of the world calls save/load together (they are collective). Directories are untrusted input: every
 read goes through ``safe_dcp`` (no pickled code runs; damage is one ``ConfigError`` naming the file).
 """
@@ -31,6 +33,7 @@ import torch.distributed as dist
 
 from kvpo_megatron.checkpoint import safe_dcp
 from kvpo_megatron.errors import ConfigError
+from kvpo_megatron.lora_tensors import base_name
 
 safe_dcp.install()
 log = logging.getLogger(__name__)
@@ -76,16 +79,6 @@ def sharded_tensor(key: str, data: torch.Tensor, dim: int | None, pg_collection,
     if dim is None or tp_size == 1:
         return ShardedTensor.from_rank_offsets(key, data, replica_id=(tp_rank, dpcp))
     return ShardedTensor.from_rank_offsets(key, data, (dim, tp_rank, tp_size), replica_id=(0, dpcp))
-
-
-def is_lora_name(name: str) -> bool:
-    """A LoRA parameter (peft names: ``...q.lora_A.default.weight``)."""
-    return ".lora_A." in name or ".lora_B." in name
-
-
-def base_name(name: str) -> str:
-    """A parameter's name before ``apply_lora`` (as ``lora.base_parameter_name``; no peft import here)."""
-    return name.replace(".base_layer.", ".")
 
 
 def _key(name: str) -> str:
@@ -221,81 +214,3 @@ def lora_sharded_state_dict(full: dict[str, torch.Tensor]) -> dict:
     rank = global_rank()
     return {f"{LORA_PREFIX}{k}": sharded_tensor(LORA_PREFIX + k, t, None, None, replica=rank)
             for k, t in full.items()}
-
-
-def save_model_dist(model: torch.nn.Module, path: str | Path, *, dtype: torch.dtype | None = None,
-                    info: dict | None = None) -> None:
-    """Save base weights (cast to ``dtype``) and, if the model has LoRA adapters, their full tensors."""
-    all_names = [n for n, _ in model.named_parameters()]
-    names = [n for n in all_names if not is_lora_name(n)]
-    sd = model_sharded_state_dict(model, names=names)
-    if dtype is not None:
-        for st in sd.values():
-            st.data = st.data.to(dtype)
-    if len(names) < len(all_names):
-        from kvpo_megatron.lora import lora_full_state_dict
-        sd.update(lora_sharded_state_dict(lora_full_state_dict(model)))
-    Path(path).mkdir(parents=True, exist_ok=True)
-    save_sharded(sd, path)
-    if global_rank() == 0:
-        if info is not None:
-            (Path(path) / INFO_FILE).write_text(json.dumps(info, indent=2))
-        safe_dcp.write_manifest(path)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # the checkpoint, info file included, is complete on every rank's return
-
-
-def _merge_lora_into_base(model, lora: dict[str, torch.Tensor], scaling: float) -> None:
-    """W += scaling * B @ A on this rank's slice of each base weight (rows of B or columns of A of the slice)."""
-    tp_rank, tp_size, _ = layout(getattr(model, "pg_collection", None))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for k in sorted(lora):
-            if not k.endswith(".lora_A.weight"):
-                continue
-            module = k[: -len(".lora_A.weight")]
-            p = params.get(module + ".weight")
-            if p is None:
-                raise ConfigError(f"LoRA module {module} has no base weight in the model")
-            a, b = lora[k].float(), lora[module + ".lora_B.weight"].float()  # [r, in], [out, r]
-            dim = partition_dim(p)
-            if dim == 0 and tp_size > 1:
-                b = b.chunk(tp_size, dim=0)[tp_rank]
-            elif dim == 1 and tp_size > 1:
-                a = a.chunk(tp_size, dim=1)[tp_rank]
-            p.add_(((b @ a) * scaling).to(device=p.device, dtype=p.dtype))
-
-
-def load_model_dist(model: torch.nn.Module, path: str | Path) -> None:
-    """Load a model checkpoint directory into ``model`` at its TP/CP layout.
-
-    Base weights go into the base parameters. A stored LoRA goes into the model's adapters when it has them
-    (``apply_lora`` first, with the rank/alpha of ``kvpo_checkpoint.json``), else it is merged into the base
-    weights (``W += alpha/r B A``), so generation with a plain model runs the adapted network.
-    """
-    meta = tensor_metadata(path)
-    all_names = [n for n, _ in model.named_parameters()]
-    names = [n for n in all_names if not is_lora_name(n)]
-    load_params_dist(model, path, names=names, meta=meta)
-    has_lora = any(k.startswith(LORA_PREFIX) for k in meta)
-    if not has_lora:
-        if len(names) < len(all_names):
-            log.info("%s holds no LoRA; the model's adapters keep their initialisation", path)
-        return
-    from kvpo_megatron.lora import load_lora_full_state_dict, lora_layers
-
-    layers = list(lora_layers(model))
-    info = read_info(path) or {}
-    lcfg = info.get("lora") or {}
-    full = load_full_tensors(path, prefix=LORA_PREFIX, meta=meta)
-    if layers:
-        layer = layers[0][1]
-        if lcfg and (lcfg["rank"] != layer.r["default"] or float(lcfg["alpha"]) != float(layer.lora_alpha["default"])):
-            raise ConfigError(f"{path}: LoRA r={lcfg['rank']}, alpha={lcfg['alpha']} but the model's adapters have "
-                              f"r={layer.r['default']}, alpha={layer.lora_alpha['default']}")
-        load_lora_full_state_dict(model, full, source_name=str(path))
-        return
-    if not lcfg:
-        raise ConfigError(f"{path}: holds LoRA tensors but {INFO_FILE} has no 'lora' entry (rank, alpha)")
-    _merge_lora_into_base(model, full, float(lcfg["alpha"]) / int(lcfg["rank"]))
-    log.info("merged the checkpoint's LoRA (r=%s, alpha=%s) into the base weights", lcfg["rank"], lcfg["alpha"])

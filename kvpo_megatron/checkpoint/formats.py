@@ -14,29 +14,24 @@ Every weights file users bring is read by one function, :func:`read_weights` (th
   ``LongLive-2.0-5B/model_bf16.pt``: ``generator`` (bf16, LoRA merged) plus the strings ``checkpoint_format``
   ``"longlive_generator_merged_lora"``, ``model_name``, ``dtype``, ``source_*_ckpt`` and ``merged_lora``).
   Its LoRA (``lora_checkpoint.pt``: ``{generator_lora, critic_lora, step}``, peft keys over every linear of the
-  blocks, rank 128 = alpha in ``configs/inference.yaml``) is read by ``read_lora``. The NVFP4 releases
+  blocks, rank 128 = alpha in ``configs/inference.yaml``) is read by ``adapter_formats.read_lora``. The NVFP4 releases
   (``checkpoint_format`` ``longlive_generator_nvfp4`` / ``longlive_generator_te_nvfp4``: quantized buffers) are
   refused: import the bf16 ``model_bf16.pt``.
 
 Tensors are read lazily (``LazyTensor``): safetensors through ``safe_open`` slices, torch files through
 ``torch.load(mmap=True, weights_only=True)``, so a tensor-parallel rank reads only its slice. Untrusted
-files are never unpickled with code (``weights_only=True``).
-
-LoRA files (``read_lora``): LongLive's / MemFlow's ``lora.pt`` (``{generator_lora, critic_lora, step}``) or a
-raw peft state dict (``base_model.model.blocks.0.self_attn.q.lora_A.weight``, Wan names), or a peft adapter
-directory (``adapter_model.safetensors``).
+files are never unpickled with code (``weights_only=True``). A source's architecture (``config.json`` or
+tensor shapes -> model section) is ``checkpoint/architecture.py``; LoRA files are ``checkpoint/adapter_formats.py``.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from kvpo_megatron.checkpoint.architecture import arch_to_section, config_json_to_arch, heads_from_presets, infer_arch
 from kvpo_megatron.checkpoint.mappings import rename
 from kvpo_megatron.errors import ConfigError
 
@@ -173,115 +168,6 @@ def _open_sharded(index: Path) -> tuple[dict[str, LazyTensor], list[Path]]:
     return out, files
 
 
-# ------------------------------------------------------------------------------------------ model config
-# config.json field -> WanConfig field, per format
-WAN_FIELDS = {"dim": "hidden_size", "ffn_dim": "ffn_hidden_size", "num_heads": "num_attention_heads",
-              "num_layers": "num_layers", "in_dim": "in_channels", "out_dim": "out_channels", "freq_dim": "freq_dim",
-              "text_dim": "text_dim", "text_len": "text_len", "eps": "layernorm_epsilon", "patch_size": "patch_size"}
-DIFFUSERS_FIELDS = {"num_attention_heads": "num_attention_heads", "ffn_dim": "ffn_hidden_size",
-                    "num_layers": "num_layers", "in_channels": "in_channels", "out_channels": "out_channels",
-                    "freq_dim": "freq_dim", "text_dim": "text_dim", "eps": "layernorm_epsilon",
-                    "patch_size": "patch_size", "rope_max_seq_len": "rope_max_positions"}
-ARCH_FIELDS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_layers", "in_channels",
-               "out_channels", "freq_dim", "text_dim", "text_len", "layernorm_epsilon", "patch_size",
-               "rope_max_positions")
-# fields whose values we don't support (original Wan i2v/flf2v variants, other norms)
-_UNSUPPORTED = {"wan": {"model_type": ("t2v", "ti2v"), "qk_norm": (True,), "cross_attn_norm": (True,)},
-                "diffusers": {"qk_norm": ("rms_norm_across_heads",), "cross_attn_norm": (True,),
-                              "image_dim": (None,), "added_kv_proj_dim": (None,)}}
-
-
-def _preset_value(preset: str, name: str):
-    from kvpo_megatron.model.config import PRESETS, WanConfig
-
-    if name in PRESETS[preset]:
-        return PRESETS[preset][name]
-    f = {f.name: f for f in dataclasses.fields(WanConfig)}[name]
-    return f.default
-
-
-def arch_to_section(arch: dict) -> dict:
-    """WanConfig architecture fields -> ``{'preset', 'overrides'}`` using the closest named preset."""
-    from kvpo_megatron.model.config import PRESETS
-
-    def norm(v):
-        return list(v) if isinstance(v, tuple | list) else v
-
-    best = min(PRESETS, key=lambda p: sum(norm(_preset_value(p, k)) != norm(v) for k, v in arch.items()))
-    overrides = {k: norm(v) for k, v in arch.items() if norm(_preset_value(best, k)) != norm(v)}
-    return {"preset": best, "overrides": overrides}
-
-
-def section_arch(section: dict) -> dict:
-    """``{'preset', 'overrides'}`` -> every architecture field's value."""
-    return {k: section["overrides"].get(k, _preset_value(section["preset"], k)) for k in ARCH_FIELDS}
-
-
-def config_json_to_arch(cfg: dict, fmt: str, *, source_name: str) -> dict:
-    """A Wan or diffusers ``config.json`` -> WanConfig architecture fields."""
-    kind = "diffusers" if fmt == "diffusers" else "wan"
-    for key, allowed in _UNSUPPORTED[kind].items():
-        if key in cfg and cfg[key] not in allowed:
-            raise ConfigError(f"{source_name}: config field {key}={cfg[key]!r} is not supported "
-                              f"(supported: {list(allowed)})")
-    table = DIFFUSERS_FIELDS if kind == "diffusers" else WAN_FIELDS
-    arch = {ours: cfg[theirs] for theirs, ours in table.items() if theirs in cfg}
-    if kind == "diffusers" and "attention_head_dim" in cfg and "num_attention_heads" in cfg:
-        arch["hidden_size"] = cfg["attention_head_dim"] * cfg["num_attention_heads"]
-    if "patch_size" in arch:
-        arch["patch_size"] = tuple(arch["patch_size"])
-    return arch
-
-
-def infer_arch(shapes: dict[str, tuple], *, source_name: str) -> dict:
-    """Architecture fields readable from tensor shapes (our names); the head count is not among them."""
-    need = ("patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight",
-            "blocks.0.ffn_fc1.weight", "head.head.weight")
-    absent = [k for k in need if k not in shapes]
-    if absent:
-        raise ConfigError(f"{source_name}: cannot infer the model shape, missing keys {absent}")
-    pe = shapes["patch_embedding.weight"]
-    patch = tuple(pe[2:])
-    return {"hidden_size": pe[0], "in_channels": pe[1], "patch_size": patch,
-            "text_dim": shapes["text_embedding.0.weight"][1], "freq_dim": shapes["time_embedding.0.weight"][1],
-            "ffn_hidden_size": shapes["blocks.0.ffn_fc1.weight"][0],
-            "num_layers": 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))),
-            "out_channels": shapes["head.head.weight"][0] // math.prod(patch)}
-
-
-def heads_from_presets(arch: dict, *, source_name: str) -> int:
-    from kvpo_megatron.model.config import PRESETS
-
-    for name, p in PRESETS.items():
-        if p["hidden_size"] == arch["hidden_size"]:
-            return p["num_attention_heads"]
-    raise ConfigError(f"{source_name}: no config.json and no preset with hidden size {arch['hidden_size']}; "
-                      "pass --config CONFIG.json (a Wan config.json with num_heads)")
-
-
-def wan_config_json(section: dict) -> dict:
-    """Original Wan2.1 ``config.json`` for a model section."""
-    a = section_arch(section)
-    # Wan2.2-TI2V-5B's config.json says "ti2v" (48 latent channels); its DiT is the t2v one at other sizes
-    cfg = {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "model_type": "ti2v" if a["in_channels"] == 48
-           else "t2v"}
-    cfg.update({theirs: a[ours] for theirs, ours in WAN_FIELDS.items()})
-    cfg.update(patch_size=list(a["patch_size"]), qk_norm=True, cross_attn_norm=True, window_size=[-1, -1])
-    return cfg
-
-
-def diffusers_config_json(section: dict) -> dict:
-    """diffusers ``WanTransformer3DModel`` ``config.json`` for a model section."""
-    a = section_arch(section)
-    return {"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.33.0",
-            "patch_size": list(a["patch_size"]), "num_attention_heads": a["num_attention_heads"],
-            "attention_head_dim": a["hidden_size"] // a["num_attention_heads"], "in_channels": a["in_channels"],
-            "out_channels": a["out_channels"], "text_dim": a["text_dim"], "freq_dim": a["freq_dim"],
-            "ffn_dim": a["ffn_hidden_size"], "num_layers": a["num_layers"], "cross_attn_norm": True,
-            "qk_norm": "rms_norm_across_heads", "eps": a["layernorm_epsilon"], "image_dim": None,
-            "added_kv_proj_dim": None, "rope_max_seq_len": a["rope_max_positions"]}
-
-
 # ------------------------------------------------------------------------------------------ sources
 @dataclass(kw_only=True)
 class Source:
@@ -409,79 +295,6 @@ def read_source(fmt: str, path: str | Path, *, config_path: str | Path | None = 
         arch = infer_arch({k: t.shape for k, t in w.tensors.items()}, source_name=w.name)
         arch["num_attention_heads"] = heads_from_presets(arch, source_name=w.name)
     return Source(tensors=w.tensors, section=arch_to_section(arch), unknown=w.unknown, files=w.files, name=w.name)
-
-
-# ------------------------------------------------------------------------------------------ LoRA
-@dataclass(kw_only=True)
-class LoraWeights:
-    """A LoRA read from a peft-style state dict: per target linear (our name) its full A [r, in] and B [out, r]."""
-
-    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    """Our module name (``blocks.0.self_attn.q``) -> (lora_A, lora_B)."""
-    rank: int = 0
-    """LoRA rank r."""
-    name: str = ""
-    """The file it was read from (for messages)."""
-
-
-_PEFT = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
-
-
-def _peft_module_to_ours(mod: str) -> str | None:
-    for prefix in ("base_model.model.", "model."):
-        if mod.startswith(prefix):
-            mod = mod[len(prefix):]
-    mod = clean_key(mod)
-    for fmt in ("wan", "ours", "diffusers"):
-        ours = rename(mod + ".weight", fmt, "ours")
-        if ours is not None:
-            return ours[: -len(".weight")]
-    return None
-
-
-def parse_peft_state_dict(sd: dict, *, source_name: str) -> LoraWeights:
-    """peft keys (``base_model.model.<module>.lora_A[.default].weight``) -> ``LoraWeights`` in our names."""
-    a, b, bad = {}, {}, []
-    for k, v in sd.items():
-        m = _PEFT.match(k)
-        ours = _peft_module_to_ours(m["mod"]) if m else None
-        if ours is None or not isinstance(v, torch.Tensor) or v.dim() != 2:
-            bad.append(k)
-            continue
-        (a if m["ab"] == "A" else b)[ours] = v
-    unpaired = sorted(set(a) ^ set(b))
-    if bad or unpaired or not a:
-        raise ConfigError(f"{source_name}: not a LoRA state dict over the block linears: unknown keys {bad[:20]}, "
-                          f"modules without both lora_A and lora_B {unpaired[:20]}" + ("" if a else " (no LoRA keys)"))
-    ranks = {t.shape[0] for t in a.values()} | {t.shape[1] for t in b.values()}
-    if len(ranks) != 1:
-        raise ConfigError(f"{source_name}: LoRA ranks differ between modules: {sorted(ranks)}")
-    return LoraWeights(pairs={m: (a[m], b[m]) for m in sorted(a)}, rank=ranks.pop(), name=source_name)
-
-
-def read_lora(path: str | Path) -> LoraWeights:
-    """LongLive/MemFlow ``lora.pt`` (``generator_lora``) or a raw peft state dict, or a peft adapter dir."""
-    path = Path(path)
-    if path.is_dir():
-        if (path / ".metadata").is_file():  # torch DCP
-            raise ConfigError(f"{path} is a megatron dist checkpoint directory, not a LoRA file or peft adapter; "
-                              "export its LoRA with tools/convert_checkpoint.py export DIR --lora-only OUT")
-        if not (path / "adapter_model.safetensors").exists() and (path / "adapter_model.bin").exists():
-            raise ConfigError(f"{path}: adapter_model.bin is a pickle, which is not read; save the adapter as "
-                              "adapter_model.safetensors (peft: save_pretrained(safe_serialization=True))")
-        path = path / "adapter_model.safetensors"
-    if not path.exists():
-        raise ConfigError(f"LoRA file not found: {path}")
-    if path.suffix == ".safetensors":
-        sd = read_safetensors(path)
-    else:
-        sd = torch_load(path)
-    if not isinstance(sd, dict):
-        raise ConfigError(f"{path}: expected a dict, got {type(sd).__name__}")
-    if isinstance(sd.get("generator_lora"), dict):
-        sd = sd["generator_lora"]
-    return parse_peft_state_dict({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in sd.items()},
-                                 source_name=str(path))
 
 
 # ------------------------------------------------------------------------------------------ writers

@@ -7,8 +7,14 @@ from pathlib import Path
 
 import torch
 
+from kvpo_megatron.checkpoint.dist import INFO_FILE, read_info
+from kvpo_megatron.checkpoint.model_dir import load_model_dist
+from kvpo_megatron.checkpoint.formats import read_weights
 from kvpo_megatron.checkpoint.sharding import load_full_state_dict
 from kvpo_megatron.errors import ConfigError
+from kvpo_megatron.lora import LoRAConfig, apply_lora
+from kvpo_megatron.lora_tensors import base_name, is_lora_name
+from kvpo_megatron.model.build import ModelSection
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +34,6 @@ def warn_if_random_weights(section) -> bool:
 
 def checkpoint_model_section(path: str | Path):
     """The ``ModelSection`` (preset + overrides, ``checkpoint=path``) of an imported checkpoint directory."""
-    from kvpo_megatron.checkpoint.dist import INFO_FILE, read_info
-    from kvpo_megatron.model.build import ModelSection
-
     info = read_info(path)
     if not info or "model" not in info:
         raise ConfigError(f"{path}: no {INFO_FILE} with a 'model' entry; was it written by convert_checkpoint import?")
@@ -39,9 +42,6 @@ def checkpoint_model_section(path: str | Path):
 
 def checkpoint_lora_config(path: str | Path):
     """The ``LoRAConfig`` of the LoRA stored in an imported checkpoint directory, or None if it holds none."""
-    from kvpo_megatron.checkpoint.dist import read_info
-    from kvpo_megatron.lora import LoRAConfig
-
     lora = (read_info(path) or {}).get("lora")
     if not lora:
         return None
@@ -55,12 +55,8 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, *, use_ema: boo
     a directory of (sharded) safetensors, in our, Wan or diffusers names; a Self-Forcing/LongLive/MemFlow training
     dict gives ``generator`` (or ``model``), ``generator_ema`` with ``use_ema``, as the converter's ``--use-ema``.
     On a model with LoRA the base weights go to the ``base_layer`` names and the adapters stay as they are."""
-    from kvpo_megatron.checkpoint.dist import base_name, is_lora_name
-    from kvpo_megatron.checkpoint.formats import read_weights
-
     p = Path(path)
     if p.is_dir() and (p / ".metadata").is_file():  # torch DCP: a converted / training checkpoint directory
-        from kvpo_megatron.checkpoint.dist import load_model_dist
         load_model_dist(model, p)
         return
     weights = read_weights(p, use_ema=use_ema)
@@ -75,8 +71,6 @@ def load_weights_with_lora(model: torch.nn.Module, section, lora_cfg) -> None:
     """Base weights from ``section.checkpoint`` (a ``ModelSection``; random init when None), then LoRA
     ``lora_cfg`` applied. A converted checkpoint directory's LoRA becomes the model's adapter (its rank and alpha
     must match ``lora_cfg``). The trainer and ``tools/evaluate.py`` build their models this way."""
-    from kvpo_megatron.lora import apply_lora
-
     path = section.checkpoint
     ck = checkpoint_lora_config(path) if path is not None and Path(path).is_dir() else None
     if ck is not None:

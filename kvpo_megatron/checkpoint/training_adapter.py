@@ -21,6 +21,8 @@ import torch.distributed as dist
 from kvpo_megatron.checkpoint.dist import load_full_tensors, load_params_dist, tensor_metadata
 from kvpo_megatron.checkpoint.training import COMPLETE, EMA_PREFIX, verify_training_checkpoint
 from kvpo_megatron.errors import ConfigError
+from kvpo_megatron.lora import lora_parameters
+from kvpo_megatron.parallel.state import init_distributed
 
 MODEL_PREFIX = "model."
 _PEFT_NAME = re.compile(r"\.(lora_[AB])\.default\.weight$")
@@ -67,7 +69,6 @@ def read_training_adapter(path: str | Path, weights: AdapterWeights | str = Adap
     path = Path(path)
     _verified(path)
     if not dist.is_initialized():  # megatron's loader is collective: a 1-rank world for a plain process
-        from kvpo_megatron.parallel.state import init_distributed
         init_distributed()
     meta = tensor_metadata(path)
     prefix = _prefix(path, weights, meta)
@@ -79,8 +80,6 @@ def read_training_adapter(path: str | Path, weights: AdapterWeights | str = Adap
 def load_training_adapter(model: torch.nn.Module, path: str | Path,
                           weights: AdapterWeights | str = AdapterWeights.raw) -> None:
     """Copy a training checkpoint's LoRA (raw or EMA) into ``model``'s adapters at the model's TP (collective)."""
-    from kvpo_megatron.lora import lora_parameters
-
     path = Path(path)
     _verified(path)
     meta = tensor_metadata(path)

@@ -1,6 +1,7 @@
 """Conditioning: text encoders (hash | umT5 | precomputed store) and latent decoders (preview | Wan2.1 VAE).
 
-Heavy libraries (transformers, diffusers, sentencepiece) are imported only when a real model is built.
+Heavy libraries (transformers, diffusers, sentencepiece) are imported only when a real model is built (inside
+``umt5.py`` / ``vae.py``).
 """
 from kvpo_megatron.conditioning.files import MissingFileError
 from kvpo_megatron.conditioning.text_encoder import (
@@ -12,6 +13,7 @@ from kvpo_megatron.conditioning.text_encoder import (
     TextEncoderKind,
     build_text_encoder,
 )
+from kvpo_megatron.conditioning.umt5 import SentencePieceTokenizer, UMT5TextEncoder
 from kvpo_megatron.conditioning.vae import (
     DecoderConfig,
     DecoderKind,
@@ -20,15 +22,6 @@ from kvpo_megatron.conditioning.vae import (
     WanVAEDecoder,
     build_decoder,
 )
-
-
-def __getattr__(name: str):
-    # UMT5TextEncoder / SentencePieceTokenizer live in umt5.py; import lazily.
-    if name in ("UMT5TextEncoder", "SentencePieceTokenizer"):
-        from kvpo_megatron.conditioning import umt5
-
-        return getattr(umt5, name)
-    raise AttributeError(name)
 
 
 __all__ = [

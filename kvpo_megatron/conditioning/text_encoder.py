@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from kvpo_megatron.conditioning.umt5 import UMT5TextEncoder
 from kvpo_megatron.data.embedding_store import EmbeddingStore
 from kvpo_megatron.data.prompts import prompt_hash
 from kvpo_megatron.errors import ConfigError
@@ -170,8 +171,6 @@ def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
     if cfg.kind == TextEncoderKind.HASH:
         enc: TextEncoder = HashTextEncoder(text_len=cfg.text_len, text_dim=cfg.text_dim, seed=cfg.seed)
     elif cfg.kind == TextEncoderKind.UMT5:
-        from kvpo_megatron.conditioning.umt5 import UMT5TextEncoder
-
         enc = UMT5TextEncoder.from_pretrained(cfg.path, tokenizer=cfg.tokenizer, text_len=cfg.text_len,
                                               device=cfg.device, dtype=DTYPES[cfg.dtype])
     else:

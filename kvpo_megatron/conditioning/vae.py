@@ -30,6 +30,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from kvpo_megatron.conditioning.files import require_path
+from kvpo_megatron.conditioning.wan_key_maps import wan22_vae_original_to_diffusers
 from kvpo_megatron.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -159,7 +160,6 @@ def load_wan_vae(path: str | Path, *, vae_config: str | Path | dict | None = Non
         raise ConfigError(f"{p}: not a Wan VAE state dict (no 'decoder.*' keys)")
     wan22 = any(re.match(r"encoder\.downsamples\.\d+\.downsamples\.", k) for k in state)
     if wan22:
-        from kvpo_megatron.conditioning.wan_key_maps import wan22_vae_original_to_diffusers
         state, default = wan22_vae_original_to_diffusers(state, source=str(p)), "Wan2.2 config"
         vae_config = vae_config or WAN22_VAE_CONFIG
     else:

@@ -12,9 +12,16 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from kvpo_megatron.config import deep_merge, from_dict, parse_overrides, to_dict
+from kvpo_megatron.checkpoint.training import complete_checkpoints
+from kvpo_megatron.checkpoint.training_adapter import is_training_checkpoint, training_config
+from kvpo_megatron.config import deep_merge, from_dict, load_config, parse_overrides, to_dict
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.evaluation.config import EvalConfig
+from kvpo_megatron.evaluation.report import write_report
+from kvpo_megatron.evaluation.runner import Evaluator, plan_jobs, plan_variants
+from kvpo_megatron.extras import check_job_extras, require
+from kvpo_megatron.kvpo.train_config import TINY_DEFAULT, KVPOTrainConfig
+from kvpo_megatron.presets import generator_preset
 
 log = logging.getLogger(__name__)
 EVAL_PREFIX = "eval."
@@ -23,9 +30,6 @@ _FINGERPRINT_KEYS = ("model", "cache", "sampler", "video", "text", "decoder", "r
 
 
 def _first_training_checkpoint(paths: list[str]) -> Path | None:
-    from kvpo_megatron.checkpoint.training import complete_checkpoints
-    from kvpo_megatron.checkpoint.training_adapter import is_training_checkpoint
-
     for p in map(Path, paths):
         if is_training_checkpoint(p):
             return p
@@ -40,16 +44,10 @@ def load_eval_configs(paths: list[str], *, config: str | None = None, preset: st
     """(training config, ``EvalConfig``). Overrides ``eval.*`` go to the evaluation section, the rest to the
     training config, which is ``--preset``/``--config`` if given, else the first training checkpoint's saved
     configuration, else the embedded tiny default."""
-    from kvpo_megatron.checkpoint.training_adapter import training_config
-    from kvpo_megatron.config import load_config
-    from kvpo_megatron.kvpo.train_config import TINY_DEFAULT, KVPOTrainConfig
-
     overrides = list(overrides or [])
     ev = [o[len(EVAL_PREFIX):] for o in overrides if o.startswith(EVAL_PREFIX)]
     tr = [o for o in overrides if not o.startswith(EVAL_PREFIX)]
     if config is not None or preset is not None:
-        from kvpo_megatron.presets import generator_preset
-
         train = load_config(KVPOTrainConfig, config, tr, base=generator_preset(preset) if preset else {})
     else:
         ckpt = _first_training_checkpoint(paths)
@@ -71,11 +69,6 @@ def fingerprint(train_cfg) -> str:
 def run_evaluation(paths: list[str], train_cfg, eval_cfg: EvalConfig, out: str | Path) -> dict:
     """Generate, score and report (collective under torchrun). Returns ``{'generated': n, 'html': path, ...}``
     (the paths on global rank 0 only)."""
-    from kvpo_megatron.evaluation.report import write_report
-    from kvpo_megatron.evaluation.runner import Evaluator, plan_jobs, plan_variants
-
-    from kvpo_megatron.extras import check_job_extras, require
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")

@@ -29,11 +29,24 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from kvpo_megatron.accelerate import accelerate
 from kvpo_megatron.checkpoint import training_adapter as ta
+from kvpo_megatron.checkpoint.dist import tensor_metadata
+from kvpo_megatron.checkpoint.loading import load_weights_with_lora, warn_if_random_weights
 from kvpo_megatron.checkpoint.training import EMA_PREFIX, complete_checkpoints
+from kvpo_megatron.conditioning.text_encoder import build_text_encoder
+from kvpo_megatron.conditioning.vae import build_decoder
+from kvpo_megatron.conditioning.video_io import write_mp4
 from kvpo_megatron.data.prompts import PromptDataset
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.evaluation.config import EvalConfig, WeightsChoice
+from kvpo_megatron.lora import adapters_disabled, load_adapter
+from kvpo_megatron.model.build import build_model
+from kvpo_megatron.model.multishot import is_scene_cut
+from kvpo_megatron.parallel.state import init_parallel, validate_tokens
+from kvpo_megatron.rewards.composite import build_reward, spans_from_switch_frames
+from kvpo_megatron.sampling import FlowMatchSampler, PromptSwitch, StreamingGenerator
+from kvpo_megatron.sampling.noise import StepNoise
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +79,6 @@ class Job:
 
 
 def _has_ema(path: Path) -> bool:
-    from kvpo_megatron.checkpoint.dist import tensor_metadata
-
     return any(k.startswith(EMA_PREFIX) for k in tensor_metadata(path))
 
 
@@ -150,15 +161,6 @@ class Evaluator:
     def __init__(self, train_cfg, eval_cfg: EvalConfig, out: str | Path, *, fingerprint: str = ""):
         """``fingerprint``: identifies the model/sampler/reward configuration; a finished job of another one is
         generated again rather than reused."""
-        from kvpo_megatron.accelerate import accelerate
-        from kvpo_megatron.checkpoint.loading import load_weights_with_lora, warn_if_random_weights
-        from kvpo_megatron.conditioning.text_encoder import build_text_encoder
-        from kvpo_megatron.conditioning.vae import build_decoder
-        from kvpo_megatron.model.build import build_model
-        from kvpo_megatron.parallel.state import init_parallel, validate_tokens
-        from kvpo_megatron.rewards.composite import build_reward
-        from kvpo_megatron.sampling import FlowMatchSampler, StreamingGenerator
-
         self.cfg, self.ecfg, self.out, self.fingerprint = train_cfg, eval_cfg, Path(out), fingerprint
         par = train_cfg.parallel
         self.pgs = init_parallel(par)
@@ -213,8 +215,6 @@ class Evaluator:
     @contextmanager
     def weights(self, v: Variant):
         """The model holds variant ``v``'s weights inside the block."""
-        from kvpo_megatron.lora import adapters_disabled, load_adapter
-
         if v.kind == "base":
             with adapters_disabled(self.model):
                 yield
@@ -239,10 +239,6 @@ class Evaluator:
     def generate(self, job: Job) -> torch.Tensor:
         """Decoded frames [1, T, 3, H, W] of ``job`` under the model's current weights. Every variant gets the
         same initial noise and (re-noising sampler) the same keyed step noise."""
-        from kvpo_megatron.model.multishot import is_scene_cut
-        from kvpo_megatron.sampling import PromptSwitch
-        from kvpo_megatron.sampling.noise import StepNoise
-
         emb, _ = self.text_encoder.encode(job.prompts)
         starts = [0, *job.switch_frames]
         switches = [PromptSwitch(s, self.model.encode_text(emb[i:i + 1].to(self.device)), s > 0 and is_scene_cut(p))
@@ -252,8 +248,6 @@ class Evaluator:
 
     def score(self, job: Job, frames: torch.Tensor) -> list[dict]:
         """Every reward component (and the weighted total) on each prompt segment of the video."""
-        from kvpo_megatron.rewards.composite import spans_from_switch_frames
-
         spans = spans_from_switch_frames(job.switch_frames, num_latent_frames=job.num_frames,
                                          num_frames=frames.shape[1])
         bounds = [0, *job.switch_frames, job.num_frames]
@@ -267,8 +261,6 @@ class Evaluator:
         return rows
 
     def run_job(self, job: Job, v: Variant) -> None:
-        from kvpo_megatron.conditioning.video_io import write_mp4
-
         frames = self.generate(job)
         segments = self.score(job, frames)
         if not self.writer:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from kvpo_megatron.conditioning.video_io import write_mp4
 from kvpo_megatron.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -162,8 +163,6 @@ class SampleLogger:
 
     def log_samples(self, iteration: int, result, prompts: list[str] | None = None) -> dict[str, Path]:
         """Decode anchor, best and worst branch of ``result`` (a ``GroupResult``); write and log them."""
-        from kvpo_megatron.conditioning.video_io import write_mp4
-
         try:
             import av  # noqa: F401  (the mp4 writer's; the media extra)
             mp4 = True

@@ -25,25 +25,26 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from kvpo_megatron.accelerate import accelerate, fp8_enabled
 from kvpo_megatron.checkpoint import training as ckpt
 from kvpo_megatron.checkpoint.loading import load_weights_with_lora, warn_if_random_weights
+from kvpo_megatron.cli import log_single_rank
 from kvpo_megatron.conditioning.text_encoder import build_text_encoder
 from kvpo_megatron.conditioning.vae import build_decoder
 from kvpo_megatron.config import to_dict
 from kvpo_megatron.data.prompts import PromptDataset, PromptLoader, PromptSample
+from kvpo_megatron.data.rollout_archive import RolloutArchive
 from kvpo_megatron.errors import ConfigError
-from kvpo_megatron.cli import log_single_rank
+from kvpo_megatron.extras import check_job_extras
 from kvpo_megatron.kvpo.ema import ParameterEMA
 from kvpo_megatron.kvpo.metrics import MetricsLogger, check_out_dir, dp_mean, iteration_line, remove_run_files
-from kvpo_megatron.kvpo.objective import (LossTerms, gibbs_log_policy, guard_passes, multi_advantages,
-                                          tve_coefficients)
+from kvpo_megatron.kvpo.objective import LossTerms, gibbs_log_policy, guard_passes, multi_advantages, tve_coefficients
 from kvpo_megatron.kvpo.pipeline import ModelGuard, Timeline, check_overlap_supported, replay_generator, run_overlapped
 from kvpo_megatron.kvpo.replay import plan_replay, replay_gradients
 from kvpo_megatron.kvpo.rollout import Rollout
 from kvpo_megatron.kvpo.samples import SampleLogger
-from kvpo_megatron.kvpo.types import PromptContext, RolloutGroup
 from kvpo_megatron.kvpo.train_config import KVPOTrainConfig, resume_changes
-from kvpo_megatron.accelerate import accelerate, fp8_enabled
+from kvpo_megatron.kvpo.types import PromptContext, RolloutGroup
 from kvpo_megatron.lora import adapters_disabled, lora_parameters, merged, save_adapter, unmerged
 from kvpo_megatron.model.build import build_model
 from kvpo_megatron.model.multishot import is_scene_cut
@@ -92,8 +93,6 @@ class GroupResult:
 
 class KVPOTrainer:
     def __init__(self, cfg: KVPOTrainConfig):
-        from kvpo_megatron.extras import check_job_extras
-
         check_job_extras(cfg)  # a feature whose setup.py extra is missing stops here, naming the extra
         self.cfg = cfg
         par = cfg.parallel
@@ -165,7 +164,6 @@ class KVPOTrainer:
                                     run_config=to_dict(cfg))
         self.archive = None
         if cfg.train.rollout_archive and self.rank == 0:
-            from kvpo_megatron.data.rollout_archive import RolloutArchive
             self.archive = RolloutArchive(cfg.train.rollout_archive)
 
     # ---- execution forms of the one model -----------------------------------------------------

@@ -7,6 +7,7 @@ from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.model.causal_wan import CausalWanDiT
 from kvpo_megatron.model.config import LayerSpecKind, model_config
 from kvpo_megatron.model.specs import local_spec
+from kvpo_megatron.model.te_spec import LinearGroup, te_spec
 from kvpo_megatron.parallel.cp_attention import context_parallel_spec
 from kvpo_megatron.parallel.layout import CPAttention, check_heads
 from kvpo_megatron.parallel.state import check_group_sizes
@@ -35,7 +36,6 @@ class ModelSection:
 
     def __post_init__(self):
         if self.fp8_linears is not None:
-            from kvpo_megatron.model.te_spec import LinearGroup
             self.fp8_linears = tuple(self.fp8_linears)
             bad = [g for g in self.fp8_linears if g not in {x.value for x in LinearGroup}]
             if bad:
@@ -53,7 +53,6 @@ def build_model(section: ModelSection, *, pg_collection, tp: int = 1, cp: int = 
     cfg = model_config(section.preset, tensor_model_parallel_size=tp, context_parallel_size=cp, **ov, **extra)
     check_group_sizes(pg_collection, tp=tp, cp=cp)
     if cfg.spec == LayerSpecKind.te:
-        from kvpo_megatron.model.te_spec import te_spec
         spec = te_spec(cfg, fp8_linears=section.fp8_linears)
     elif cp > 1:
         spec = context_parallel_spec(check_heads(cfg.num_attention_heads, tp=tp, cp=cp, cp_attention=cp_attention))

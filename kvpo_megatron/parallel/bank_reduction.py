@@ -22,6 +22,7 @@ import torch.distributed as dist
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.model.memory_bank import LOCAL, ScoreReduction
 from kvpo_megatron.parallel.collectives import group_rank, group_size
+from kvpo_megatron.parallel.cp_attention import UlyssesCachedAttention
 
 
 def _all_reduce(group, op) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -80,8 +81,6 @@ def score_reduction(pg_collection, *, heads_over_cp: bool) -> ScoreReduction:
 
 def score_reduction_for(model) -> ScoreReduction:
     """The reduction for a built ``CausalWanDiT`` (its ``pg_collection`` and attention cores)."""
-    from kvpo_megatron.parallel.cp_attention import UlyssesCachedAttention
-
     pgs = next((m.pg_collection for m in model.modules() if hasattr(m, "pg_collection")), None)
     ulysses = any(isinstance(m, UlyssesCachedAttention) for m in model.modules())
     return score_reduction(pgs, heads_over_cp=ulysses)

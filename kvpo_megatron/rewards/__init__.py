@@ -1,6 +1,6 @@
 """Rewards: component contract, built-in weight-free components, HPSv3, VideoAlign, and the composite reward.
 
-HPSv3/VideoAlign (transformers, accelerate) are imported only when a config names them.
+HPSv3/VideoAlign's libraries (transformers, accelerate) are imported only when a config names them.
 """
 from kvpo_megatron.rewards.base import RewardComponent, RewardOutput, as_unit_frames
 from kvpo_megatron.rewards.builtin import (

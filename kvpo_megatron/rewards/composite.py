@@ -16,6 +16,8 @@ import torch
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.rewards.base import RewardComponent, RewardOutput
 from kvpo_megatron.rewards.builtin import BUILTIN_COMPONENTS
+from kvpo_megatron.rewards.hpsv3 import HPSv3Reward
+from kvpo_megatron.rewards.videoalign import VideoAlignReward
 
 logger = logging.getLogger(__name__)
 
@@ -205,10 +207,7 @@ def build_reward(cfg: RewardConfig) -> CompositeReward:
         if c.kind in MODEL_KINDS:
             key = (c.kind, c.path, c.base_path, c.device, c.dtype, c.offload, repr(sorted(c.params.items())))
             if key not in models:
-                if c.kind == RewardKind.HPSV3:
-                    from kvpo_megatron.rewards.hpsv3 import HPSv3Reward as cls
-                else:
-                    from kvpo_megatron.rewards.videoalign import VideoAlignReward as cls
+                cls = HPSv3Reward if c.kind == RewardKind.HPSV3 else VideoAlignReward
                 models[key] = cls.from_pretrained(c.path, base_path=c.base_path, **_model_kwargs(c))
             model = models[key]
             if c.kind == RewardKind.HPSV3:

@@ -22,6 +22,7 @@ import torch
 
 from kvpo_megatron.conditioning.files import MissingFileError, require_path
 from kvpo_megatron.errors import ConfigError
+from kvpo_megatron.lora_tensors import lora_pairs, merge_full
 from kvpo_megatron.rewards import qwen2vl as q
 from kvpo_megatron.rewards import videoalign_template as T
 from kvpo_megatron.rewards.base import as_unit_frames, check_prompts, luma
@@ -51,16 +52,16 @@ def merge_lora(state: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], ad
         raise ConfigError(f"{source}: adapter_config.json needs 'r' and 'lora_alpha'")
     r, alpha = int(adapter["r"]), float(adapter["lora_alpha"])
     scale = alpha / math.sqrt(r) if adapter.get("use_rslora") else alpha / r
-    pairs = {k[: -len(".lora_A.weight")] for k in lora if k.endswith(".lora_A.weight")}
+    try:
+        pairs = lora_pairs(lora)
+    except KeyError as e:
+        raise ConfigError(f"{source}: {e.args[0]}") from None
     if not pairs:
         raise ConfigError(f"{source}: no '*.lora_A.weight' tensors in the adapter")
-    for module in sorted(pairs):
-        base_key = f"{module}.weight"
-        if base_key not in state or f"{module}.lora_B.weight" not in lora:
-            raise ConfigError(f"{source}: LoRA module {module!r} has no base weight or no lora_B in the checkpoint")
-        a, b = lora[f"{module}.lora_A.weight"].float(), lora[f"{module}.lora_B.weight"].float()
-        w = state[base_key]
-        state[base_key] = (w.float() + scale * (b @ a)).to(w.dtype)
+    missing = [m for m in pairs if f"{m}.weight" not in state]
+    if missing:
+        raise ConfigError(f"{source}: LoRA modules {missing[:10]} have no base weight in the checkpoint")
+    state.update(merge_full({f"{m}.weight": state[f"{m}.weight"] for m in pairs}, lora, scale))
 
 
 def checkpoint_dir(path: Path) -> Path:

@@ -30,6 +30,7 @@ from kvpo_megatron.lora import lora_layers, lora_state
 from kvpo_megatron.model.attention import TextKV
 from kvpo_megatron.model.kv_cache import AttentionView, CacheConfig, KVCache
 from kvpo_megatron.model.memory_bank import LOCAL, ScoreReduction, update_after_commit
+from kvpo_megatron.parallel.bank_reduction import score_reduction_for
 from kvpo_megatron.sampling.flow_matching import FlowMatchSampler
 from kvpo_megatron.sampling.noise import StepNoise
 
@@ -128,7 +129,6 @@ class StreamingGenerator:
         if self.cache_cfg.memory_bank is None:
             return LOCAL
         if self.bank_reduction is None:
-            from kvpo_megatron.parallel.bank_reduction import score_reduction_for
             self.bank_reduction = score_reduction_for(self.model)
         return self.bank_reduction
 
