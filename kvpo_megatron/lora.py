@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from kvpo_megatron.checkpoint.adapter_formats import write_comfyui
@@ -38,6 +37,7 @@ from kvpo_megatron.checkpoint.formats import read_safetensors
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.lora_layers import ParallelLoraLinear, lora_base_types
 from kvpo_megatron.lora_tensors import BLOCK_LINEARS
+from kvpo_megatron.parallel.collectives import global_rank
 
 logger = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir: str | Path, *,
     out_dir = Path(out_dir)
     _check_matches_model(model, cfg.rank, cfg.alpha, "save_adapter(cfg)")
     sd = lora_full_state_dict(model)
-    if dist.is_initialized() and dist.get_rank() != 0:
+    if global_rank() != 0:
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_lora_config(cfg).save_pretrained(str(out_dir))

@@ -38,13 +38,13 @@ from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLine
                                            reduce_from_tensor_model_parallel_region)
 from megatron.core.tensor_parallel.layers import (set_defaults_if_not_set_tensor_model_parallel_attributes,
                                                   set_tensor_model_parallel_attributes)
-from megatron.core.utils import get_pg_rank, get_pg_size
 from peft.tuners.lora import LoraConfig, LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from kvpo_megatron.lora_tensors import delta_weight, merged_weight
 from kvpo_megatron.model.te_spec import te_linear_classes
+from kvpo_megatron.parallel.collectives import group_rank, group_size
 
 
 def layer_seed(init_seed: int, adapter_name: str, module_name: str) -> int:
@@ -73,7 +73,7 @@ class ParallelLoraLinear(nn.Module, LoraLayer):
         if not self.row_parallel and base_layer.gather_output:
             raise ValueError(f"{target_name}: LoRA needs ColumnParallelLinear(gather_output=False)")
         self.tp_group = base_layer.tp_group
-        self.tp_size, self.tp_rank = get_pg_size(self.tp_group), get_pg_rank(self.tp_group)
+        self.tp_size, self.tp_rank = group_size(self.tp_group), group_rank(self.tp_group)
         self.init_seed = init_seed
         self.module_name = target_name
         self._active_adapter = adapter_name

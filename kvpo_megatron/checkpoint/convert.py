@@ -24,12 +24,13 @@ import torch
 
 from kvpo_megatron.checkpoint import adapter_formats, architecture, formats, safe_dcp
 from kvpo_megatron.checkpoint.adapter_formats import COMFYUI_FILE, AdapterFormat, write_comfyui, write_diffusers
-from kvpo_megatron.checkpoint.dist import (INFO_FILE, LORA_PREFIX, MODEL_PREFIX, global_rank, layout, load_full_tensors,
+from kvpo_megatron.checkpoint.dist import (INFO_FILE, LORA_PREFIX, MODEL_PREFIX, layout, load_full_tensors,
                                            lora_sharded_state_dict, model_sharded_state_dict, partition_dim, read_info,
                                            save_sharded, tensor_metadata)
 from kvpo_megatron.checkpoint.mappings import rename
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.lora_tensors import BLOCK_LINEARS, merge_full
+from kvpo_megatron.parallel.collectives import global_rank, group_size
 from kvpo_megatron.parallel.layout import check_heads
 from kvpo_megatron.parallel.state import ParallelConfig, init_distributed, init_parallel
 
@@ -211,7 +212,7 @@ def _run_ranks(spec: ImportSpec, section: dict, tmp: str, dtype: str) -> None:
     world = spec.tp * spec.cp
     args = (spec.fmt, spec.src, spec.config, spec.use_ema, spec.lora, section, spec.tp, spec.cp, tmp, dtype,
             spec.progress)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if group_size(dist.group.WORLD) > 1:
         raise ConfigError("run the converter as one process: it spawns the --tp x --cp writing ranks itself")
     if world == 1:
         write_rank(*args)
@@ -273,7 +274,7 @@ def _single_process() -> None:
     """Exports run in one process (a 1-rank world is started if none exists)."""
     import torch.distributed as dist
 
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if group_size(dist.group.WORLD) > 1:
         raise ConfigError("export runs as one process, not under a multi-rank launcher")
     init_distributed()
 

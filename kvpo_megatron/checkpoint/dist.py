@@ -29,11 +29,11 @@ import queue
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from kvpo_megatron.checkpoint import safe_dcp
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.lora_tensors import base_name
+from kvpo_megatron.parallel.collectives import global_rank, group_rank, group_size
 
 safe_dcp.install()
 log = logging.getLogger(__name__)
@@ -41,21 +41,10 @@ MODEL_PREFIX, LORA_PREFIX = "model.", "lora."
 INFO_FILE = "kvpo_checkpoint.json"
 
 
-def _group_rank_size(group) -> tuple[int, int]:
-    if group is None or not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
 def layout(pg_collection) -> tuple[int, int, int]:
     """(tp_rank, tp_size, rank in the DP x CP group) of this process."""
-    tp_rank, tp_size = _group_rank_size(getattr(pg_collection, "tp", None))
-    dpcp_rank, _ = _group_rank_size(getattr(pg_collection, "dp_cp", None))
-    return tp_rank, tp_size, dpcp_rank
-
-
-def global_rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    tp = getattr(pg_collection, "tp", None)
+    return group_rank(tp), group_size(tp), group_rank(getattr(pg_collection, "dp_cp", None))
 
 
 def partition_dim(p: torch.Tensor) -> int | None:

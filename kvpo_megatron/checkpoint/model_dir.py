@@ -15,12 +15,13 @@ import torch
 import torch.distributed as dist
 
 from kvpo_megatron.checkpoint import safe_dcp
-from kvpo_megatron.checkpoint.dist import (INFO_FILE, LORA_PREFIX, global_rank, layout, load_full_tensors,
-                                           load_params_dist, lora_sharded_state_dict, model_sharded_state_dict,
-                                           partition_dim, read_info, save_sharded, tensor_metadata)
+from kvpo_megatron.checkpoint.dist import (INFO_FILE, LORA_PREFIX, layout, load_full_tensors, load_params_dist,
+                                           lora_sharded_state_dict, model_sharded_state_dict, partition_dim, read_info,
+                                           save_sharded, tensor_metadata)
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.lora import ADAPTER, load_lora_full_state_dict, lora_full_state_dict, lora_layers
 from kvpo_megatron.lora_tensors import is_lora_name, lora_pairs, merged_weight
+from kvpo_megatron.parallel.collectives import global_rank
 
 log = logging.getLogger(__name__)
 

@@ -9,14 +9,12 @@ import torch
 import torch.distributed as dist
 
 from kvpo_megatron.errors import ConfigError
+from kvpo_megatron.parallel.collectives import group_rank, group_size
 
 
 def _tp(model):
-    pgs = getattr(model, "pg_collection", None)
-    group = getattr(pgs, "tp", None)
-    if group is None or not dist.is_initialized():
-        return None, 0, 1
-    return group, dist.get_rank(group), dist.get_world_size(group)
+    group = getattr(getattr(model, "pg_collection", None), "tp", None)
+    return group, group_rank(group), group_size(group)
 
 
 def is_sharded(p: torch.Tensor) -> bool:

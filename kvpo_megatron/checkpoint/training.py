@@ -49,10 +49,11 @@ import torch
 import torch.distributed as dist
 
 from kvpo_megatron.checkpoint import safe_dcp
-from kvpo_megatron.checkpoint.dist import (check_model_keys, global_rank, load_sharded, model_sharded_state_dict,
-                                           partition_dim, save_sharded, sharded_tensor, tensor_metadata)
+from kvpo_megatron.checkpoint.dist import (check_model_keys, load_sharded, model_sharded_state_dict, partition_dim,
+                                           save_sharded, sharded_tensor, tensor_metadata)
 from kvpo_megatron.checkpoint.rng import rng_state, set_rng_state
 from kvpo_megatron.errors import ConfigError
+from kvpo_megatron.parallel.collectives import global_rank, group_size
 
 log = logging.getLogger(__name__)
 COMPLETE, LATEST, STATE_FILE = "complete.json", "latest", "training_state.json"
@@ -93,7 +94,7 @@ def _barrier() -> None:
 
 
 def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return group_size(dist.group.WORLD)
 
 
 # ------------------------------------------------------------------------------------------ state dicts
@@ -307,7 +308,7 @@ def verify_training_checkpoint(path: str | Path) -> dict:
 
 def _broadcast_json(obj):
     """Rank 0's JSON value on every rank (a byte tensor over the default group; no pickling)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if _world() == 1:
         return obj
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
     data = json.dumps(obj).encode() if global_rank() == 0 else b""

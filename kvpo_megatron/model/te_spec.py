@@ -46,6 +46,7 @@ from kvpo_megatron.model.block import WanBlock, WanBlockSubmodules
 from kvpo_megatron.model.kv_cache import LayerKV
 from kvpo_megatron.model.split_attention import cached_attention
 from kvpo_megatron.model.specs import CausalWanSubmodules, NoTokenSharding
+from kvpo_megatron.parallel.collectives import group_size
 from kvpo_megatron.parallel.norms import FullDimRMSNorm
 
 
@@ -100,12 +101,6 @@ def quantized(recipe):
             yield
 
 
-def _tp_size(tp_group) -> int:
-    from megatron.core.utils import get_pg_size
-
-    return 1 if tp_group is None else get_pg_size(tp_group)
-
-
 @lru_cache(maxsize=None)
 def _te_classes():
     """TE-backed module classes (built on first use so that importing this file never needs TE)."""
@@ -156,7 +151,7 @@ def _te_classes():
         """TE RMSNorm over the full width (TP == 1 only; ``te_spec`` picks ``FullDimRMSNorm`` under TP)."""
 
         def __init__(self, hidden_size, eps, *, tp_group=None, device="cpu", dtype=torch.float32):
-            if _tp_size(tp_group) != 1:
+            if group_size(tp_group) != 1:
                 raise ConfigError("TE q/k RMSNorm needs tensor_model_parallel_size == 1")
             super().__init__(hidden_size, eps=eps, device=device, dtype=dtype)
 
@@ -174,7 +169,7 @@ def te_linear_classes():
 
 
 def _dpa(config, pg_collection):
-    heads = config.num_attention_heads // _tp_size(getattr(pg_collection, "tp", None))
+    heads = config.num_attention_heads // group_size(getattr(pg_collection, "tp", None))
     return _te().DotProductAttention(heads, config.head_dim, attention_dropout=0.0, qkv_format="bshd",
                                      attn_mask_type="no_mask", attention_type="cross")
 

@@ -20,11 +20,20 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 
 
 def group_size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
+    """Ranks in ``group`` (a process group; ``dist.group.WORLD`` for the world): 1 for None -- no such parallelism --
+    or without torch.distributed. The package's one size helper: megatron's ``get_pg_size`` semantics, without
+    importing megatron (the converter CLI starts without it)."""
+    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
 
 
 def group_rank(group) -> int:
-    return 0 if group is None else dist.get_rank(group)
+    """This process's rank in ``group`` (0 for None or without torch.distributed)."""
+    return dist.get_rank(group) if group is not None and dist.is_initialized() else 0
+
+
+def global_rank() -> int:
+    """This process's rank in the world (0 without torch.distributed)."""
+    return group_rank(dist.group.WORLD)
 
 
 def all_gather_dim0_nograd(x: torch.Tensor, group) -> torch.Tensor:

@@ -12,6 +12,8 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from torch import nn
 
+from kvpo_megatron.parallel.collectives import group_size
+
 
 class _AllReduceSum(torch.autograd.Function):
     """Sum over a group in forward; the gradient of a sum shared by all ranks is also summed."""
@@ -32,7 +34,7 @@ class _AllReduceSum(torch.autograd.Function):
 
 def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
     """Autograd-aware all-reduce (sum)."""
-    if group is None or dist.get_world_size(group) == 1:
+    if group_size(group) == 1:
         return x
     return _AllReduceSum.apply(x, group)
 
@@ -42,7 +44,7 @@ class FullDimRMSNorm(nn.Module):
 
     def __init__(self, hidden_size: int, eps: float, *, tp_group=None):
         super().__init__()
-        tp = 1 if tp_group is None else dist.get_world_size(tp_group)
+        tp = group_size(tp_group)
         self.hidden_size, self.eps, self.tp_group = hidden_size, eps, tp_group
         self.weight = nn.Parameter(torch.ones(hidden_size // tp))
         set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=0, stride=1)
