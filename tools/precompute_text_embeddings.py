@@ -20,6 +20,7 @@ from kvpo_megatron.cli import exit_code
 from kvpo_megatron.conditioning.text_encoder import HashTextEncoder
 from kvpo_megatron.data.embedding_store import EmbeddingStore
 from kvpo_megatron.data.prompts import read_prompt_file, unique_prompts
+from kvpo_megatron.dtypes import DTYPES, torch_dtype
 from kvpo_megatron.errors import ConfigError
 
 logger = logging.getLogger("precompute_text_embeddings")
@@ -36,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--text-dim", type=int, default=None, help="hash encoder width (umt5: read from the weights)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES),
                    help="encoder weight dtype and store dtype")
     p.add_argument("--seed", type=int, default=0, help="hash encoder seed")
     p.add_argument("--overwrite", action="store_true", help="delete an existing store at --out first")
@@ -49,12 +50,11 @@ def build_encoder(args: argparse.Namespace):
         return HashTextEncoder(text_len=args.text_len, text_dim=args.text_dim or 4096, seed=args.seed), \
             f"hash(seed={args.seed})"
     from kvpo_megatron.conditioning.umt5 import UMT5TextEncoder
-    from kvpo_megatron.conditioning.text_encoder import DTYPES
 
     if not args.path:
         raise ConfigError("--path is required for --encoder umt5 (Wan's umT5 .pth or a Hugging Face folder)")
     enc = UMT5TextEncoder.from_pretrained(args.path, tokenizer=args.tokenizer, text_len=args.text_len,
-                                          device=args.device, dtype=DTYPES[args.dtype], batch_size=args.batch_size)
+                                          device=args.device, dtype=torch_dtype(args.dtype), batch_size=args.batch_size)
     return enc, f"umt5({args.path})"
 
 

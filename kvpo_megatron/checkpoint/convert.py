@@ -28,6 +28,7 @@ from kvpo_megatron.checkpoint.dist import (INFO_FILE, LORA_PREFIX, MODEL_PREFIX,
                                            lora_sharded_state_dict, model_sharded_state_dict, partition_dim, read_info,
                                            save_sharded, tensor_metadata)
 from kvpo_megatron.checkpoint.mappings import rename
+from kvpo_megatron.dtypes import SHORT_NAMES, flag_dtype
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.lora_tensors import BLOCK_LINEARS, merge_full
 from kvpo_megatron.parallel.collectives import global_rank, group_size
@@ -35,7 +36,6 @@ from kvpo_megatron.parallel.layout import check_heads
 from kvpo_megatron.parallel.state import ParallelConfig, init_distributed, init_parallel
 
 log = logging.getLogger(__name__)
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
 @dataclass(kw_only=True)
@@ -141,9 +141,9 @@ def check_lora(lora: adapter_formats.LoraWeights, shapes: dict) -> tuple[str, ..
 
 def resolve_dtype(src: formats.Source, choice: str) -> torch.dtype:
     if choice != "auto":
-        if choice not in DTYPES:
+        if choice not in SHORT_NAMES:
             raise ConfigError(f"--dtype must be auto|bf16|fp32, got {choice!r}")
-        return DTYPES[choice]
+        return flag_dtype(choice)
     dts = {t.dtype for t in src.tensors.values() if t.dtype.is_floating_point}
     return dts.pop() if len(dts) == 1 else torch.float32
 
@@ -330,12 +330,12 @@ def export_checkpoint(path: str | Path, out: str | Path, *, to: str, merge_lora:
             log.warning("%s holds a LoRA that this export leaves out (use --merge-lora, or --lora-only)", path)
     elif merge_lora:
         raise ConfigError(f"--merge-lora: {path} holds no LoRA")
-    if dtype != "keep" and dtype not in DTYPES:
+    if dtype != "keep" and dtype not in SHORT_NAMES:
         raise ConfigError(f"--dtype must be keep|bf16|fp32, got {dtype!r}")
     unnamed = [k for k in base if rename(k, "ours", to) is None]
     if unnamed:
         raise ConfigError(f"{path}: keys with no {to} name: {unnamed[:20]}")
-    sd = {rename(k, "ours", to): v if dtype == "keep" else v.to(DTYPES[dtype])
+    sd = {rename(k, "ours", to): v if dtype == "keep" else v.to(flag_dtype(dtype))
           for k, v in tqdm(base.items(), desc=f"export to {to}", unit="tensor", disable=not progress)}
     cfg = architecture.diffusers_config_json(section) if to == "diffusers" else architecture.wan_config_json(section)
     log.info("export %s -> %s (%s): %d parameters, dtype %s, LoRA %s", path, out, to,

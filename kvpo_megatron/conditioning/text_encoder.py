@@ -15,6 +15,7 @@ import torch
 from kvpo_megatron.conditioning.umt5 import UMT5TextEncoder
 from kvpo_megatron.data.embedding_store import EmbeddingStore
 from kvpo_megatron.data.prompts import prompt_hash
+from kvpo_megatron.dtypes import check_dtype_name, torch_dtype
 from kvpo_megatron.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -70,15 +71,11 @@ class TextEncoderConfig:
             raise ConfigError(f"text_encoder.kind={self.kind!r}: expected one of {[k.value for k in TextEncoderKind]}")
         if self.text_len <= 0 or self.text_dim <= 0:
             raise ConfigError(f"text_encoder.text_len={self.text_len}, text_dim={self.text_dim}: must be positive")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"text_encoder.dtype={self.dtype!r}: expected one of {sorted(DTYPES)}")
+        check_dtype_name(self.dtype, "text_encoder.dtype")
         if self.kind == TextEncoderKind.UMT5 and not self.path:
             raise ConfigError("text_encoder.path is required for kind='umt5' (Wan's umT5 .pth or HF folder)")
         if self.kind == TextEncoderKind.STORE and not self.store:
             raise ConfigError("text_encoder.store is required for kind='store'")
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class HashTextEncoder:
@@ -172,7 +169,7 @@ def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
         enc: TextEncoder = HashTextEncoder(text_len=cfg.text_len, text_dim=cfg.text_dim, seed=cfg.seed)
     elif cfg.kind == TextEncoderKind.UMT5:
         enc = UMT5TextEncoder.from_pretrained(cfg.path, tokenizer=cfg.tokenizer, text_len=cfg.text_len,
-                                              device=cfg.device, dtype=DTYPES[cfg.dtype])
+                                              device=cfg.device, dtype=torch_dtype(cfg.dtype))
     else:
         enc = StoreTextEncoder(EmbeddingStore.open(cfg.store, prompts_file=cfg.prompts))
     if (enc.text_len, enc.text_dim) != (cfg.text_len, cfg.text_dim):

@@ -31,6 +31,7 @@ import torch
 
 from kvpo_megatron.conditioning.files import require_path
 from kvpo_megatron.conditioning.wan_key_maps import wan22_vae_original_to_diffusers
+from kvpo_megatron.dtypes import check_dtype_name, torch_dtype
 from kvpo_megatron.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -96,8 +97,7 @@ class DecoderConfig:
             raise ConfigError(f"decoder.kind={self.kind!r}: expected one of {[k.value for k in DecoderKind]}")
         if self.upsample < 1:
             raise ConfigError(f"decoder.upsample={self.upsample}: must be >= 1")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"decoder.dtype={self.dtype!r}: expected float32 | bfloat16 | float16")
+        check_dtype_name(self.dtype, "decoder.dtype")
         if self.kind == DecoderKind.WAN and not self.path:
             raise ConfigError("decoder.path is required for kind='wan' (Wan2.1_VAE.pth or a diffusers folder)")
 
@@ -268,8 +268,8 @@ def build_decoder(cfg: DecoderConfig) -> LatentDecoder:
     if cfg.kind == DecoderKind.PREVIEW:
         return LatentPreviewDecoder(latent_channels=cfg.latent_channels, upsample=cfg.upsample, seed=cfg.seed,
                                     output_device=cfg.output_device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    dec = WanVAEDecoder.from_pretrained(cfg.path, vae_config=cfg.vae_config, device=cfg.device, dtype=dtype,
+    dec = WanVAEDecoder.from_pretrained(cfg.path, vae_config=cfg.vae_config, device=cfg.device,
+                                        dtype=torch_dtype(cfg.dtype),
                                         output_device=cfg.output_device, offload=cfg.offload)
     if dec.latent_channels != cfg.latent_channels:
         raise ConfigError(f"decoder.latent_channels={cfg.latent_channels} but the Wan VAE at {cfg.path} has "

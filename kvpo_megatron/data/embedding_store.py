@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from kvpo_megatron.data.prompts import DataError, prompt_hash, read_prompt_file, unique_prompts
+from kvpo_megatron.dtypes import check_dtype_name
 
 FORMAT = "kvpo-embedding-store"
 VERSION = 1
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def prompts_digest(prompts: list[str]) -> str:
@@ -67,8 +67,7 @@ class EmbeddingStore:
         """Create a store for ``prompts``, or reopen a partial one written for exactly these prompts."""
         import shutil
 
-        if dtype not in DTYPES:
-            raise DataError(f"embedding store dtype={dtype!r}: expected one of {DTYPES}")
+        check_dtype_name(dtype, "embedding store dtype")
         if len(set(prompts)) != len(prompts):
             raise DataError("embedding store prompts must be unique (use unique_prompts())")
         root = Path(path)

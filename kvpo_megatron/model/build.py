@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kvpo_megatron.dtypes import torch_dtype
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.model.causal_wan import CausalWanDiT
 from kvpo_megatron.model.config import LayerSpecKind, model_config
@@ -45,11 +46,9 @@ class ModelSection:
 
 def build_model(section: ModelSection, *, pg_collection, tp: int = 1, cp: int = 1,
                 cp_attention: CPAttention = CPAttention.auto, **extra) -> CausalWanDiT:
-    import torch
-
     ov = dict(section.overrides)
-    if isinstance(ov.get("params_dtype"), str):
-        ov["params_dtype"] = getattr(torch, ov["params_dtype"])
+    if "params_dtype" in ov:
+        ov["params_dtype"] = torch_dtype(ov["params_dtype"], "model.overrides.params_dtype")
     cfg = model_config(section.preset, tensor_model_parallel_size=tp, context_parallel_size=cp, **ov, **extra)
     check_group_sizes(pg_collection, tp=tp, cp=cp)
     if cfg.spec == LayerSpecKind.te:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from kvpo_megatron.dtypes import check_dtype_name, torch_dtype
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.rewards.base import RewardComponent, RewardOutput
 from kvpo_megatron.rewards.builtin import BUILTIN_COMPONENTS
@@ -69,8 +70,7 @@ class RewardComponentConfig:
             raise ConfigError(f"rewards.kind={self.kind!r}: expected one of {[k.value for k in RewardKind]}")
         if not math.isfinite(self.weight):
             raise ConfigError(f"rewards[{self.kind}].weight={self.weight}: must be finite")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"rewards[{self.kind}].dtype={self.dtype!r}: expected float32 | bfloat16 | float16")
+        check_dtype_name(self.dtype, f"rewards[{self.kind}].dtype")
         if self.kind in MODEL_KINDS:
             for fld in ("path", "base_path"):
                 if not getattr(self, fld):
@@ -187,16 +187,13 @@ class CompositeReward:
         return RewardOutput(components={n: v / counts for n, v in sums.items()}, weights=dict(self.weights))
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def _model_kwargs(c: RewardComponentConfig) -> dict[str, Any]:
     """videoalign ``prompt_template_file``: your VideoAlign release's ``prompt_template.py`` (or the template
     text); without it the template is looked for beside the checkpoint (``rewards/videoalign_template.py``)."""
     kw = dict(c.params)
     if "normalization" in kw:
         kw["normalization"] = {d: tuple(v) for d, v in kw["normalization"].items()}
-    return dict(kw, device=c.device, dtype=_DTYPES[c.dtype], offload=c.offload)
+    return dict(kw, device=c.device, dtype=torch_dtype(c.dtype), offload=c.offload)
 
 
 def build_reward(cfg: RewardConfig) -> CompositeReward:
