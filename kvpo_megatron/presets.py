@@ -52,7 +52,7 @@ GENERATOR_PRESETS: dict[str, dict] = {
         "cache": {"frames_per_block": 3, "num_sink_frames": 0, "local_attn_frames": 21, "history_frames": 30,
                   "memory_bank": None},
         "sampler": dict(UPSTREAM_SAMPLER),
-        "routing": {"num_local_slots": 21, "num_recent_fixed": 3},
+        "routing": {"num_recent_fixed": 3},
         "recache_on_switch": False,
     },
     # LongLive: Wan2.1-1.3B, sink 3 + local 9 (span 12), 30 retained frames, recache at prompt switches.
@@ -60,7 +60,7 @@ GENERATOR_PRESETS: dict[str, dict] = {
         "model": {"preset": "wan-1.3b"},
         "cache": {**_LONGLIVE_CACHE, "memory_bank": None},
         "sampler": dict(UPSTREAM_SAMPLER),
-        "routing": {"num_local_slots": 9, "num_recent_fixed": 3},
+        "routing": {"num_recent_fixed": 3},
         "recache_on_switch": True,
     },
     # MemFlow: LongLive + a 3-entry per-layer bank on its released schedule (attended span up to 15 frames).
@@ -70,7 +70,7 @@ GENERATOR_PRESETS: dict[str, dict] = {
                   "memory_bank": {"bank_size": 3, "record_interval": 3, "schedule": "release", "bank_score": "dot",
                                   "mask_padding": False, "sma": False, "sma_top_k": 3}},
         "sampler": dict(UPSTREAM_SAMPLER),
-        "routing": {"num_local_slots": 9, "num_recent_fixed": 3},
+        "routing": {"num_recent_fixed": 3},
         "recache_on_switch": True,
     },
 }
@@ -82,7 +82,7 @@ GENERATOR_PRESETS["longlive2-5b"] = {
     "sampler": {"timesteps": [999.0, 749.25, 499.5, 249.75], "shift": 5.0, "kind": "unipc", "context_noise": 0.0},
     "video": {"num_frames": 128, "latent_height": 44, "latent_width": 80},
     "decoder": {"latent_channels": 48},
-    "routing": {"num_local_slots": 24, "num_recent_fixed": 8},
+    "routing": {"num_recent_fixed": 8},
     "recache_on_switch": False,
 }
 

@@ -12,6 +12,7 @@ import torch
 from kvpo_megatron.config import deep_merge, from_dict, load_config, parse_overrides
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.generation import GenerateConfig
+from kvpo_megatron.kvpo.routing import routed_slots
 from kvpo_megatron.kvpo.train_config import TINY_DEFAULT, KVPOTrainConfig
 from kvpo_megatron.kvpo.trainer import KVPOTrainer
 
@@ -28,7 +29,8 @@ def test_example_configs_parse(path):
 def test_memflow_config_has_bank_and_longlive_routes_4_slots():
     mem = load_config(KVPOTrainConfig, CONFIGS / "kvpo_memflow_1.3b.yaml")
     assert mem.cache.memory_bank is not None and mem.cache.memory_bank.bank_size == 3
-    assert load_config(KVPOTrainConfig, CONFIGS / "kvpo_longlive_1.3b.yaml").routing.num_routed == 5
+    ll = load_config(KVPOTrainConfig, CONFIGS / "kvpo_longlive_1.3b.yaml")
+    assert routed_slots(ll.cache, ll.routing) == 5
 
 
 def test_bad_config_values_name_the_field(tmp_path):
@@ -40,8 +42,11 @@ def test_bad_config_values_name_the_field(tmp_path):
         load_config(KVPOTrainConfig, None, ["routing.sampler=greedy"])
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(KVPOTrainConfig, tmp_path / "nope.yaml")
-    with pytest.raises(ConfigError, match="routing.num_local_slots \\(8\\) must equal cache.local_attn_frames"):
+    # the routed window is the cache's local window: no second field to disagree with it, and the fixed slots fit it
+    with pytest.raises(ConfigError, match="unknown config key\\(s\\) in routing: num_local_slots"):
         load_config(KVPOTrainConfig, None, ["routing.num_local_slots=8"])
+    with pytest.raises(ConfigError, match="routing.num_recent_fixed \\(10\\) must be <= cache.local_attn_frames \\(9\\)"):
+        load_config(KVPOTrainConfig, None, ["routing.num_recent_fixed=10"])
 
 
 def test_cli_bad_override_exits_2_with_one_line():

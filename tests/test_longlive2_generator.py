@@ -7,8 +7,9 @@ import torch
 
 from kvpo_megatron.config import deep_merge, from_dict
 from kvpo_megatron.errors import ConfigError
+from kvpo_megatron.kvpo.routing import routed_slots
 from kvpo_megatron.kvpo.train_config import KVPOTrainConfig
-from kvpo_megatron.model.memory_bank import generator_preset
+from kvpo_megatron.presets import generator_preset
 from kvpo_megatron.sampling import FlowMatchSampler, SamplerConfig
 
 
@@ -23,7 +24,7 @@ def test_preset_values():
     assert c.default_read_frames(48) == list(range(8)) + list(range(32, 48))
     assert (cfg.video.num_frames, cfg.video.latent_height, cfg.video.latent_width) == (128, 44, 80)
     assert cfg.recache_on_switch is False and cfg.decoder.latent_channels == 48
-    assert (cfg.routing.num_local_slots, cfg.routing.num_recent_fixed, cfg.routing.num_routed) == (24, 8, 16)
+    assert (cfg.routing.num_recent_fixed, routed_slots(cfg.cache, cfg.routing)) == (8, 16)
     s = FlowMatchSampler(cfg.sampler)
     assert [s.timestep(i) for i in range(4)] == [999.0, 937.0, 833.0, 624.0]  # upstream's scheduler.timesteps
     assert s.context_timestep() == 0.0

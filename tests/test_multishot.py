@@ -189,7 +189,7 @@ def test_kvpo_rollout_and_replay_across_a_shot_boundary(pgs):
     model = tiny_model(pgs, init_method_std=0.1).eval()
     cc = CacheConfig(frames_per_block=3, num_sink_frames=3, local_attn_frames=9, history_frames=12, shot_sinks=True)
     gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cc)
-    ro = Rollout(gen, RoutingConfig(window_blocks=3, num_local_slots=9, num_recent_fixed=3),
+    ro = Rollout(gen, RoutingConfig(window_blocks=3, num_recent_fixed=3),
                  RolloutConfig(num_branches=3), seed=4)
     g = torch.Generator().manual_seed(2)
     ctx = [PromptContext(start_frame=0, context=torch.randn(1, 16, 32, generator=g)),

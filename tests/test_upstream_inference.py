@@ -9,6 +9,7 @@ import torch
 
 from kvpo_megatron.config import from_dict, load_config
 from kvpo_megatron.generation import GenerateConfig
+from kvpo_megatron.kvpo import routing as chr
 from kvpo_megatron.kvpo.train_config import KVPOTrainConfig
 from kvpo_megatron.model import CacheConfig
 from kvpo_megatron.model.memory_bank import LOCAL, MemoryBankConfig
@@ -104,7 +105,9 @@ def test_presets_and_example_configs_select_the_upstream_sampler():
     for name in ("self-forcing-1.3b", "longlive-1.3b", "memflow-1.3b"):  # longlive2-5b: UniPC (its own test)
         train = from_dict(KVPOTrainConfig, generator_preset(name))
         assert train.sampler == want and _preset_config(name).sampler == want, name
-        assert train.routing.num_local_slots == train.cache.local_attn_frames
+        c, r, s = train.cache, train.routing, 60  # a CHR-routed block attends as many frames as an unrouted one
+        routes = chr.routable_set(c, r, s, list(range(s)))[:chr.routed_slots(c, r)]
+        assert len(chr.routed_read_frames(c, r, s, routes)) == len(c.default_read_frames(s)), name
     for path in sorted(CONFIGS.glob("*.yaml")):
         cls = KVPOTrainConfig if path.name.startswith("kvpo_") else GenerateConfig
         assert load_config(cls, path).sampler == want, path.name

@@ -145,7 +145,7 @@ def train_config(args, layout: dict, out_dir: str):
     from kvpo_megatron.kvpo.train_config import KVPOTrainConfig
     from kvpo_megatron.kvpo.workload import default_pivot
     from kvpo_megatron.model.config import PRESETS
-    from kvpo_megatron.model.memory_bank import generator_preset
+    from kvpo_megatron.presets import generator_preset
 
     base = generator_preset(args.generator) if args.generator else {}
     args.preset = args.preset or base.get("model", {}).get("preset", "wan-1.3b")

@@ -66,7 +66,8 @@ def layout(args):
     """(CacheConfig, SamplerConfig): LongLive-1.3B's layout with ``--steps`` Euler steps, or ``--generator``'s."""
     from kvpo_megatron.config import from_dict
     from kvpo_megatron.model import CacheConfig
-    from kvpo_megatron.model.memory_bank import MemoryBankConfig, generator_preset
+    from kvpo_megatron.model.memory_bank import MemoryBankConfig
+    from kvpo_megatron.presets import generator_preset
     from kvpo_megatron.sampling import SamplerConfig
 
     euler = SamplerConfig(timesteps=tuple(1000.0 - 250.0 * i for i in range(args.steps)))

@@ -29,10 +29,9 @@ class Baseline(StrEnum):
 
 @dataclass(kw_only=True, slots=True)
 class RoutingConfig:
-    """Causal History Routing (CHR)."""
+    """Causal History Routing (CHR). The routed window is the cache's local window (``cache.local_attn_frames``
+    slots, the block included); ``kvpo/routing.py`` ``routed_slots`` gives how many of them are routed."""
 
-    num_local_slots: int = 9
-    """Local window slots of a block, including the block itself (must equal cache.local_attn_frames)."""
     num_recent_fixed: int = 3
     """Last slots of the window kept as they are (3 = exactly the current block; LongLive release: 4)."""
     sampler: RoutingSampler = RoutingSampler.uniform
@@ -49,15 +48,10 @@ class RoutingConfig:
     """Last allowed pivot block; None = the last block of the video."""
 
     def __post_init__(self):
-        if not 0 < self.num_recent_fixed <= self.num_local_slots:
-            raise ConfigError(f"routing.num_recent_fixed must be in [1, num_local_slots={self.num_local_slots}], "
-                              f"got {self.num_recent_fixed}")
+        if self.num_recent_fixed < 1:
+            raise ConfigError(f"routing.num_recent_fixed must be >= 1, got {self.num_recent_fixed}")
         if self.window_blocks < 1:
             raise ConfigError(f"routing.window_blocks must be >= 1, got {self.window_blocks}")
-
-    @property
-    def num_routed(self) -> int:
-        return self.num_local_slots - self.num_recent_fixed
 
 
 @dataclass(kw_only=True, slots=True)

@@ -66,6 +66,7 @@ class Rollout:
         self.scoring = scoring or contextlib.nullcontext
         self.generation = generation or contextlib.nullcontext
         self.cache_cfg = gen.cache_cfg
+        chr.routed_slots(self.cache_cfg, routing)  # the fixed slots fit the cache's local window
 
     def noise(self, shape, *, iteration: int, prompt: int, branch: int) -> torch.Tensor:
         return keyed_randn(shape, self.seed, iteration, prompt, branch + 1, 0x401)

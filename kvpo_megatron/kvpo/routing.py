@@ -27,6 +27,15 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]))
 
 
+def routed_slots(cache: CacheConfig, routing: RoutingConfig) -> int:
+    """``L - n_fix``: slots of the local window that CHR refills (before shot-sink rules); ``ConfigError`` when the
+    fixed slots do not fit the window."""
+    if routing.num_recent_fixed > cache.local_attn_frames:
+        raise ConfigError(f"routing.num_recent_fixed ({routing.num_recent_fixed}) must be <= cache.local_attn_frames "
+                          f"({cache.local_attn_frames}), the routed window")
+    return cache.local_attn_frames - routing.num_recent_fixed
+
+
 def fixed_recent_frames(cache: CacheConfig, routing: RoutingConfig, start: int) -> list[int]:
     """Fixed slots before the current block (empty when n_fix == frames_per_block)."""
     end = start + cache.frames_per_block
@@ -47,7 +56,7 @@ def num_routed(cache: CacheConfig, routing: RoutingConfig, start: int, shots: li
     """Routed slots of the block at ``start``."""
     if cache.shot_sinks:
         return ms.num_routed_slots(cache.multishot(), shots, start, routing.num_recent_fixed)
-    return routing.num_routed
+    return routed_slots(cache, routing)
 
 
 def sample_routes(cache: CacheConfig, routing: RoutingConfig, start: int, resident: list[int], *, num_branches: int,
@@ -82,13 +91,13 @@ def is_routed_step(routing: RoutingConfig, step: int, num_steps: int) -> bool:
 
 def pivot_range(cache: CacheConfig, routing: RoutingConfig, num_blocks: int) -> tuple[int, int]:
     """Allowed pivot blocks (inclusive)."""
-    fpb = cache.frames_per_block
+    fpb, k = cache.frames_per_block, routed_slots(cache, routing)
     lo = routing.pivot_min_block
     if lo is None:
         lo = next((b for b in range(num_blocks) if len(routable_set(
-            cache, routing, b * fpb, list(range(b * fpb)))) > routing.num_routed), None)
+            cache, routing, b * fpb, list(range(b * fpb)))) > k), None)
         if lo is None:
-            raise ConfigError(f"no block of this {num_blocks}-block video has more than {routing.num_routed} routable "
+            raise ConfigError(f"no block of this {num_blocks}-block video has more than {k} routable "
                               "frames; make the video longer or set routing.pivot_min_block")
     hi = num_blocks - 1 if routing.pivot_max_block is None else routing.pivot_max_block
     if not 0 <= lo <= hi < num_blocks:

@@ -17,6 +17,7 @@ from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.generation import VideoConfig
 from kvpo_megatron.kvpo.config import ObjectiveConfig, ReplayConfig, RolloutConfig, RoutingConfig
 from kvpo_megatron.kvpo.ema import EMAConfig
+from kvpo_megatron.kvpo.routing import routed_slots
 from kvpo_megatron.kvpo.samples import LoggingConfig
 from kvpo_megatron.lora import LoRAConfig
 from kvpo_megatron.model.build import ModelSection
@@ -127,9 +128,7 @@ class KVPOTrainConfig:
         if self.video.num_frames % self.cache.frames_per_block:
             raise ConfigError(f"video.num_frames ({self.video.num_frames}) is not a multiple of "
                               f"cache.frames_per_block ({self.cache.frames_per_block})")
-        if self.routing.num_local_slots != self.cache.local_attn_frames:
-            raise ConfigError(f"routing.num_local_slots ({self.routing.num_local_slots}) must equal "
-                              f"cache.local_attn_frames ({self.cache.local_attn_frames})")
+        routed_slots(self.cache, self.routing)  # the fixed slots fit the cache's local window
         if self.routing.num_recent_fixed < self.cache.frames_per_block:
             raise ConfigError(f"routing.num_recent_fixed ({self.routing.num_recent_fixed}) must keep at least the "
                               f"current block ({self.cache.frames_per_block} frames)")
