@@ -22,7 +22,8 @@ from kvpo_megatron.kvpo.types import PromptContext
 from kvpo_megatron.model import CacheConfig, KVCache, TextKV
 from kvpo_megatron.model import memory_bank
 from kvpo_megatron.model.kv_cache import LayerKV
-from kvpo_megatron.model.memory_bank import LOCAL, MemoryBankConfig, bank_scores, keep_indices, update_after_commit
+from kvpo_megatron.model.memory_bank import (LOCAL, MemoryBankConfig, ScoreReduction, bank_scores, keep_indices,
+                                             update_after_commit)
 from kvpo_megatron.sampling import FlowMatchSampler, PromptSwitch, SamplerConfig, StreamingGenerator
 from kvpo_megatron.presets import GENERATE_SECTIONS, generator_preset
 from tests.dist_utils import run_workers
@@ -160,6 +161,20 @@ def test_bank_bookkeeping_matches_hand_table(switches):
             want_seen += [(3 * b, step == 4, i, [0, 1, 2][:3 * b] + bank(i) + local) for i in range(2)]
     assert model.seen == want_seen
     assert max(len(f) for *_, f in model.seen) + 3 == 15  # sink 3 + bank 3 + local span 9 with the block
+
+
+def test_caches_get_the_score_reduction_once():
+    """The engine's reduction reaches its caches at construction (``new_cache``, forks); a cache built without it is
+    refused, instead of scoring with another layout's reduction (the engine never reassigns it)."""
+    cc = CacheConfig(history_frames=12, memory_bank=MemoryBankConfig(**ISSUE9))
+    sharded = ScoreReduction()  # stands for a TP/CP layout's reduction: another object than LOCAL
+    gen = StreamingGenerator(KeyWriter(), FlowMatchSampler(SamplerConfig()), cc, bank_reduction=sharded)
+    cache = gen.new_cache()
+    assert cache.reduction is sharded and cache.fork(2, 9).reduction is sharded
+    noise, prompts, layers = torch.zeros(1, 1, 12, 1, 1), [PromptSwitch(0, _text(1.0, 3))], gen.model.config.num_layers
+    with pytest.raises(ConfigError, match="new_cache"):
+        gen.generate(noise, prompts, cache=KVCache(cc, layers))
+    gen.generate(noise, prompts, cache=KVCache(cc, layers, reduction=sharded))
 
 
 # ---- (2) compression on hand-built tensors ------------------------------------------------------------------

@@ -91,10 +91,13 @@ class StreamingGenerator:
     def __init__(self, model, sampler: FlowMatchSampler, cache_cfg: CacheConfig, *, recache_on_switch: bool = False,
                  bank_reduction: ScoreReduction | None = None, runner=None):
         """``bank_reduction``: completes MemFlow's bank scores over the ranks sharding the cache; None builds it
-        from the model's process groups (``parallel/bank_reduction.py``) on first use. ``runner``: how a forward
-        is executed (``accelerate.build_runner``); None = eager."""
+        from the model's process groups (``parallel/bank_reduction.py``). Caches get it once, at construction
+        (:meth:`new_cache`; forks inherit it). ``runner``: how a forward is executed (``accelerate.build_runner``);
+        None = eager."""
         self.model, self.sampler, self.cache_cfg = model, sampler, cache_cfg
         self.recache_on_switch = recache_on_switch
+        if bank_reduction is None:
+            bank_reduction = LOCAL if cache_cfg.memory_bank is None else score_reduction_for(model)
         self.bank_reduction = bank_reduction
         self.runner = runner or eager_runner
         self._pools: dict = {}  # a runner with ``reuse_pool`` (CUDA graphs) keeps page pools across rollouts
@@ -119,18 +122,11 @@ class StreamingGenerator:
             bank = 0 if self.cache_cfg.memory_bank is None else self.cache_cfg.memory_bank.bank_size
             spare = fork_batch * (private_frames + bank)
         reuse = getattr(self.runner, "reuse_pool", False)
-        cache = KVCache(self.cache_cfg, self.model.config.num_layers, reduction=self._reduction(), batch=batch,
+        cache = KVCache(self.cache_cfg, self.model.config.num_layers, reduction=self.bank_reduction, batch=batch,
                         spare_pages=spare, pool=self._pools.get(pool_key) if reuse else None)
         if reuse:
             self._pools[pool_key] = cache.pool
         return cache
-
-    def _reduction(self) -> ScoreReduction:
-        if self.cache_cfg.memory_bank is None:
-            return LOCAL
-        if self.bank_reduction is None:
-            self.bank_reduction = score_reduction_for(self.model)
-        return self.bank_reduction
 
     # ---- the one model call ------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: float | torch.Tensor, start: int, text: TextKV, cache: KVCache,
@@ -139,8 +135,6 @@ class StreamingGenerator:
         b = x.shape[0]
         self.forward_count += 1
         self.sample_forwards += b
-        if cache.cfg.memory_bank is not None:  # any cache this engine drives scores like its model's layout
-            cache.reduction = self._reduction()
         if hasattr(self.model.config, "patch_size"):  # a Wan config (test doubles of the model have none)
             rec = self._record(x, view, compute_output)
             self.flops += record_flops(self.model.config, rec)
@@ -233,6 +227,9 @@ class StreamingGenerator:
         ([b, C, F_total, H, W], in place) and returns it. ``noise``: initial noise of the same shape (unused by
         blocks whose plan is ``given``)."""
         fpb = self.cache_cfg.frames_per_block
+        if cache.cfg.memory_bank is not None and cache.reduction is not self.bank_reduction:
+            raise ConfigError("this KV cache's MemFlow score reduction is not its model's layout's: build caches "
+                              "with StreamingGenerator.new_cache (or KVCache(..., reduction=gen.bank_reduction))")
         if self.cache_cfg.shot_sinks:
             cache.shot_starts = shot_starts(prompts)
         for b in tqdm(list(blocks), disable=not progress, desc="blocks"):
