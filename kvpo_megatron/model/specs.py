@@ -39,16 +39,26 @@ class CausalWanSubmodules:
     token_sharder: ModuleSpec | type
 
 
-def block_spec(*, core_attention=CachedSDPA, cross_core=TextSDPA, column=ColumnParallelLinear,
-               row=RowParallelLinear, qk_norm=FullDimRMSNorm) -> ModuleSpec:
-    def attn(module, core):
+def megatron_linear(parallel: str, group: str) -> type:
+    """megatron-core's TP linears for every group: ``column`` (output sharded) or ``row`` (input sharded)."""
+    return ColumnParallelLinear if parallel == "column" else RowParallelLinear
+
+
+def block_spec(*, core_attention=CachedSDPA, cross_core=TextSDPA, linear=megatron_linear,
+               qk_norm=FullDimRMSNorm) -> ModuleSpec:
+    """One DiT block. ``linear(parallel, group)``: the ``column``- or ``row``-parallel linear of a group of linears
+    (``self_attn``: q, k, v | o; ``cross_attn`` likewise; ``ffn``: fc1 | fc2); ``core_attention``/``cross_core``:
+    the cached self-attention and the text cross-attention cores; ``qk_norm``: the q/k norm (all specs or classes)."""
+    def attn(module, core, group):
+        column = linear("column", group)
         return ModuleSpec(module=module, submodules=AttentionSubmodules(
-            linear_q=column, linear_k=column, linear_v=column, linear_o=row, q_norm=qk_norm, k_norm=qk_norm,
-            core_attention=core))
+            linear_q=column, linear_k=column, linear_v=column, linear_o=linear("row", group), q_norm=qk_norm,
+            k_norm=qk_norm, core_attention=core))
 
     return ModuleSpec(module=WanBlock, submodules=WanBlockSubmodules(
-        self_attention=attn(WanSelfAttention, core_attention), cross_attention=attn(WanCrossAttention, cross_core),
-        linear_fc1=column, linear_fc2=row))
+        self_attention=attn(WanSelfAttention, core_attention, "self_attn"),
+        cross_attention=attn(WanCrossAttention, cross_core, "cross_attn"),
+        linear_fc1=linear("column", "ffn"), linear_fc2=linear("row", "ffn")))
 
 
 def local_spec() -> CausalWanSubmodules:

@@ -1,6 +1,6 @@
 """TransformerEngine layer spec: TE linears, TE fused attention (bf16 or FP8) and TE RMSNorm for q/k.
 
-Pieces (``te_spec(cfg)`` wires them into the same ``WanBlock``/``WanSelfAttention`` modules as the local spec):
+Pieces (``te_spec(cfg)`` hands them to ``model/specs.py`` ``block_spec``, the local spec's block builder):
 
 * linears: megatron-core's ``TEColumnParallelLinear``/``TERowParallelLinear`` (parameter names ``weight``/``bias``,
   so checkpoints and ``checkpoint/mappings.py`` are unchanged);
@@ -40,12 +40,10 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from torch import nn
 
 from kvpo_megatron.errors import ConfigError
-from kvpo_megatron.model.attention import (AttentionSubmodules, WanCrossAttention, WanSelfAttention, sdpa,
-                                           uses_replay_kernel)
-from kvpo_megatron.model.block import WanBlock, WanBlockSubmodules
+from kvpo_megatron.model.attention import sdpa, uses_replay_kernel
 from kvpo_megatron.model.kv_cache import LayerKV
 from kvpo_megatron.model.split_attention import cached_attention
-from kvpo_megatron.model.specs import CausalWanSubmodules, NoTokenSharding
+from kvpo_megatron.model.specs import CausalWanSubmodules, NoTokenSharding, block_spec
 from kvpo_megatron.parallel.collectives import group_size
 from kvpo_megatron.parallel.norms import FullDimRMSNorm
 
@@ -275,23 +273,16 @@ def te_spec(cfg, *, fp8_linears=None) -> CausalWanSubmodules:
     lin_recipe = fp8_recipe(cfg, dpa=False) if groups else None
     dpa_recipe = fp8_recipe(cfg, dpa=True) if cfg.fp8_dot_product_attention else None
 
-    def lin(cls, group):
-        return ModuleSpec(module=cls, params={"fp8_recipe": lin_recipe if group in groups else None})
+    def linear(parallel: str, group: str) -> ModuleSpec:
+        return ModuleSpec(module=column if parallel == "column" else row,
+                          params={"fp8_recipe": lin_recipe if group in groups else None})
 
     if cfg.tensor_model_parallel_size == 1:
         device = "cpu" if cfg.use_cpu_initialization else torch.cuda.current_device()
         qk_norm = ModuleSpec(module=te_norm, params={"device": device, "dtype": cfg.params_dtype})
     else:
         qk_norm = FullDimRMSNorm
-
-    def attn(module, core, group):
-        return ModuleSpec(module=module, submodules=AttentionSubmodules(
-            linear_q=lin(column, group), linear_k=lin(column, group), linear_v=lin(column, group),
-            linear_o=lin(row, group), q_norm=qk_norm, k_norm=qk_norm,
-            core_attention=ModuleSpec(module=core, params={"fp8_recipe": dpa_recipe})))
-
-    block = ModuleSpec(module=WanBlock, submodules=WanBlockSubmodules(
-        self_attention=attn(WanSelfAttention, TECachedAttention, LinearGroup.self_attn),
-        cross_attention=attn(WanCrossAttention, TETextAttention, LinearGroup.cross_attn),
-        linear_fc1=lin(column, LinearGroup.ffn), linear_fc2=lin(row, LinearGroup.ffn)))
+    core = lambda cls: ModuleSpec(module=cls, params={"fp8_recipe": dpa_recipe})  # noqa: E731
+    block = block_spec(core_attention=core(TECachedAttention), cross_core=core(TETextAttention), linear=linear,
+                       qk_norm=qk_norm)
     return CausalWanSubmodules(block=block, token_sharder=NoTokenSharding)
