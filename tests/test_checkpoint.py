@@ -391,8 +391,8 @@ def _training_worker(rank, world, root, full):
 
     import numpy as np
 
-    from kvpo_megatron.checkpoint.training import (CheckpointConfig, find_latest_checkpoint, load_training_checkpoint,
-                                                   save_training_checkpoint)
+    from kvpo_megatron.checkpoint.training import (CheckpointConfig, TrainingState, find_latest_checkpoint,
+                                                   load_training_checkpoint, save_training_checkpoint)
     from kvpo_megatron.kvpo.ema import ParameterEMA
     from kvpo_megatron.lora import LoRAConfig, apply_lora, lora_full_state_dict
     from kvpo_megatron.model import CausalWanDiT, model_config
@@ -445,9 +445,9 @@ def _training_worker(rank, world, root, full):
     state = load_training_checkpoint(find_latest_checkpoint(CheckpointConfig(resume=str(Path(root) / "iter_0000003"))),
                                      model=_Wrapper(model2), optimizer=opt2, pg_collection=pgs,  # DDP-style names
                                      ema=ema2.shadow)
-    assert state == {"iteration": 3, "scheduler_state": {"lr": 1e-2 * 3}, "data_state": {"cursor": 9},
-                     "extra": {"metrics": [list(m) for m in metrics[:3]]},  # JSON: tuples read back as lists
-                     "ema_restored": True}, state
+    assert state == TrainingState(iteration=3, scheduler_state={"lr": 1e-2 * 3}, data_state={"cursor": 9},
+                                  extra={"metrics": [list(m) for m in metrics[:3]]},  # JSON: tuples read as lists
+                                  ema_restored=True), state
     assert all(torch.equal(ema2.shadow[n], t) for n, t in ema_at[3].items())  # this rank's EMA shards, bitwise
     files = {p.name for p in (Path(root) / "iter_0000003").iterdir()}
     assert {"training_state.json", "rng_00000.json", "rng_00001.json", "integrity.json", "complete.json"} <= files

@@ -88,6 +88,21 @@ class CheckpointConfig:
             raise ConfigError(f"checkpoint.resume must be auto, never or a path, got {self.resume!r}")
 
 
+@dataclass(kw_only=True)
+class TrainingState:
+    """What :func:`load_training_checkpoint` restores besides tensors (read from ``training_state.json``)."""
+
+    iteration: int
+    scheduler_state: dict
+    """The LR schedule's ``state_dict()`` at save time."""
+    data_state: dict
+    """The prompt loader's ``state_dict()`` (cursor, epoch)."""
+    extra: dict
+    """The caller's own JSON state (the trainer's: ``kvpo/run_state.py`` ``LoopState``)."""
+    ema_restored: bool | None = None
+    """With ``ema`` given: whether the checkpoint held an EMA (False: saved without; the EMA is left as it was)."""
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -360,12 +375,11 @@ def select_checkpoint(cfg: CheckpointConfig) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------ load
-def load_training_checkpoint(path, *, model, optimizer, pg_collection, ema: dict | None = None) -> dict:
-    """Restore trainable parameters, optimizer state and this rank's RNG states (collective).
+def load_training_checkpoint(path, *, model, optimizer, pg_collection, ema: dict | None = None) -> TrainingState:
+    """Restore trainable parameters, optimizer state and this rank's RNG states (collective), and return the rest.
 
-    Returns ``{'iteration', 'scheduler_state', 'data_state', 'extra'}``. With ``ema`` (this rank's EMA tensors
-    by parameter name) the checkpoint's ``ema.<name>`` are copied into them when it has them, and the result
-    also holds ``'ema_restored'`` (False: a checkpoint saved without EMA; ``ema`` is left as it was).
+    With ``ema`` (this rank's EMA tensors by parameter name) the checkpoint's ``ema.<name>`` are copied into them
+    when it has them (``TrainingState.ema_restored``).
     """
     path = Path(path)
     common = read_training_state(path)
@@ -430,7 +444,6 @@ def load_training_checkpoint(path, *, model, optimizer, pg_collection, ema: dict
         log.warning("%s was saved by %d ranks, this run has %d: RNG states are not restored", path,
                     common["world_size"], _world())
     log.info("resumed from %s (iteration %d)", path, common["iteration"])
-    out = {k: common[k] for k in ("iteration", "scheduler_state", "data_state", "extra")}
-    if ema is not None:
-        out["ema_restored"] = has_ema
-    return out
+    return TrainingState(iteration=common["iteration"], scheduler_state=common["scheduler_state"],
+                         data_state=common["data_state"], extra=common["extra"],
+                         ema_restored=has_ema if ema is not None else None)

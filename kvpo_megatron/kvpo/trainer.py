@@ -1,15 +1,17 @@
 """KVPO training loop: rollout -> reward -> advantages -> TVE coefficients -> replay gradients -> update.
 
 One iteration, per data-parallel rank (each rank owns its prompt groups; model-parallel ranks of a group
-route identically because routes are a pure function of (seed, iteration, prompt, branch)):
+route identically because routes are a pure function of (seed, iteration, prompt, branch)); steps 1-4 run per
+prompt group, in one schedule (``_groups``):
 
   1. rollout: prefix once, anchor, G routed branches; replay tuples + no-grad TVE_old / TVE_ref scores;
-  2. reward: decode anchor + branches, composite reward per component (per prompt segment);
+  2. reward: decode anchor + branches, composite reward per component (per prompt segment; ``score_group``);
   3. objective: per-component advantages, guard, c_k = dLoss/dTVE_k;
   4. replay: gradients of sum_k c_k TVE_k, one tuple's activations at a time;
   5. update: DP gradient reduction, non-finite check, grad-norm clip, AdamW step, LR schedule.
 
 With ``train.overlap`` the rollout of group j+1 overlaps steps 2-4 of group j (``kvpo/pipeline.py``; exact).
+Checkpoints and resume: ``kvpo/run_state.py``.
 """
 from __future__ import annotations
 
@@ -28,7 +30,6 @@ from tqdm.auto import tqdm
 from kvpo_megatron.accelerate import accelerate, fp8_enabled
 from kvpo_megatron.checkpoint import training as ckpt
 from kvpo_megatron.checkpoint.loading import load_weights_with_lora, warn_if_random_weights
-from kvpo_megatron.cli import log_single_rank
 from kvpo_megatron.conditioning.text_encoder import build_text_encoder
 from kvpo_megatron.conditioning.vae import build_decoder
 from kvpo_megatron.config import to_dict
@@ -36,15 +37,16 @@ from kvpo_megatron.data.prompts import PromptDataset, PromptLoader, PromptSample
 from kvpo_megatron.data.rollout_archive import RolloutArchive
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.extras import check_job_extras
+from kvpo_megatron.kvpo import run_state
 from kvpo_megatron.kvpo.ema import ParameterEMA
-from kvpo_megatron.kvpo.metrics import MetricsLogger, check_out_dir, dp_mean, iteration_line, remove_run_files
-from kvpo_megatron.kvpo.objective import LossTerms, gibbs_log_policy, guard_passes, multi_advantages, tve_coefficients
+from kvpo_megatron.kvpo.metrics import MetricsLogger, dp_mean, iteration_line
+from kvpo_megatron.kvpo.objective import gibbs_log_policy, guard_passes, multi_advantages, tve_coefficients
 from kvpo_megatron.kvpo.pipeline import ModelGuard, Timeline, check_overlap_supported, replay_generator, run_overlapped
 from kvpo_megatron.kvpo.replay import plan_replay, replay_gradients
 from kvpo_megatron.kvpo.rollout import Rollout
 from kvpo_megatron.kvpo.samples import SampleLogger
-from kvpo_megatron.kvpo.train_config import KVPOTrainConfig, resume_changes
-from kvpo_megatron.kvpo.types import PromptContext, RolloutGroup
+from kvpo_megatron.kvpo.train_config import KVPOTrainConfig
+from kvpo_megatron.kvpo.types import GroupResult, PromptContext, RolloutGroup
 from kvpo_megatron.lora import adapters_disabled, lora_parameters, merged, save_adapter, unmerged
 from kvpo_megatron.model.build import build_model
 from kvpo_megatron.model.multishot import is_scene_cut
@@ -71,24 +73,6 @@ def _timer(times: dict, key: str):
         mem = "mem_" + key.removeprefix("time_") + "_peak_gb"
         times[mem] = max(times.get(mem, 0.0), torch.cuda.max_memory_allocated() / 1e9)
     times[key] = times.get(key, 0.0) + time.perf_counter() - t0
-
-
-@dataclasses.dataclass(kw_only=True)
-class GroupResult:
-    group: RolloutGroup
-    rewards: dict[str, torch.Tensor]  # component -> [G]
-    anchor: dict[str, float]
-    total: torch.Tensor  # [G] weighted
-    anchor_total: float
-    adv: torch.Tensor
-    coeffs: torch.Tensor
-    """dLoss/dTVE of this rank's branches."""
-    terms: LossTerms
-    tve: torch.Tensor
-    """TVE_old of all G branches."""
-    passed_guard: bool
-    tve_replay: torch.Tensor | None = None
-    """TVE of this rank's branches as the replay recomputed them (at pi_old's parameters), when it ran."""
 
 
 class KVPOTrainer:
@@ -155,7 +139,7 @@ class KVPOTrainer:
         self.consecutive_skips = 0
         resume_from = ckpt.select_checkpoint(cfg.checkpoint)  # verified on rank 0 before any rank loads
         if resume_from is None:
-            self._fresh_out_dir()
+            run_state.prepare_fresh_out_dir(cfg, self.rank)
         else:
             self._resume(resume_from)
         self.metrics.open(self.iteration)  # one history: rows and events after the resumed iteration are dropped
@@ -188,66 +172,18 @@ class KVPOTrainer:
         with fp8_enabled(self.model, self.cfg.model.fp8_replay), adapters_disabled(self.model):
             yield
 
-    # ---- checkpoints ----------------------------------------------------------------------------
-    def _fresh_out_dir(self):
-        """Nothing to resume: refuse an out_dir (or checkpoint.dir) holding another run, unless train.overwrite."""
-        tc, cc = self.cfg.train, self.cfg.checkpoint
-        old = []
-        if cc.dir and (ckpt.complete_checkpoints(cc.dir) or (Path(cc.dir) / ckpt.LATEST).exists()):
-            if not tc.overwrite:  # resume=never (auto would have resumed)
-                raise ConfigError(f"checkpoint.dir={cc.dir!r} holds another run's checkpoints and checkpoint.resume="
-                                  f"{cc.resume!r}; set train.overwrite=true to delete them, or choose another "
-                                  "checkpoint.dir")
-            old = [p for p in Path(cc.dir).iterdir() if p.name.startswith(("iter_", ckpt.LATEST))]
-        old += check_out_dir(tc.out_dir, overwrite=tc.overwrite)
-        dist.barrier()  # every rank has checked before rank 0 deletes
-        if self.rank == 0:
-            remove_run_files(old)
-        dist.barrier()
-
+    # ---- checkpoints (kvpo/run_state.py) -----------------------------------------------------------
     def _resume(self, path: Path):
-        self._check_resumed_config(path, ckpt.read_training_state(path)["extra"].get("config"))
-        state = ckpt.load_training_checkpoint(path, model=self.model, optimizer=self.optimizer,
-                                              pg_collection=self.pgs, ema=self.ema.shadow if self.ema else None)
-        if self.ema is not None and not state["ema_restored"]:
-            log_single_rank(log, logging.WARNING, "%s holds no EMA: the EMA restarts at its weights", path)
-            self.ema.reset()
-        self.iteration = state["iteration"]
-        self.scheduler.load_state_dict(state["scheduler_state"])
-        self._apply_optim_config()
-        self.loader.load_state_dict(state["data_state"])
-        self.consecutive_skips = state["extra"].get("consecutive_skips", 0)
-        self.metrics.history = list(state["extra"].get("history", []))
-        log.info("resumed from %s at iteration %d", path, self.iteration)
-
-    def _check_resumed_config(self, path: Path, saved: dict | None):
-        """Changes allowed on resume (``train_config.RESUMABLE``) are applied and logged; others are refused."""
-        if saved is None:
-            log_single_rank(log, logging.WARNING, "%s holds no config: changed settings cannot be checked", path)
-            return
-        allowed, refused = resume_changes(saved, to_dict(self.cfg))
-        if refused:
-            raise ConfigError(f"resuming {path} with settings that cannot change on resume: {'; '.join(refused)}; "
-                              "restore them, or start a new run (checkpoint.resume=never, another checkpoint.dir)")
-        for line in allowed:  # hyper-parameters loudly, paths and loop settings quietly
-            level = logging.INFO if line.startswith(("train.", "checkpoint.")) else logging.WARNING
-            log_single_rank(log, level, "resume: %s (applied)", line)
-
-    def _apply_optim_config(self):
-        """optim.* of this run over the restored optimizer and schedule (no-op when unchanged)."""
-        o = self.cfg.optim
-        for i, g in enumerate(self.optimizer.param_groups):
-            g.update(weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps, initial_lr=o.lr,
-                     lr=o.lr * self.scheduler.lr_lambdas[i](self.scheduler.last_epoch))
-        self.scheduler.base_lrs = [o.lr] * len(self.optimizer.param_groups)
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        self.iteration, loop = run_state.resume(path, self.cfg, model=self.model, optimizer=self.optimizer,
+                                                scheduler=self.scheduler, loader=self.loader, pg_collection=self.pgs,
+                                                ema=self.ema)
+        self.consecutive_skips, self.metrics.history = loop.consecutive_skips, loop.history
 
     def _save(self):
-        ckpt.save_training_checkpoint(
-            self.cfg.checkpoint, self.iteration, model=self.model, optimizer=self.optimizer,
-            scheduler_state=self.scheduler.state_dict(), data_state=self.loader.state_dict(),
-            extra={"consecutive_skips": self.consecutive_skips, "history": self.metrics.history,
-                   "config": to_dict(self.cfg)}, pg_collection=self.pgs, ema=self.ema.shadow if self.ema else None)
+        loop = run_state.LoopState(consecutive_skips=self.consecutive_skips, history=self.metrics.history,
+                                   config=to_dict(self.cfg))
+        run_state.save(self.cfg, self.iteration, loop, model=self.model, optimizer=self.optimizer,
+                       scheduler=self.scheduler, loader=self.loader, pg_collection=self.pgs, ema=self.ema)
 
     # ---- one prompt group --------------------------------------------------------------------
     def _contexts(self, sample: PromptSample) -> list[PromptContext]:
@@ -256,7 +192,9 @@ class KVPOTrainer:
         return [PromptContext(start_frame=s, context=emb[i:i + 1].to(self.device),
                               shot_boundary=i > 0 and is_scene_cut(sample.prompts[i])) for i, s in enumerate(starts)]
 
-    def _score(self, group: RolloutGroup, sample: PromptSample):
+    def score_group(self, group: RolloutGroup, sample: PromptSample) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """The reward hook (no grad): (component -> [G] branch rewards, component -> the anchor's). A subclass may
+        override it (``kvpo_megatron/benchmarks/equivalence.py`` adds fixed per-branch offsets)."""
         videos = torch.cat([group.anchor.latents] + [b.latents for b in group.branches])
         frames = self.decoder.decode(videos.float())
         spans = spans_from_switch_frames(sample.switch_frames, num_latent_frames=videos.shape[2],
@@ -265,17 +203,9 @@ class KVPOTrainer:
         comps = {k: v.float().cpu() for k, v in out.components.items()}
         return {k: v[1:] for k, v in comps.items()}, {k: float(v[0]) for k, v in comps.items()}
 
-    def _group(self, sample: PromptSample, prompt_index: int, slot: int) -> tuple[GroupResult, dict]:
-        times: dict = {}
-        with _timer(times, "time_rollout"):
-            group = self._rollout_group(sample, prompt_index, slot)
-        with _timer(times, "time_reward"), torch.no_grad():
-            rewards, anchor = self._score(group, sample)
-        return self._coefficients(group, rewards, anchor), times
-
     def _rollout_group(self, sample: PromptSample, prompt_index: int, slot: int) -> RolloutGroup:
         """Rollout of one prompt group; ``slot`` (its position in the iteration) keeps its KV pages apart from the
-        other groups', whose replays come after all rollouts."""
+        other groups' (with ``train.overlap`` the next group's rollout runs while this one replays)."""
         shape = (1, self.model.config.in_channels, self.cfg.video.num_frames, self.cfg.video.latent_height,
                  self.cfg.video.latent_width)
         return self.rollout.run(self._contexts(sample), shape, iteration=self.iteration,
@@ -315,27 +245,32 @@ class KVPOTrainer:
         # DP hold disjoint parts of one sum, so they scale the average back up by the DP size.
         return (self.dp_size if self.branch_ids is not None else 1.0) / num_groups
 
-    def _pipelined_groups(self, samples: list[PromptSample]) -> tuple[list[GroupResult], dict]:
-        """Zero the gradients, then rollout(j+1) || reward, coefficients and replay of group j (exact)."""
+    def _groups(self, samples: list[PromptSample]) -> tuple[list[GroupResult], dict]:
+        """The iteration's one schedule: zero the gradients, then per prompt group j: rollout -> reward ->
+        coefficients -> replay (its gradients accumulate in group order). With ``train.overlap`` the rollout of
+        group j+1 runs while group j is consumed (``kvpo/pipeline.py``; exact); else the groups run in turn."""
         self.optimizer.zero_grad(set_to_none=True)
         self.ddp.zero_grad_buffer()
-        scale = self._replay_scale(len(samples))
-        tl = Timeline(self.device)
+        scale, overlap = self._replay_scale(len(samples)), self.cfg.train.overlap
+        tl, times = Timeline(self.device), {}
+        phase = tl.phase if overlap else lambda name, j: _timer(times, f"time_{name}")
 
         def produce(j: int) -> RolloutGroup:
-            with tl.phase("rollout", j):
+            with phase("rollout", j):
                 return self._rollout_group(samples[j], samples[j].index, j)
 
         def consume(j: int, group: RolloutGroup) -> GroupResult:
-            with tl.phase("reward", j), torch.no_grad():
-                rewards, anchor = self._score(group, samples[j])
-            with tl.phase("coefficients", j):
+            with phase("reward", j), torch.no_grad():
+                rewards, anchor = self.score_group(group, samples[j])
+            with phase("coefficients", j):
                 res = self._coefficients(group, rewards, anchor)
             if res.passed_guard:
-                with tl.phase("replay", j):
-                    res.tve_replay = self._replay(group, res.coeffs, scale, tl_times=None)
+                with phase("replay", j):
+                    res.tve_replay = self._replay(group, res.coeffs, scale, tl_times=None if overlap else times)
             return res
 
+        if not overlap:
+            return [consume(j, produce(j)) for j in range(len(samples))], times
         results = run_overlapped(len(samples), produce, consume, device=self.device, timeline=tl)
         self.last_timeline = tl
         return results, tl.metrics()
@@ -374,28 +309,9 @@ class KVPOTrainer:
 
     def step(self) -> dict:
         flops0, forwards0 = self._work()
-        samples = self.loader.next()
-        if self.cfg.train.overlap:
-            results, times = self._pipelined_groups(samples)
-            any_update = torch.tensor([float(any(r.passed_guard for r in results))], device=self.device)
-            dist.all_reduce(any_update, group=self.pgs.dp)
-        else:
-            times = {}
-            results = []
-            for j, sample in enumerate(samples):
-                res, t = self._group(sample, prompt_index=sample.index, slot=j)
-                results.append(res)
-                for k, v in t.items():
-                    times[k] = times.get(k, 0.0) + v
-            any_update = torch.tensor([float(any(r.passed_guard for r in results))], device=self.device)
-            dist.all_reduce(any_update, group=self.pgs.dp)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.ddp.zero_grad_buffer()
-            scale = self._replay_scale(len(results))
-            with _timer(times, "time_replay"):
-                for r in results:
-                    if r.passed_guard:
-                        r.tve_replay = self._replay(r.group, r.coeffs, scale, tl_times=times)
+        results, times = self._groups(self.loader.next())
+        any_update = torch.tensor([float(any(r.passed_guard for r in results))], device=self.device)
+        dist.all_reduce(any_update, group=self.pgs.dp)
         with _timer(times, "time_update"):
             self.ddp.finish_grad_sync()
             for p in self.params:

@@ -1,7 +1,8 @@
 """Typed hand-offs between the KVPO rollout, the replay and the trainer (shapes in comments).
 
 ``C`` latent channels, ``F`` frames per block, ``F_total`` frames of the video, ``H``/``W`` latent size,
-``Lt`` text tokens, ``G`` branches of this rank.
+``Lt`` text tokens, ``G`` branches of this rank, ``G_all`` branches of the prompt (all DP ranks with
+``parallel.branches_over_dp``, else ``G``).
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvpo_megatron.kvpo.objective import LossTerms
 from kvpo_megatron.model.kv_cache import KVCache
 from kvpo_megatron.sampling.streaming import PromptSwitch
 
@@ -77,3 +79,28 @@ class RolloutGroup:
     """Model forward calls issued by the rollout (prefix once + batched anchor/branches + scoring)."""
     sample_forwards: int
     """Forwards times their batch size."""
+
+
+@dataclass(kw_only=True)
+class GroupResult:
+    """One prompt group scored, with its objective's coefficients (the trainer's per-group hand-off)."""
+
+    group: RolloutGroup
+    rewards: dict[str, torch.Tensor]
+    """Reward component -> [G_all] per branch."""
+    anchor: dict[str, float]
+    """Reward component -> the anchor's."""
+    total: torch.Tensor
+    """[G_all] weighted sum of the components."""
+    anchor_total: float
+    adv: torch.Tensor
+    """[G_all] advantages."""
+    coeffs: torch.Tensor
+    """[G] dLoss/dTVE of this rank's branches (zeros when the guard skipped the group)."""
+    terms: LossTerms
+    """The objective's terms at the rollout's parameters (loss, PPO, KL, ratios, clip fraction, entropy)."""
+    tve: torch.Tensor
+    """[G_all] TVE_old."""
+    passed_guard: bool
+    tve_replay: torch.Tensor | None = None
+    """[G] TVE of this rank's branches as the replay recomputed them (at pi_old's parameters), when it ran."""
