@@ -92,7 +92,7 @@ def _wan22_step(model, grads_fn) -> dict:
     ctx = torch.randn(2, 16, 32, generator=g)
     cache_cfg = CacheConfig(frames_per_block=2, num_sink_frames=2, local_attn_frames=4, history_frames=6)
     gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cache_cfg)
-    cache = gen.new_cache()
+    cache = gen.new_cache(2)
     with torch.no_grad():
         text = model.encode_text(ctx)
         for s in range(0, 6, 2):
