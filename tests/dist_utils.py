@@ -31,5 +31,14 @@ def _entry(rank, fn, world, port, args):
 
 
 def run_workers(fn, world: int, *args) -> None:
-    """Run ``fn(rank, world, *args)`` on ``world`` spawned processes; re-raises a worker's exception."""
-    mp.start_processes(_entry, args=(fn, world, _free_port(), args), nprocs=world, start_method="spawn")
+    """Run ``fn(rank, world, *args)`` on ``world`` spawned processes; re-raises a worker's exception.
+
+    The rendezvous port is picked free and then bound by rank 0's store, so another process on the machine can
+    take it in between (EADDRINUSE): that, and only that, is retried on a new port."""
+    for attempt in range(3):
+        try:
+            mp.start_processes(_entry, args=(fn, world, _free_port(), args), nprocs=world, start_method="spawn")
+            return
+        except mp.ProcessRaisedException as e:
+            if "EADDRINUSE" not in str(e) or attempt == 2:
+                raise

@@ -115,7 +115,8 @@ def test_workload_counts_what_the_trainer_does(pgs, tmp_path):
     tr.step()
     work, group = group_workload(cfg, pivot), tr.last_results[0].group
     assert (pivot, work.blocks, work.window) == (group.pivot, 6, len(group.window)) and pivot == 4
-    assert work.tuples == sum(len(b.tuples) for b in group.branches) == 4 * 2 * 2  # G * W * routed steps
+    steps = 4 if cfg.routing.steps == "all" else 2  # routed solver steps of 4
+    assert work.tuples == sum(len(b.tuples) for b in group.branches) == 4 * 2 * steps  # G * W * routed steps
     assert work.latent_frames == 3 * (4 + 5 * 2) and work.video_frames == 4 * work.latent_frames
 
 

@@ -6,9 +6,10 @@ Model: Wan-1.3B widths cut to 2 layers, latents 16x32 (128 tokens per frame), bf
   tests/test_gpu.py);
 * merged-LoRA rollout vs unmerged: within 2e-2 relative, and unmerging restores the weights bit for bit;
 * CUDA-graph replays vs eager forwards of the same engine: within 1e-2 relative;
-* one trainer iteration, fast path (TE spec, merged-LoRA rollout, CUDA graphs, batched branches) vs the eager local
-  path: TVE_old within 5e-2 relative, loss within 5e-2 relative, LoRA gradients with cosine >= 0.99 and within
-  0.15 relative; pi_old consistency: the first-step ratio within 1e-3 of 1 (``ratio_dev``).
+* the trainer's rollout and replay, fast path (TE spec, merged-LoRA rollout, CUDA graphs, batched branches) vs the
+  eager local path, with the same coefficients: TVE_old, TVE_ref and the LoRA gradient within 3x the bf16 noise
+  floor (the local path in float32) + 1e-3; pi_old consistency: the first-step ratio within 1e-3 of 1. (A first
+  version compared whole steps; on a random model normalised advantages flip with bf16 round-off, see the test.)
 Measured values are appended as JSON lines to ``$KVPO_GPU_REPORT`` when set.
 """
 from __future__ import annotations
@@ -110,11 +111,11 @@ def test_cuda_graph_runner_equals_eager(pgs, weights):
     assert captures >= 2 and err <= 1e-2
 
 
-def _trainer_cfg(tmp_path, name: str, fast: bool) -> dict:
+def _trainer_cfg(tmp_path, name: str, fast: bool, dtype: str = "bfloat16") -> dict:
     spec = "te" if fast else "local"
     return {
         "model": {"preset": "wan-1.3b", "cuda_graphs": fast,
-                  "overrides": {"num_layers": 2, "params_dtype": "bfloat16", "bf16": True, "spec": spec,
+                  "overrides": {"num_layers": 2, "params_dtype": dtype, "bf16": dtype == "bfloat16", "spec": spec,
                                 "use_cpu_initialization": not fast}},
         "video": {"num_frames": 18, "latent_height": 16, "latent_width": 32},
         "routing": {"window_blocks": 2}, "rollout": {"num_branches": 4, "merge_lora": fast},
@@ -126,39 +127,59 @@ def _trainer_cfg(tmp_path, name: str, fast: bool) -> dict:
 
 
 def test_trainer_iteration_fast_path_equals_eager_local(tmp_path):
+    """The trainer's rollout (scores included) and replay on the fast path (TE, merged-LoRA generation, CUDA graphs,
+    batched branches) against the eager local path, both bf16, with a bf16 noise floor: the local path in float32.
+
+    Fixed advantages: on a random 2-layer model the branches' rewards differ by ~1e-5, so normalised advantages
+    (and with them the loss and its gradient) flip with bf16 round-off; the comparison therefore feeds both paths
+    the same coefficients c_k and compares what the method computes from the parameters: TVE_old, TVE_ref, the
+    replayed TVE and the LoRA gradient of sum_k c_k TVE_k. Bound: fast-vs-local within 3x the floor
+    (local bf16 vs local float32) + 1e-3; pi_old consistency (first-step ratio) within 1e-3 of 1 on both paths."""
     from kvpo_megatron.config import from_dict
+    from kvpo_megatron.kvpo.objective import gibbs_log_policy
+    from kvpo_megatron.kvpo.replay import replay_gradients
     from kvpo_megatron.kvpo.train_config import KVPOTrainConfig
     from kvpo_megatron.kvpo.trainer import KVPOTrainer
+    from kvpo_megatron.kvpo.types import PromptContext
     from kvpo_megatron.lora import lora_parameters
 
-    local = KVPOTrainer(from_dict(KVPOTrainConfig, _trainer_cfg(tmp_path, "local", False)))
+    runs = {"local32": (False, "float32"), "local": (False, "bfloat16"), "fast": (True, "bfloat16")}
+    trainers = {k: KVPOTrainer(from_dict(KVPOTrainConfig, _trainer_cfg(tmp_path, k, fast, dt)))
+                for k, (fast, dt) in runs.items()}
+    ref = trainers["local32"]
     with torch.no_grad():  # identical weights (TE initialises differently), non-zero LoRA B
         g = torch.Generator().manual_seed(5)
-        for n, p in lora_parameters(local.model):
+        for n, p in lora_parameters(ref.model):
             if "lora_B" in n:
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
-    fast = KVPOTrainer(from_dict(KVPOTrainConfig, _trainer_cfg(tmp_path, "fast", True)))
-    src = dict(local.model.named_parameters())
-    with torch.no_grad():
-        for n, p in fast.model.named_parameters():
-            p.copy_(src[n])
-    res, metrics = {}, {}
-    for name, tr in (("local", local), ("fast", fast)):
-        metrics[name] = tr.step()
-        r = tr.last_results[0]
-        res[name] = dict(tve=r.tve.double(), loss=float(r.terms.total), pivot=r.group.pivot,
-                         grads={n: p.grad.float().cpu() for n, p in lora_parameters(tr.model)})
-    a, b = res["fast"], res["local"]
-    ga = torch.cat([g.flatten() for g in a["grads"].values()])
-    gb = torch.cat([b["grads"][n].flatten() for n in a["grads"]])
-    cos = float(torch.nn.functional.cosine_similarity(ga.double(), gb.double(), dim=0))
-    report = dict(test="trainer_fast_vs_local", pivot=a["pivot"], tve_rel=_rel(a["tve"], b["tve"]),
-                  loss_fast=a["loss"], loss_local=b["loss"], grad_rel=_rel(ga, gb), grad_cos=cos,
-                  ratio_dev_fast=metrics["fast"]["ratio_dev"], ratio_dev_local=metrics["local"]["ratio_dev"],
-                  captures=getattr(fast.runner, "captures", 0))
-    _report(**report)
-    assert a["pivot"] == b["pivot"]
-    assert report["tve_rel"] <= 5e-2
-    assert abs(a["loss"] - b["loss"]) <= 5e-2 * max(abs(b["loss"]), 1e-6)
-    assert cos >= 0.99 and report["grad_rel"] <= 0.15
-    assert metrics["fast"]["ratio_dev"] <= 1e-3 and metrics["local"]["ratio_dev"] <= 1e-3
+        src = dict(ref.model.named_parameters())
+        for tr in trainers.values():
+            for n, p in tr.model.named_parameters():
+                p.copy_(src[n].to(p.dtype))
+    ctx = [PromptContext(start_frame=0, context=torch.randn(1, 512, 4096, generator=g).cuda())]
+    coeffs = torch.tensor([1.0, -0.5, 0.25, -0.75])
+    res = {}
+    for name, tr in trainers.items():
+        grp = tr.rollout.run(ctx, (1, 16, 18, 16, 32), iteration=0, prompt_index=0, device=tr.device)
+        params = [p for _, p in lora_parameters(tr.model)]
+        tr.model.zero_grad(set_to_none=True)
+        tr.ddp.zero_grad_buffer()  # megatron DDP accumulates the replay's gradients into main_grad
+        tve = replay_gradients(tr.gen, grp, coeffs, batch_size=tr.replay_plan.batch_size,
+                               generation=tr.rollout.generation, training=tr.rollout.scoring)
+        grad = torch.cat([(p.main_grad if getattr(p, "main_grad", None) is not None else p.grad).float().flatten()
+                          for p in params]).cpu()
+        old = torch.tensor([b.tve_old for b in grp.branches], dtype=torch.float64)
+        rho = (gibbs_log_policy(torch.tensor(tve, dtype=torch.float64), 1.0) - gibbs_log_policy(old, 1.0)).exp()
+        res[name] = dict(pivot=grp.pivot, old=old, ref=torch.tensor([b.tve_ref for b in grp.branches]), grad=grad,
+                         ratio_dev=float((rho - 1).abs().max()))
+    floor = {k: _rel(res["local"][k], res["local32"][k]) for k in ("old", "ref", "grad")}
+    err = {k: _rel(res["fast"][k], res["local"][k]) for k in ("old", "ref", "grad")}
+    cos = float(torch.nn.functional.cosine_similarity(res["fast"]["grad"].double(), res["local"]["grad"].double(),
+                                                      dim=0))
+    _report(test="trainer_fast_vs_local", floor=floor, err=err, grad_cos=cos,
+            ratio_dev={k: r["ratio_dev"] for k, r in res.items()}, captures=getattr(trainers["fast"].runner,
+                                                                                  "captures", 0))
+    assert len({r["pivot"] for r in res.values()}) == 1
+    for k in err:
+        assert err[k] <= 3 * floor[k] + 1e-3, (k, err[k], floor[k])
+    assert all(r["ratio_dev"] <= 1e-3 for r in res.values())

@@ -120,7 +120,11 @@ def run_layout(out: str | Path, prompts: str | Path, *overrides: str, dtype: str
         "train.iterations=1", "train.progress=false", f"train.out_dir={out}", f"data.prompts={prompts}",
         # Adam's first step is ~lr*sign(g): with eps=1e-8 entries whose gradient is ~1e-10 (round-off) move by
         # ~lr/100 differently per layout; eps=1e-3 keeps the update a smooth function of the gradient.
-        "optim.warmup_steps=1", "optim.eps=1e-3", "objective.guard=false", *dt, *overrides])))
+        "optim.warmup_steps=1", "optim.eps=1e-3", "objective.guard=false",
+        # The layouts are compared at the method's objective (tau 1, beta 10) and a 1e-2 step, not the tiny default's
+        # demo temperature (tau 3e-3), under which bf16 round-off of the TVEs moves the coefficients as much as the
+        # update itself and the bf16 rule could not tell a layout bug from noise.
+        "objective.tau=1.0", "objective.beta=10.0", "optim.lr=1e-2", "routing.steps=first_half", *dt, *overrides])))
     tr = KVPOTrainer(cfg)
     score = tr._score
 

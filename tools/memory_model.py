@@ -46,7 +46,7 @@ def parse_args(argv=None):
     for f in dataclasses.fields(MemoryPlan):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
-            ap.add_argument(flag, action="store_true")
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         elif f.name in ("latent_hw", "lora_targets"):
             ap.add_argument(flag, default=",".join(map(str, f.default)), help="comma-separated")
         else:

@@ -36,6 +36,8 @@ tokens a block attends, ``tl`` text tokens, ``h`` heads, ``hd`` head dim):
   activations again (its gradients).
 * small terms: the G+1 videos' latents and the shared noise (float32), replay tuples (x and v_target, float32),
   the prompt's cross-attention K/V for generation (merged LoRA), scoring and the reference.
+* merged-LoRA rollout (``rollout.merge_lora``): one exact copy of the adapted base weights during the rollout
+  (found on 2 H200s: the 14B TP=2 rollout with 9 batched samples ran out of memory where this term was missing).
 
 Assumptions: Wan's patch (1, 2, 2); weights in ``bytes`` (the trainer builds float32 and the benches cast: that
 transient copy at build time is not counted); activations are the local spec's with the split replay attention
@@ -91,6 +93,8 @@ class MemoryPlan:
     """``paged`` (the engine: shared prefix pages + private rings per batched sample) or ``legacy`` (the engine
     before it: a working cache and a fork snapshot per group, one sample at a time; kept to compare with the
     one GPU measurement of it)."""
+    merge_lora: bool = True
+    """``rollout.merge_lora``: the rollout holds an exact copy of the adapted base weights."""
     branch_batch: int | None = None
     """``rollout.batch_size``: samples advancing together (None: as many as ``kv_budget_gb`` allows)."""
     kv_budget_gb: float | None = None
@@ -250,7 +254,10 @@ def predict(plan: MemoryPlan, m: dict | None = None) -> dict:
     small = P * (g_rank + 2) * video + tuples + P * text
     base = weights + lora + small
     workspace = forward_workspace_bytes(plan, m, batch)
-    rollout = base + rollout_cache + workspace
+    # merged-LoRA generation keeps an exact copy of every adapted base weight to unmerge to (lora.merged); the replay
+    # differentiates the unmerged form, whose copies are dropped while it runs
+    backup = weights if plan.merge_lora else 0
+    rollout = base + rollout_cache + workspace + backup
     replay = base + replay_cache + acts + layer_act  # + the backward's transient: one layer's gradients
     gb = lambda x: round(x / GB, 3)  # noqa: E731
     return {
@@ -261,7 +268,8 @@ def predict(plan: MemoryPlan, m: dict | None = None) -> dict:
         "rollout_cache_gb": gb(rollout_cache), "replay_cache_gb": gb(replay_cache),
         "activations_per_tuple_gb": gb(m["num_layers"] * activation_bytes_per_layer(plan, m)),
         "replay_activations_gb": gb(acts), "forward_workspace_gb": gb(workspace),
-        "latents_tuples_text_gb": gb(small), "peak_rollout_gb": gb(rollout), "peak_replay_gb": gb(replay),
+        "latents_tuples_text_gb": gb(small), "merge_backup_gb": gb(backup), "peak_rollout_gb": gb(rollout),
+        "peak_replay_gb": gb(replay),
         "peak_gb": gb(max(rollout, replay)),
     }
 
