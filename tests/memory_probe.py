@@ -23,7 +23,7 @@ def probe(pgs, *, tp: int = 1, cp: int = 1, cp_attention: str = "auto", dtype=to
                         cp_attention=cp_attention)
     apply_lora(model, LoRAConfig(rank=s["r"], alpha=float(s["r"])))
     model.to(dtype)
-    for m in model.modules():  # as bench_common.cast_model: affine LayerNorms stay float32
+    for m in model.modules():  # as benchmarks.common.cast_model: affine LayerNorms stay float32
         if isinstance(m, torch.nn.LayerNorm):
             m.float()
     lora = {p.untyped_storage().data_ptr() for _, p in lora_parameters(model)}

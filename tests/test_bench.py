@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import sys
 
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
-import bench_common  # noqa: E402
-import bench_rollout  # noqa: E402
-
-from kvpo_megatron.errors import ConfigError  # noqa: E402
-from kvpo_megatron.model import CacheConfig, model_config  # noqa: E402
-from tests.dist_utils import run_workers  # noqa: E402
-from tests.helpers import tiny_model  # noqa: E402
+from kvpo_megatron import flops
+from kvpo_megatron.benchmarks import iteration as bench_iteration
+from kvpo_megatron.benchmarks import rollout as bench_rollout
+from kvpo_megatron.errors import ConfigError
+from kvpo_megatron.model import CacheConfig, model_config
+from tests.dist_utils import run_workers
+from tests.helpers import tiny_model
 
 
 def test_bench_rollout_tiny_cpu_prints_one_json_line(pgs, capsys):
@@ -33,7 +30,7 @@ def test_bench_rollout_tiny_cpu_prints_one_json_line(pgs, capsys):
     assert out["video_fps"] == pytest.approx(12 / out["sec_per_block"])  # 3 latent frames x 4 video frames
     cfg = model_config("tiny")
     f = dict(batch=1, frames=3, tokens_per_frame=16, cached_frames=9)
-    want = 2 * bench_common.forward_flops(cfg, **f)["total"] + bench_common.forward_flops(cfg, head=False, **f)["total"]
+    want = 2 * flops.forward_flops(cfg, **f)["total"] + flops.forward_flops(cfg, head=False, **f)["total"]
     assert out["tflop_per_block"] == pytest.approx(want / 1e12)
     assert out["mfu"] is None  # no known peak on CPU
     assert out["rel_err_vs_reference"] < 1e-5  # same weights, same function, float32
@@ -58,7 +55,7 @@ def test_forward_flops_match_torch_flop_counter(pgs):
                 view = cache.view(cc.default_read_frames(12))
                 model(torch.randn(1, 4, 3, 8, 8), torch.tensor([500.0]), text=text, frame_offset=12, cache=cache,
                       view=view, compute_output=head)
-            want = bench_common.forward_flops(cfg, batch=1, frames=3, tokens_per_frame=16,
+            want = flops.forward_flops(cfg, batch=1, frames=3, tokens_per_frame=16,
                                               cached_frames=len(view.read_frames), head=head)["total"]
             assert len(view.read_frames) == 9
             assert fc.get_total_flops() == pytest.approx(want, rel=1e-9)
@@ -67,11 +64,11 @@ def test_forward_flops_match_torch_flop_counter(pgs):
 def test_replay_flops_formula():
     cfg = model_config("wan-1.3b")
     f = dict(batch=1, frames=3, tokens_per_frame=1560, cached_frames=9)
-    fwd = bench_common.forward_flops(cfg, **f)
+    fwd = flops.forward_flops(cfg, **f)
     assert 27e12 < fwd["total"] < 30e12 and 0.55 < fwd["attention"] / fwd["total"] < 0.62  # ~28 TFLOP, ~59% attn
-    r0 = bench_common.replay_flops(cfg, lora_rank=0, **f)
+    r0 = flops.replay_flops(cfg, lora_rank=0, **f)
     assert r0 == pytest.approx(2 * fwd["linear"] + 3 * fwd["attention"])
-    assert bench_common.replay_flops(cfg, lora_rank=256, **f) > r0
+    assert flops.replay_flops(cfg, lora_rank=256, **f) > r0
 
 
 def test_te_spec_without_transformer_engine():
@@ -93,8 +90,6 @@ TINY_ITER = ["--preset", "tiny", "--frames", "15", "--latent-h", "8", "--latent-
 
 
 def _bench_iteration_worker(rank, world, base, out):
-    import bench_iteration
-
     bench_iteration.main([*TINY_ITER, "--layouts", "dp,branches,tp", "--baseline-json", base,
                           "--profile-comm", "--json-out", out])
 
@@ -122,8 +117,6 @@ def test_workload_counts_what_the_trainer_does(pgs, tmp_path):
 
 def test_bench_iteration_layouts_scaling_comm_on_two_gloo_ranks(pgs, tmp_path, capsys):
     """1-process baseline, then dp / branches / tp on 2 ranks in one launch: one JSON line each."""
-    import bench_iteration
-
     base, out = str(tmp_path / "base.jsonl"), str(tmp_path / "scaling.jsonl")
     b = bench_iteration.main([*TINY_ITER, "--json-out", base])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(b))
@@ -152,8 +145,6 @@ def test_bench_iteration_layouts_scaling_comm_on_two_gloo_ranks(pgs, tmp_path, c
 
 
 def test_bench_iteration_layout_names():
-    import bench_iteration
-
     p = bench_iteration.parse_layout
     assert p("dp", 8) | {} == {"name": "dp", "tp": 1, "cp": 1, "branches_over_dp": False, "cp_attention": "auto",
                                "dp": 8, "dp_prompts": 8}
@@ -169,8 +160,6 @@ def test_bench_iteration_layout_names():
 def test_bench_tools_take_the_longlive2_generator_layout(pgs, capsys):
     """--generator longlive2-5b: blocks of 8, a 32-frame span and UniPC in bench_rollout (ours == the plain
     reference) and bench_iteration, here on the tiny Wan2.2-shaped model with small latents."""
-    import bench_iteration
-
     res = bench_rollout.main(["--config", "tiny-wan2.2", "--generator", "longlive2-5b", "--latent-h", "4",
                               "--latent-w", "4", "--frames", "40", "--device", "cpu", "--dtype", "fp32"])
     assert (res["frames_per_block"], res["span_frames"], res["steps"], res["sampler"]) == (8, 32, 4, "unipc")

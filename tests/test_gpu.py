@@ -29,11 +29,7 @@ def _report(**kw):
 
 
 def _model(pgs, spec_kind: str, sd, dtype, preset: str = "wan-1.3b", **ov):
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
-    from bench_common import cast_model
-
+    from kvpo_megatron.benchmarks.common import cast_model
     from kvpo_megatron.checkpoint.sharding import load_full_state_dict
     from kvpo_megatron.model import CausalWanDiT, model_config
     from kvpo_megatron.model.specs import local_spec

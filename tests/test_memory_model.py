@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import sys
 
 import pytest
 import torch
 
+from kvpo_megatron.benchmarks import memory as cli
 from kvpo_megatron.kvpo import memory_model as mm
 from tests.memory_probe import PROBE_SHAPES as S
 from tests.memory_probe import probe
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
-import memory_model as cli  # noqa: E402
 
 M = mm.model_sizes("tiny", hidden_size=S["d"], ffn_hidden_size=S["f"], text_len=S["text_len"],
                    num_attention_heads=S["heads"], num_layers=1)

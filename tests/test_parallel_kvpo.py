@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from tests.dist_utils import run_workers
-from tools.kvpo_equivalence import compare, compare_dir, limits, noise_floor, passes, run_named, write_prompts
+from kvpo_megatron.benchmarks.equivalence import compare, compare_dir, limits, noise_floor, passes, run_named, write_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-5

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from kvpo_megatron.model import split_attention as sa
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 
 # (b, L, N, h, d): N = 0, L and N not multiples of any block (16, 32, 64) or of the key chunk (8), several
 # heads, b > 1, a head dim that is not a power of two (24 -> a padded, masked BLOCK_D of 32 in Triton)
@@ -175,7 +174,7 @@ def test_bad_input_names_the_argument(kwargs, match):
 
 
 def test_bench_attention_tiny_cpu_prints_one_json_line(capsys):
-    import bench_attention
+    from kvpo_megatron.benchmarks import attention as bench_attention
 
     res = bench_attention.main(["--device", "cpu", "--dtype", "fp64", "--batch", "1,2", "--tokens-per-frame", "8",
                                 "--heads", "2", "--head-dim", "16", "--warmup", "1", "--iters", "2"])

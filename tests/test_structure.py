@@ -16,7 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PKG = "kvpo_megatron"
 
-LIGHT = ("kvpo_megatron.checkpoint.convert", "kvpo_megatron.checkpoint.formats", "kvpo_megatron.kvpo.memory_model")
+LIGHT = ("kvpo_megatron.checkpoint.convert", "kvpo_megatron.checkpoint.formats", "kvpo_megatron.kvpo.memory_model",
+         "kvpo_megatron.benchmarks.memory")
 """Modules the CLIs ``tools/convert_checkpoint.py`` and ``tools/memory_model.py`` import before parsing arguments:
 they start without megatron, peft or transformers (``--help``, argument and input errors in a few seconds)."""
 

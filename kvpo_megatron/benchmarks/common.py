@@ -21,10 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvpo_megatron.flops import forward_flops, lora_params_per_token, replay_flops  # noqa: F401  (re-exported)
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+from kvpo_megatron.accelerate import accelerate
+from kvpo_megatron.checkpoint.mappings import convert_state_dict
+from kvpo_megatron.checkpoint.sharding import gather_full_state_dict
+from kvpo_megatron.dtypes import SHORT_NAMES
+from kvpo_megatron.lora import LoRAConfig, apply_lora
+from kvpo_megatron.lora_tensors import base_name
+from kvpo_megatron.model.build import ModelSection, build_model
+from kvpo_megatron.parallel.state import ParallelConfig, init_parallel
 
 # Dense bf16 tensor-core peaks (datasheet, without sparsity) in TFLOP/s.
 BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "B200": 2250.0}
@@ -45,7 +49,7 @@ def device_peak_tflops(device: torch.device) -> float | None:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The execution flags every benchmark takes (they map onto the library's config fields)."""
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--dtype", choices=sorted(SHORT_NAMES), default="bf16")
     p.add_argument("--spec", choices=["local", "te"], default="local")
     p.add_argument("--compile", action="store_true", help="model.compile: torch.compile each block")
     p.add_argument("--cuda-graphs", action="store_true", help="model.cuda_graphs: no-grad forwards from CUDA graphs")
@@ -58,9 +62,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def model_section(args, preset: str):
     """The ``ModelSection`` (config tree) the flags select."""
-    from kvpo_megatron.model.build import ModelSection
 
-    ov = {"params_dtype": TORCH_DTYPE_NAMES[args.dtype], "bf16": args.dtype == "bf16", "spec": args.spec}
+    ov = {"params_dtype": SHORT_NAMES[args.dtype], "bf16": args.dtype == "bf16", "spec": args.spec}
     if args.spec == "te":
         ov.update(use_cpu_initialization=False, fp8=args.fp8, fp8_recipe=args.fp8_recipe,
                   fp8_dot_product_attention=args.fp8_dpa)
@@ -74,10 +77,6 @@ def model_section(args, preset: str):
 def library_model(args, preset: str, device: torch.device, *, lora_rank: int = 0, seed: int = 0):
     """(model, runner): the library's model for ``args`` with random weights (LoRA r=alpha=``lora_rank`` with a
     non-zero B, so adapters change the output), on ``device``, accelerated as configured."""
-    from kvpo_megatron.accelerate import accelerate
-    from kvpo_megatron.lora import LoRAConfig, apply_lora
-    from kvpo_megatron.model.build import build_model
-    from kvpo_megatron.parallel.state import ParallelConfig, init_parallel
 
     pgs = init_parallel(ParallelConfig())
     torch.manual_seed(seed)
@@ -305,10 +304,7 @@ def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def reference_from(model, *, dtype: torch.dtype, device: torch.device) -> RefCausalWan:
     """A ``RefCausalWan`` holding ``model``'s weights, loaded through the ours -> Wan name mapping."""
-    from kvpo_megatron.checkpoint.mappings import convert_state_dict
-    from kvpo_megatron.checkpoint.sharding import gather_full_state_dict
 
-    from kvpo_megatron.lora_tensors import base_name
 
     ref = RefCausalWan(model.config)
     # base weights only (under ``lora.merged`` they hold the folded adapters)
