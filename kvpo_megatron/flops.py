@@ -13,7 +13,7 @@ Per forward of ``b`` samples with ``L`` query tokens each:
   work; biases. A commit pass (the cache write) is counted the same way without the head.
 A replay forward + backward with LoRA-only weight gradients (:func:`replay_flops`) adds the base linears' data
 gradient (1x their forward), LoRA's data and weight gradients (2x) and the attention backward (2x its forward).
-The formula equals ``torch.utils.flop_counter`` on the tiny model (tests/test_bench.py).
+The formula equals ``torch.utils.flop_counter`` on the tiny model (tests/benchmarks/test_bench.py).
 """
 from __future__ import annotations
 

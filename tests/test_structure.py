@@ -178,3 +178,34 @@ def test_no_sys_path_edits():
     edits = [str(f.relative_to(ROOT)) for f in _python_files() if f != Path(__file__)
              and "sys.path." in f.read_text()]
     assert not edits, edits
+
+
+def test_tests_mirror_the_package():
+    """A test lives in ``tests/<package folder>/`` beside the code it checks (tests of top-level modules such as
+    ``lora.py`` or ``cli.py`` in ``tests/``); every test folder is a package folder."""
+    folders = {f.parent.relative_to(ROOT / "tests") for f in (ROOT / "tests").rglob("test_*.py")}
+    strays = sorted(str(d) for d in folders if d != Path(".") and not (ROOT / PKG / d).is_dir())
+    assert not strays, f"test folders with no package folder of the same name: {strays}"
+    assert len(folders) > 5  # the layout is used, not only the top folder
+
+
+def test_readme_layout_names_the_tree():
+    """The README's Layout block names every package folder, top-level module and tool (globs such as
+    ``bench_*.py`` count), and every ``name/`` or ``name.py`` it names exists."""
+    import fnmatch
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Layout\n\n```\n", 1)[1].split("```", 1)[0]
+    words = set(re.findall(r"[\w*]+(?:\.py|\.sh|\.md|/)", block))
+    globs = {w for w in words if "*" in w}
+    named = lambda name: name in words or any(fnmatch.fnmatch(name, g) for g in globs)  # noqa: E731
+    tree = [f"{p.name}/" if p.is_dir() else p.name for p in (ROOT / PKG).iterdir()
+            if (p.is_dir() and (p / "__init__.py").exists()) or (p.suffix == ".py" and p.name != "__init__.py")]
+    tree += [p.name for p in (ROOT / "tools").iterdir() if p.is_file()]
+    missing = sorted(n for n in tree if not named(n))
+    assert not missing, f"README Layout does not name: {missing}"
+    places = [ROOT, ROOT / PKG, ROOT / "tools", ROOT / "examples", ROOT / "docs", ROOT / "tests"]
+    entries = {w for w in words - globs if not w.endswith("/")} | set(re.findall(r"^ {0,2}(\w+/)", block, re.M))
+    stale = sorted(w for w in entries if not any((d / w.rstrip("/")).exists() for d in places))
+    assert not stale, f"README Layout names what does not exist: {stale}"

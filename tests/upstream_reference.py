@@ -1,5 +1,5 @@
 """An independent re-implementation of the upstream causal inference loops (Self-Forcing, LongLive, MemFlow),
-written from their code, not from this engine, for ``tests/test_upstream_inference.py``.
+written from their code, not from this engine, for ``tests/sampling/test_upstream_inference.py``.
 
 Files read (line numbers at the commits named):
 

@@ -33,7 +33,7 @@ IT="python3 tools/bench_iteration.py --preset wan-1.3b --frames 147 --branches 8
 case $part in
 all)  # GPU tests, then the 147-frame bf16 iteration | rollout and replay benches, then the FP8-rollout iteration
   lane 0 tests_iter_bf16 "KVPO_GPU_REPORT=$OUT/gpu_report.jsonl python3 -m pytest -m gpu -q --timeout 300 \
-      tests/test_gpu_fast_path.py tests/test_gpu.py tests/test_split_attention.py -p no:cacheprovider;
+      tests/kvpo/test_gpu_fast_path.py tests/model/test_gpu_te.py tests/model/test_split_attention.py -p no:cacheprovider;
     $IT $FASTCFG;
     python3 tools/bench_attention.py --batch 1,2 | tail -1 >> $OUT/bench.jsonl;
     python3 tools/bench_rollout.py --config wan2.2-5b --generator longlive2-5b --latent-h 44 --latent-w 80 \
@@ -46,7 +46,7 @@ all)  # GPU tests, then the 147-frame bf16 iteration | rollout and replay benche
   wait ;;
 tests)
   lane 0 tests "KVPO_GPU_REPORT=$OUT/gpu_report.jsonl python3 -m pytest -m gpu -q --timeout 300 \
-      tests/test_gpu_fast_path.py tests/test_gpu.py tests/test_split_attention.py -p no:cacheprovider" ;;
+      tests/kvpo/test_gpu_fast_path.py tests/model/test_gpu_te.py tests/model/test_split_attention.py -p no:cacheprovider" ;;
 *) echo "usage: $0 all|tests" >&2; exit 2 ;;
 esac
 cat "$OUT/lanes.txt"

@@ -32,7 +32,7 @@ Pass rules (``compare``; the ``ref*`` layouts need a world of one process):
   step exceeds ``K_BF16`` x the LoRA floor (the update is visible above the noise). Measured on CPU/gloo, the
   largest error/floor ratio over tp2, cp2, cp2_allgather, dp2 and dp2_branches was 1.9 (tp2's loss; DP layouts
   generate bitwise equal videos); a doubled gradient (a missing average), another prompt's videos or a doubled
-  LoRA step fail (tests/test_parallel_kvpo.py). bf16 cannot see a bug smaller than its noise: on the tiny model
+  LoRA step fail (tests/parallel/test_kvpo_layouts.py). bf16 cannot see a bug smaller than its noise: on the tiny model
   two branches differ by ~3e-2 (routing barely matters to random weights), so swapping them passes, and the LoRA
   floor is ~4% of the step, so only step errors above ~15% show; fp32 at 1e-5 is the exact check.
 """

@@ -20,7 +20,7 @@ tokens a block attends, ``tl`` text tokens, ``h`` heads, ``hd`` head dim):
   ``legacy``: the engine before (one working cache and a fork snapshot of ``sink + history`` slots per group).
 * replay activations per tuple and layer (autograd's saved tensors of one block-step, local spec, LoRA trains,
   base frozen; equal byte for byte to a small model's at TP=1, TP=2, CP=2 Ulysses and CP=2 all-gather:
-  tests/test_memory_model.py, tests/test_parallel_kvpo.py), in the compute dtype ``B`` and float32:
+  tests/kvpo/test_memory_model.py, tests/parallel/test_kvpo_layouts.py), in the compute dtype ``B`` and float32:
   ``B (2 Lc D_kv + cur + 2 Ls f/t + 3 Ls d + 2 Ls d/t + Ls d/t + n_tok Ls r + 2 tl d/t + n_txt tl r)
   + 4 (3 Ls d + 3 Ls d/t + 2 Ls hd + lse_self + Ls h/t + 9 Ls + 8 F d + tl d/t + tl)``
   where the split attention (``model/split_attention.py``) keeps the cached K/V, ``D_kv = d/(t c)`` (``d/t``

@@ -3,7 +3,7 @@
 Model: Wan-1.3B widths cut to 2 layers, latents 16x32 (128 tokens per frame), bf16. Tolerances (bf16):
 * LoRA on TE linears vs LoRA on the local spec, a replay-style forward + backward under a filled cache:
   outputs within 2e-2 relative, every LoRA gradient within 5e-2 relative (the bf16 grads tolerance of
-  tests/test_gpu.py);
+  tests/model/test_gpu_te.py);
 * merged-LoRA rollout vs unmerged: within 2e-2 relative, and unmerging restores the weights bit for bit;
 * CUDA-graph replays vs eager forwards of the same engine: within 1e-2 relative;
 * the trainer's rollout and replay, fast path (TE spec, merged-LoRA rollout, CUDA graphs, batched branches) vs the
@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_gpu import _model, _rel, _report, _rollout
+from tests.model.test_gpu_te import _model, _rel, _report, _rollout
 
 pytestmark = pytest.mark.gpu
 

@@ -23,7 +23,7 @@ from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.kvpo.train_config import TINY_DEFAULT, KVPOTrainConfig
 from kvpo_megatron.kvpo.trainer import KVPOTrainer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cfg(tmp_path, *overrides):

@@ -86,7 +86,7 @@ def _cli(*argv) -> int:
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location("convert_checkpoint",
-                                                  Path(__file__).parents[1] / "tools" / "convert_checkpoint.py")
+                                                  Path(__file__).parents[2] / "tools" / "convert_checkpoint.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     return cli.main([*argv, "--no-progress"] if argv[0] == "import" else list(argv))

@@ -1,11 +1,11 @@
 """MemFlow's memory bank (issue 9): bookkeeping against a hand-worked table, compression on hand-built tensors,
-attended frames = sink + bank + local, KVPO rollout/replay with the bank, and TP/CP == one process."""
+attended frames = sink + bank + local (KVPO with the bank: tests/kvpo/test_memory_bank_kvpo.py; TP/CP:
+tests/parallel/test_memory_bank_layouts.py)."""
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -14,26 +14,19 @@ from torch import nn
 
 from kvpo_megatron.config import from_dict
 from kvpo_megatron.errors import ConfigError
-from kvpo_megatron.kvpo.config import RolloutConfig, RoutingConfig
-from kvpo_megatron.kvpo.objective import tve_term
-from kvpo_megatron.kvpo.replay import replay_gradients
-from kvpo_megatron.kvpo.rollout import Rollout
-from kvpo_megatron.kvpo.types import PromptContext
 from kvpo_megatron.model import CacheConfig, KVCache, TextKV
-from kvpo_megatron.model import memory_bank
 from kvpo_megatron.model.kv_cache import LayerKV
 from kvpo_megatron.model.memory_bank import (LOCAL, MemoryBankConfig, ScoreReduction, bank_scores, keep_indices,
                                              update_after_commit)
-from kvpo_megatron.sampling import FlowMatchSampler, PromptSwitch, SamplerConfig, StreamingGenerator
 from kvpo_megatron.presets import GENERATE_SECTIONS, generator_preset
-from tests.dist_utils import run_workers
-from tests.helpers import tiny_full_state_dict, tiny_model
+from kvpo_megatron.sampling import FlowMatchSampler, PromptSwitch, SamplerConfig, StreamingGenerator
+from tests.helpers import tiny_model
 
 log = logging.getLogger(__name__)
 T_TOK, HEADS, HDIM = 4, 2, 4  # tokens per frame, heads, head dim of the hand-built tensors
 U = torch.full((HEADS, HDIM), 1 / math.sqrt(HDIM))  # <u_h, u_h> = 1 in every head
 # The rules issue 9 specified (record every record_interval-th block, padding masked); MemFlow's released
-# schedule (the default) is checked against a reference of its inference code in tests/test_upstream_inference.py.
+# schedule (the default) is checked against a reference of its inference code in tests/sampling/test_upstream_inference.py.
 ISSUE9 = dict(schedule="interval", mask_padding=True)
 
 
@@ -420,164 +413,3 @@ def test_real_model_attends_sink_bank_local_and_keeps_committed_kv(pgs):
         for j, f in enumerate(frames):
             assert torch.equal(kb[:, j], committed[f][i][0][:, 0]) and torch.equal(vb[:, j], committed[f][i][1][:, 0])
     assert not cache.is_resident(9) and not cache.is_resident(27)
-
-
-# ---- (4) KVPO on the bank -----------------------------------------------------------------------------------
-SHAPE = (1, 4, 24, 8, 8)
-
-
-def _replayed_tves(gen, grp, fork) -> list[float]:
-    """No-grad replay of every branch from ``fork`` (a frozen prefix cache): the unrouted context rebuilt by the
-    branch's commits, one branch at a time."""
-    out = []
-    fpb = gen.cache_cfg.frames_per_block
-    with torch.no_grad():
-        for br in grp.branches:
-            cache, tve = fork.fork(1, grp.private_frames), 0.0
-            for b in grp.window:
-                s = b * fpb
-                text = gen.enter_block(cache, br.latents, b, grp.prompts)
-                for tup in (t for t in br.tuples if t.block == b):
-                    view = cache.view(gen.cache_cfg.default_read_frames(s, fpb))
-                    tve += float(tve_term(tup.v_target, gen.forward(tup.x, tup.timestep, s, text, cache, view)).sum())
-                gen.commit_block(cache, br.latents[:, :, s:s + fpb], s, text, read_frames=br.commit_frames[b])
-            out.append(tve)
-    return out
-
-
-@pytest.mark.parametrize("sma", [False, True])
-def test_kvpo_rollout_and_replay_with_bank(pgs, sma, monkeypatch):
-    model = tiny_model(pgs).eval()
-    cc = CacheConfig(memory_bank=MemoryBankConfig(**ISSUE9, bank_size=2, record_interval=1, sma=sma, sma_top_k=2))
-    gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cc, recache_on_switch=True)
-    ro = Rollout(gen, RoutingConfig(window_blocks=2), RolloutConfig(num_branches=3), seed=3)
-    g = torch.Generator().manual_seed(5)
-    ctx = [PromptContext(start_frame=0, context=torch.randn(1, 16, 32, generator=g)),
-           PromptContext(start_frame=18, context=torch.randn(1, 16, 32, generator=g))]  # switch inside the window
-    views = []
-    orig_view = KVCache.view
-
-    def view(cache, read_frames, write_frames=(), device=None, **kw):
-        v = orig_view(cache, read_frames, write_frames, device, **kw)
-        per_sample = len(read_frames) > 0 and isinstance(read_frames[0], (list, tuple))
-        for i, fr in enumerate(read_frames if per_sample else [read_frames] * cache.batch_size):
-            views.append((tuple(fr), v.bank_entries, cache.attended_frames(0, v)[i],
-                          cache.bank_frames[0][i].tolist() if cache.bank_len else []))
-        return v
-    monkeypatch.setattr(KVCache, "view", view)
-    grp = ro.run(ctx, SHAPE, iteration=0, prompt_index=0, pivot=5)
-    monkeypatch.undo()
-    # the fork state carries the bank: blocks 1..4 recorded frames 3, 6, 9, 12; 2 kept, the newest last
-    for i in range(2):
-        assert grp.fork_state.bank_frames[i].shape == (1, 2) and int(grp.fork_state.bank_frames[i][0, -1]) == 12
-    # routed steps attend [sink ; whole bank ; routed ; recent]: the bank is never routed, routes are ring frames
-    for br in grp.branches:
-        for b, routed in br.routes.items():
-            hits = [v for v in views if v[0] == tuple([0, 1, 2] + routed)]
-            assert hits and all(n == 2 and att == [0, 1, 2] + bank + routed for _, n, att, bank in hits)
-            assert all(3 <= f < 3 * b for f in routed)
-    # replay from the fork state rebuilds the bank exactly: TVE == TVE_old, with and without grad
-    old = [br.tve_old for br in grp.branches]
-    assert all(t > 0 for t in old)
-    assert torch.allclose(torch.tensor(_replayed_tves(gen, grp, grp.fork_state), dtype=torch.float64),
-                          torch.tensor(old, dtype=torch.float64), rtol=1e-5)
-    model.zero_grad()
-    got = replay_gradients(gen, grp, torch.tensor([1.0, -0.5, 0.25]))
-    assert torch.allclose(torch.tensor(got, dtype=torch.float64), torch.tensor(old, dtype=torch.float64), rtol=1e-5)
-    assert sum(float(p.grad.abs().sum()) for p in model.parameters() if p.grad is not None) > 0
-    # ... and the bank matters: a fork state with zeroed bank K/V replays to different TVEs
-    bad = gen.new_cache()
-    bad.restore(grp.fork_state.snapshot())
-    bank_pages = bad.page[:, bad.num_slots:].flatten()
-    for t in bad.k + bad.v:
-        t[bank_pages] = 0
-    wrong = torch.tensor(_replayed_tves(gen, grp, bad), dtype=torch.float64)
-    log.info("TVE_old %s, replayed %s, replayed with zeroed bank %s", old, got, wrong.tolist())
-    assert ((wrong - torch.tensor(old, dtype=torch.float64)).abs() / torch.tensor(old) > 1e-3).all()
-
-
-# ---- (4b) TP / CP with the bank == one process ---------------------------------------------------------------
-LATENT_HW = (8, 12)  # 24 tokens per frame: CP 2 divides them
-LAYOUTS = ((2, 1, "auto"), (1, 2, "ulysses"), (1, 2, "allgather"))
-TOL = 1e-5
-MODES = ("dot", "softmax", "dot+sma")  # bank score, and whether sparse memory activation is on
-
-
-def _bank_scenario(model, mode: str | None) -> dict:
-    """Two samples with different padding, a recached prompt switch at frame 15; ``mode`` None: no bank."""
-    g = torch.Generator().manual_seed(7)
-    h, w = LATENT_HW
-    ctx1, ctx2 = torch.randn(2, 16, 32, generator=g), torch.randn(2, 16, 32, generator=g)
-    ctx1[0, 9:], ctx1[1, 13:], ctx2[0, 5:] = 0, 0, 0  # per-sample padding
-    noise = torch.randn(2, 4, 30, h, w, generator=g)
-    bank = None if mode is None else MemoryBankConfig(**ISSUE9, bank_size=2, record_interval=1,
-                                                      bank_score=mode.split("+")[0], sma=mode.endswith("+sma"),
-                                                      sma_top_k=2)
-    cc = CacheConfig(history_frames=12, memory_bank=bank)
-    gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), cc, recache_on_switch=True)
-    cache = gen.new_cache(2)
-    cache.sparse_log = []
-    scores, orig = [], memory_bank.bank_scores
-
-    def spy(*args, **kw):  # every compression's scores [L, b, n]
-        scores.append(orig(*args, **kw))
-        return scores[-1]
-    memory_bank.bank_scores = spy
-    try:
-        with torch.no_grad():
-            prompts = [PromptSwitch(0, model.encode_text(ctx1)), PromptSwitch(15, model.encode_text(ctx2))]
-            latents = gen.generate(noise, prompts, cache=cache)
-    finally:
-        memory_bank.bank_scores = orig
-    return dict(latents=latents, bank=[None if t is None else t.clone() for t in cache.bank_frames],
-                scores=torch.stack(scores) if scores else None, sparse=cache.sparse_log)
-
-
-def _bank_worker(rank, world, sd, outdir):
-    import torch.distributed as dist
-
-    from kvpo_megatron.checkpoint.sharding import load_full_state_dict
-    from kvpo_megatron.model.build import ModelSection, build_model
-    from kvpo_megatron.parallel.state import ParallelConfig, init_parallel
-
-    for tp, cp, kind in LAYOUTS:
-        pgs = init_parallel(ParallelConfig(tensor_model_parallel_size=tp, context_parallel_size=cp,
-                                           cp_attention=kind), num_heads=12)
-        model = build_model(ModelSection(preset="tiny"), pg_collection=pgs, tp=tp, cp=cp, cp_attention=kind)
-        load_full_state_dict(model, sd)
-        for mode in MODES:
-            res = _bank_scenario(model, mode)
-            everyone = [None] * world
-            dist.all_gather_object(everyone, ([t.tolist() for t in res["bank"]], res["sparse"]))
-            res["ranks_agree"] = all(e == everyone[0] for e in everyone)
-            torch.save(res, os.path.join(outdir, f"{tp}x{cp}-{kind}-{mode}-rank{rank}.pt"))
-
-
-def test_bank_under_tp2_and_cp2_equals_single_process(pgs, tmp_path):
-    sd = tiny_full_state_dict()
-    model = tiny_model(pgs, sd=sd).eval()
-    ref = {mode: _bank_scenario(model, mode) for mode in MODES}
-    finals = {(m, i, s): tuple(r["bank"][i][s].tolist()) for m, r in ref.items() for i in range(2) for s in range(2)}
-    assert set(finals.values()) != {(24, 27)}, finals  # some compression kept an older frame
-    plain = _bank_scenario(model, None)["latents"]
-    for r in ref.values():  # the bank changes the video
-        assert (r["latents"] - plain).abs().max() > 1e-3
-    assert (ref["dot+sma"]["latents"] - ref["dot"]["latents"]).abs().max() > 1e-3  # and so does sparse activation
-    assert ref["dot+sma"]["sparse"] and not ref["dot"]["sparse"]
-    run_workers(_bank_worker, 2, sd, str(tmp_path))
-    for tp, cp, kind in LAYOUTS:
-        for mode in MODES:
-            for rank in range(2):
-                got = torch.load(tmp_path / f"{tp}x{cp}-{kind}-{mode}-rank{rank}.pt", weights_only=False)
-                tag = (tp, cp, kind, mode, rank)
-                assert got["ranks_agree"], tag
-                assert all(torch.equal(a, b) for a, b in zip(got["bank"], ref[mode]["bank"])), tag
-                assert got["sparse"] == ref[mode]["sparse"], tag  # every layer/step/sample picked the same frames
-                err = (got["latents"] - ref[mode]["latents"]).abs().max().item()
-                assert err <= TOL, (tag, err)
-                want = ref[mode]["scores"]  # [compressions, L, b, n]: the reductions, not only the decisions
-                score_err = ((got["scores"] - want).abs().max() / want.abs().max()).item()
-                assert score_err <= TOL, (tag, score_err)
-            log.info("bank %s TP=%d CP=%d %s: max |latents - single process| %.1e, scores (relative) %.1e over %d "
-                     "compressions, final banks %s", mode, tp, cp, kind, err, score_err, len(want),
-                     [t.tolist() for t in got["bank"]])

@@ -11,7 +11,7 @@ import torch
 from kvpo_megatron.checkpoint.convert import ImportSpec, export_checkpoint, export_lora, import_checkpoint
 from kvpo_megatron.errors import ConfigError
 from tests.helpers import tiny_diffusers
-from tests.test_checkpoint import ALPHA, _max_err, _peft_lora, _wan_sd
+from tests.checkpoint.test_checkpoint import ALPHA, _max_err, _peft_lora, _wan_sd
 
 
 def _via_pipeline(adapter_dir: Path):

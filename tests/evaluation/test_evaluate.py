@@ -19,7 +19,7 @@ from kvpo_megatron.evaluation import load_eval_configs, run_evaluation
 from kvpo_megatron.kvpo.train_config import TINY_DEFAULT, KVPOTrainConfig
 from tests.dist_utils import run_workers
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tool(name: str):

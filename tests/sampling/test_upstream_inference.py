@@ -18,7 +18,7 @@ from kvpo_megatron.sampling import FlowMatchSampler, PromptSwitch, SamplerConfig
 from kvpo_megatron.sampling.noise import StepNoise
 from tests.helpers import tiny_model
 from tests.test_configs import CONFIGS
-from tests.test_memory_bank import KeyWriter, _text
+from tests.model.test_memory_bank import KeyWriter, _text
 from tests.upstream_reference import Layout, UpstreamSchedule, upstream_generate
 
 TOL = 1e-5  # per block: max |engine - reference| / max |reference|
@@ -69,7 +69,7 @@ def _block_errors(got, ref, nblocks, fpb=3) -> list[float]:
 
 
 @pytest.mark.parametrize("context_noise", [0.0, 50.0])  # upstream: the clean latents at context_noise as given
-@pytest.mark.parametrize("name", sorted(LAYOUTS))  # longlive2-5b: tests/test_multishot.py, test_longlive2_generator.py
+@pytest.mark.parametrize("name", sorted(LAYOUTS))  # longlive2-5b: tests/model/test_multishot.py, test_longlive2_generator.py
 def test_preset_equals_upstream_inference_block_by_block(pgs, name, context_noise):
     got, ref, nblocks = _run(pgs, name, sampler={"context_noise": context_noise})
     errs = _block_errors(got, ref, nblocks)
@@ -171,7 +171,7 @@ def test_compare_samplers_tool_on_a_converted_checkpoint(tmp_path):
 
     from kvpo_megatron.checkpoint.convert import ImportSpec, import_checkpoint
     from tests.helpers import tiny_diffusers
-    from tests.test_checkpoint import _wan_sd
+    from tests.checkpoint.test_checkpoint import _wan_sd
 
     torch.save({"generator": {"model." + k: v for k, v in _wan_sd(tiny_diffusers(0)).items()}}, tmp_path / "base.pt")
     import_checkpoint(ImportSpec(fmt="longlive", src=str(tmp_path / "base.pt"), out=str(tmp_path / "ckpt"),

@@ -23,7 +23,7 @@ import torch
 from tests.dist_utils import run_workers
 from kvpo_megatron.benchmarks.equivalence import compare, compare_dir, limits, noise_floor, passes, run_named, write_prompts
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-5
 TWO = [(n, d) for d in ("fp32", "bf16") for n in ("tp2", "cp2", "cp2_allgather", "dp2", "dp2_branches")]
 PROBES = {"tp2": (2, 1, "auto"), "cp2": (1, 2, "ulysses"), "cp2_allgather": (1, 2, "allgather")}

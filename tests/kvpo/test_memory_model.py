@@ -1,5 +1,5 @@
 """kvpo/memory_model.py against measured tensor sizes of a small model (one process; TP=2 and CP=2 are measured in
-tests/test_parallel_kvpo.py's spawned group), its predictions' consistency, and the tools/memory_model.py CLI."""
+tests/parallel/test_kvpo_layouts.py's spawned group), its predictions' consistency, and the tools/memory_model.py CLI."""
 from __future__ import annotations
 
 import dataclasses

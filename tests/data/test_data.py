@@ -14,7 +14,7 @@ from kvpo_megatron.conditioning import HashTextEncoder, TextEncoderConfig, build
 from kvpo_megatron.data import DataError, EmbeddingStore, PromptDataset, PromptLoader, RolloutArchive, read_archive
 from kvpo_megatron.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tool():
