@@ -48,3 +48,37 @@ def tiny_model(pgs, *, sd=None, spec=None, **overrides) -> CausalWanDiT:
     m = CausalWanDiT(cfg, spec, pg_collection=pgs)
     load_full_state_dict(m, sd if sd is not None else tiny_full_state_dict())
     return m
+
+
+def random_peft_lora(ffn_dim: int, *, rank: int, dim: int = 96, layers: int = 2, seed: int = 5) -> dict:
+    """A LongLive-style peft LoRA state dict (Wan names) of a tiny model: every block linear of ``layers`` blocks
+    (LongLive's ``configure_lora_for_model`` targets), A and B random (~0.1)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {f"{a}.{x}": (dim, dim) for a in ("self_attn", "cross_attn") for x in "qkvo"}
+    shapes |= {"ffn.0": (ffn_dim, dim), "ffn.2": (dim, ffn_dim)}
+    sd = {}
+    for n in range(layers):
+        for mod, (out, inp) in shapes.items():
+            sd[f"base_model.model.blocks.{n}.{mod}.lora_A.weight"] = torch.randn(rank, inp, generator=g) * 0.1
+            sd[f"base_model.model.blocks.{n}.{mod}.lora_B.weight"] = torch.randn(out, rank, generator=g) * 0.1
+    return sd
+
+
+def with_peft_lora(ref, lora: dict, *, rank: int, alpha: float):
+    """peft's (unmerged) LoRA on a copy of a diffusers Wan model, ``lora`` in Wan names (:func:`random_peft_lora`):
+    the reference for an imported LoRA."""
+    import copy
+
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    from kvpo_megatron.checkpoint.mappings import rename
+
+    model = copy.deepcopy(ref)
+    sd = {}
+    for k, v in lora.items():
+        mod, half = k.removeprefix("base_model.model.").split(".lora_")
+        sd[f"{rename(mod + '.weight', 'wan', 'diffusers')[:-len('.weight')]}.lora_{half}"] = v
+    targets = r"blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|blocks\.\d+\.ffn\.net\.(0\.proj|2)"
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets), model)
+    assert not set_peft_model_state_dict(model, sd).unexpected_keys
+    return model.eval()

@@ -6,7 +6,6 @@ forward is the parity target), peft's LoRA layers on it (the LoRA target), huggi
 """
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -18,9 +17,10 @@ from kvpo_megatron.checkpoint.adapter_formats import read_lora
 from kvpo_megatron.checkpoint.formats import read_source
 from kvpo_megatron.checkpoint.mappings import convert_state_dict, rename
 from kvpo_megatron.errors import ConfigError
-from tests.helpers import tiny_diffusers
+from tests.helpers import random_peft_lora, tiny_diffusers, with_peft_lora
 
 RANK, ALPHA = 4, 8.0
+_peft_lora = lambda: random_peft_lora(192, rank=RANK, seed=5)  # noqa: E731  (the tiny model: ffn 192)
 WAN_CONFIG = {"_class_name": "WanModel", "model_type": "t2v", "dim": 96, "ffn_dim": 192, "num_heads": 12,
               "num_layers": 2, "in_dim": 4, "out_dim": 4, "freq_dim": 32, "text_dim": 32, "text_len": 16,
               "eps": 1e-6, "patch_size": [1, 2, 2]}
@@ -29,35 +29,6 @@ WAN_CONFIG = {"_class_name": "WanModel", "model_type": "t2v", "dim": 96, "ffn_di
 # ------------------------------------------------------------------------------------------ fixtures
 def _wan_sd(ref) -> dict:
     return {k: v.clone() for k, v in convert_state_dict(ref.state_dict(), "diffusers", "wan").items()}
-
-
-def _peft_lora(seed: int = 5) -> dict:
-    """A LongLive-style peft state dict (Wan names) over all 10 block linears of both blocks."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = {f"self_attn.{x}": (96, 96) for x in "qkvo"} | {f"cross_attn.{x}": (96, 96) for x in "qkvo"}
-    shapes |= {"ffn.0": (192, 96), "ffn.2": (96, 192)}
-    sd = {}
-    for n in range(2):
-        for mod, (out, inp) in shapes.items():
-            sd[f"base_model.model.blocks.{n}.{mod}.lora_A.weight"] = torch.randn(RANK, inp, generator=g) * 0.1
-            sd[f"base_model.model.blocks.{n}.{mod}.lora_B.weight"] = torch.randn(out, RANK, generator=g) * 0.1
-    return sd
-
-
-def _peft_reference(ref, peft_sd):
-    """peft's LoRA (unmerged) on the diffusers reference, keys renamed Wan -> diffusers module names."""
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-
-    model = copy.deepcopy(ref)
-    sd = {}
-    for k, v in peft_sd.items():
-        mod, half = k.removeprefix("base_model.model.").split(".lora_")
-        sd[f"{rename(mod + '.weight', 'wan', 'diffusers')[:-len('.weight')]}.lora_{half}"] = v
-    targets = r"blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|blocks\.\d+\.ffn\.net\.(0\.proj|2)"
-    inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets), model)
-    res = set_peft_model_state_dict(model, sd)
-    assert not res.unexpected_keys
-    return model.eval()
 
 
 def _write_sources(root: Path, ref, ema) -> dict:
@@ -175,11 +146,11 @@ def test_import_with_lora_matches_peft_and_exports(pgs, tmp_path):
     from diffusers import WanTransformer3DModel
 
     from kvpo_megatron.checkpoint.loading import checkpoint_lora_config
-    from kvpo_megatron.lora import LoRAConfig, apply_lora, load_adapter, lora_full_state_dict
+    from kvpo_megatron.lora import LoRAConfig, load_adapter, lora_full_state_dict
 
     ref = tiny_diffusers(0)
     _write_sources(tmp_path, ref, ref)
-    peft_ref = _peft_reference(ref, _peft_lora())
+    peft_ref = with_peft_lora(ref, _peft_lora(), rank=RANK, alpha=ALPHA)
     assert _max_err(ref, peft_ref, ours=False) > 1e-3  # the LoRA changes the output
     for name, base, lora_file in (("longlive", "longlive.pt", "longlive_lora.pt"),
                                   ("memflow", "memflow_base.pt", "memflow_lora.pt"),
@@ -218,7 +189,7 @@ def test_import_at_tp2_loads_at_tp1(pgs, tmp_path):
     import_checkpoint(ImportSpec(fmt="wan", src=str(cases["wan_sharded"][1]), out=str(out), tp=2, progress=False,
                                  lora=str(tmp_path / "longlive_lora.pt"), lora_alpha=ALPHA))
     assert len(list(out.glob("*.distcp"))) == 2 and json.loads((out / "kvpo_checkpoint.json").read_text())["layout"]["tp"] == 2
-    assert _max_err(_peft_reference(ref, _peft_lora()), _ours(pgs, out), ours=True) <= 1e-5
+    assert _max_err(with_peft_lora(ref, _peft_lora(), rank=RANK, alpha=ALPHA), _ours(pgs, out), ours=True) <= 1e-5
 
 
 def _unchanged(path: Path) -> dict:

@@ -17,7 +17,7 @@ import torch
 from kvpo_megatron.checkpoint.formats import read_source
 from kvpo_megatron.checkpoint.mappings import convert_state_dict, rename
 from kvpo_megatron.errors import ConfigError
-from tests.helpers import tiny_wan22_diffusers
+from tests.helpers import random_peft_lora, tiny_wan22_diffusers, with_peft_lora
 
 RANK, ALPHA = 4, 4.0  # LongLive 2.0 trains LoRA with alpha = rank (configs/inference.yaml: 128 / 128)
 CONFIG = {"_class_name": "WanModel", "model_type": "ti2v", "dim": 96, "ffn_dim": 448, "num_heads": 6,
@@ -28,34 +28,6 @@ CONFIG = {"_class_name": "WanModel", "model_type": "ti2v", "dim": 96, "ffn_dim":
 def _generator(ref, dtype=None) -> dict:
     sd = convert_state_dict(ref.state_dict(), "diffusers", "wan")
     return {"model." + k: (v.clone() if dtype is None else v.to(dtype)) for k, v in sd.items()}
-
-
-def _peft_lora() -> dict:
-    """peft keys over every linear of both blocks (LongLive's ``configure_lora_for_model`` targets)."""
-    g = torch.Generator().manual_seed(7)
-    shapes = {f"{a}.{x}": (96, 96) for a in ("self_attn", "cross_attn") for x in "qkvo"}
-    shapes |= {"ffn.0": (448, 96), "ffn.2": (96, 448)}
-    sd = {}
-    for n in range(2):
-        for mod, (out, inp) in shapes.items():
-            sd[f"base_model.model.blocks.{n}.{mod}.lora_A.weight"] = torch.randn(RANK, inp, generator=g) * 0.1
-            sd[f"base_model.model.blocks.{n}.{mod}.lora_B.weight"] = torch.randn(out, RANK, generator=g) * 0.1
-    return sd
-
-
-def _with_peft(ref, lora: dict):
-    """peft's (unmerged) LoRA on the diffusers model: the reference for an imported LoRA."""
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-
-    model = copy.deepcopy(ref)
-    sd = {}
-    for k, v in lora.items():
-        mod, half = k.removeprefix("base_model.model.").split(".lora_")
-        sd[f"{rename(mod + '.weight', 'wan', 'diffusers')[:-len('.weight')]}.lora_{half}"] = v
-    targets = r"blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|blocks\.\d+\.ffn\.net\.(0\.proj|2)"
-    inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets), model)
-    assert not set_peft_model_state_dict(model, sd).unexpected_keys
-    return model.eval()
 
 
 def _ours(pgs, ckpt, lora_cfg=None):
@@ -145,7 +117,7 @@ def test_training_checkpoint_ema_and_lora(pgs, tmp_path):
     base, ema = tiny_wan22_diffusers(0), tiny_wan22_diffusers(1)
     torch.save({"generator": _generator(base), "critic": {"model.x": torch.zeros(2)}, "generator_ema": _generator(ema),
                 "generator_optimizer": {"state": {}}, "step": 300}, tmp_path / "model.pt")
-    lora = _peft_lora()
+    lora = random_peft_lora(448, rank=RANK, seed=7)  # every linear of both blocks (the tiny Wan2.2: ffn 448)
     torch.save({"generator_lora": lora, "critic_lora": {}, "step": 300}, tmp_path / "lora.pt")
     (tmp_path / "config.json").write_text(json.dumps(CONFIG))
     common = ("--from", "longlive2", "--config", str(tmp_path / "config.json"))
@@ -155,7 +127,7 @@ def test_training_checkpoint_ema_and_lora(pgs, tmp_path):
     assert _err(base, _ours(pgs, tmp_path / "gen")) <= 1e-5
     lcfg = checkpoint_lora_config(tmp_path / "ema_lora")
     assert (lcfg.rank, lcfg.alpha, len(lcfg.target_modules)) == (RANK, ALPHA, 6)
-    peft_ref = _with_peft(ema, lora)
+    peft_ref = with_peft_lora(ema, lora, rank=RANK, alpha=ALPHA)
     assert _err(ema, peft_ref, ours=False) > 1e-3  # the LoRA changes the output
     assert _err(peft_ref, _ours(pgs, tmp_path / "ema_lora")) <= 1e-5  # merged into a plain model
     assert _err(peft_ref, _ours(pgs, tmp_path / "ema_lora", lcfg)) <= 1e-5  # as a trainable adapter
