@@ -51,6 +51,7 @@ import argparse
 import gc
 import json
 import re
+import sys
 import tempfile
 import time
 
@@ -179,12 +180,16 @@ def train_config(args, layout: dict, out_dir: str):
 
 # ---- measuring ----------------------------------------------------------------------------------------
 def timed_step(trainer) -> tuple[float, dict]:
-    """One ``step()``: (this rank's wall, the step's metrics)."""
+    """One ``step()``: (this rank's wall, the step's metrics). Each step's wall, phases and peaks also go to stderr
+    as they finish (a run cut short by a time limit still tells what its steps took)."""
     sync(trainer.device)
     t0 = time.perf_counter()
     metrics = trainer.step()
     sync(trainer.device)
-    return time.perf_counter() - t0, metrics
+    wall = time.perf_counter() - t0
+    print(json.dumps({"step_s": wall, **{k: v for k, v in metrics.items() if k.startswith(("time_", "mem_"))}}),
+          file=sys.stderr, flush=True)
+    return wall, metrics
 
 
 def comm_seconds(prof, device: torch.device) -> tuple[float, int]:
