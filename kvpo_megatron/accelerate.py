@@ -152,6 +152,18 @@ class GraphRunner:
         self.captures = 0
         self._pools: dict[int, int] = {}  # pool id -> the generation graphs were captured at
 
+    def _forget(self, pool_id: int) -> None:
+        """Drop the graphs captured over the page pool ``pool_id`` (it grew; a graph keeps its cache, hence its pool,
+        alive, so a pool id cannot be reused while graphs of it exist)."""
+        self.graphs = {k: g for k, g in self.graphs.items() if k[5] != pool_id}
+        self.seen = {k for k in self.seen if k[5] != pool_id}
+        self._pools.pop(pool_id, None)
+        if not any(g is not None for g in self.graphs.values()):
+            # No graph holds the CUDA graph memory pool any more: PyTorch releases it, and capturing into its
+            # handle again fails an allocator assertion (seen on the H200 when a larger batch grew the page pool
+            # of the 5B trainer's rollout): the next capture takes a new handle.
+            self.mempool = None
+
     def key(self, model, x, t, text, cache, view, compute_output) -> tuple:
         pool = cache.pool
         ws = None if view.write_slots is None else tuple(view.write_slots.shape)
@@ -165,8 +177,7 @@ class GraphRunner:
                                 view=view, compute_output=compute_output)
         pool = (id(cache.pool), cache.pool.generation)
         if self._pools.get(pool[0], pool[1]) != pool[1]:  # the pool grew: its graphs read freed buffers
-            self.graphs = {k: g for k, g in self.graphs.items() if k[5] != pool[0]}
-            self.seen = {k for k in self.seen if k[5] != pool[0]}
+            self._forget(pool[0])
         self._pools[pool[0]] = pool[1]
         key = self.key(model, x, t, text, cache, view, compute_output)
         if key not in self.graphs:

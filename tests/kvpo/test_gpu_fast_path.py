@@ -111,6 +111,37 @@ def test_cuda_graph_runner_equals_eager(pgs, weights):
     assert captures >= 2 and err <= 1e-2
 
 
+def test_cuda_graphs_recaptured_after_the_page_pool_grows(pgs, weights):
+    """A larger batch grows the engine's reused page pool: the graphs captured over the old buffers are dropped and
+    the new shapes are captured again (into a new graph memory pool: the released one cannot take captures, the
+    allocator assertion the 5B trainer hit on the H200), and the videos still equal eager ones."""
+    from kvpo_megatron.accelerate import GraphRunner
+    from kvpo_megatron.lora import merged
+    from kvpo_megatron.model import CacheConfig
+    from kvpo_megatron.sampling import FlowMatchSampler, PromptSwitch, SamplerConfig, StreamingGenerator
+
+    m = _model(pgs, "te", weights["sd"], torch.bfloat16)
+    _with_lora(m)
+    noise2 = torch.cat([weights["noise"], weights["noise"].flip(-1)])
+    with torch.no_grad(), merged(m):
+        text = m.encode_text(weights["ctx"])
+        runner = GraphRunner()
+        gen = StreamingGenerator(m, FlowMatchSampler(SamplerConfig()), CacheConfig(history_frames=9), runner=runner)
+        for _ in range(2):
+            gen.generate(weights["noise"], [PromptSwitch(0, text)])
+        first, pool = runner.captures, gen.new_cache(1).pool
+        generation = pool.generation
+        for _ in range(2):  # batch 2: the pool grows, then the second video captures again
+            out = gen.generate(noise2, [PromptSwitch(0, text)]).float()
+        eager = StreamingGenerator(m, FlowMatchSampler(SamplerConfig()), CacheConfig(history_frames=9))
+        ref = eager.generate(noise2, [PromptSwitch(0, text)]).float()
+    err = _rel(out, ref)
+    _report(test="graphs_after_pool_growth", rel_err=err, captures=[first, runner.captures],
+            generations=[generation, pool.generation])
+    assert pool.generation > generation  # the scenario happened: the pool grew
+    assert first >= 2 and runner.captures > first and err <= 1e-2
+
+
 def _trainer_cfg(tmp_path, name: str, fast: bool, dtype: str = "bfloat16") -> dict:
     spec = "te" if fast else "local"
     return {
