@@ -82,3 +82,20 @@ def with_peft_lora(ref, lora: dict, *, rank: int, alpha: float):
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets), model)
     assert not set_peft_model_state_dict(model, sd).unexpected_keys
     return model.eval()
+
+
+def wan_state_dict(ref) -> dict[str, torch.Tensor]:
+    """A diffusers Wan model's weights under the original Wan names (what Wan / LongLive checkpoints hold)."""
+    return {k: v.clone() for k, v in convert_state_dict(ref.state_dict(), "diffusers", "wan").items()}
+
+
+def max_output_error(model_a, model_b, ours: bool) -> float:
+    """Max abs difference of ``model_b``'s output (ours when ``ours``, else a diffusers model) from the diffusers
+    ``model_a``'s, on fixed tiny inputs (2 samples, 3 frames of 8x8, timesteps 937.5 and 250)."""
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 4, 3, 8, 8, generator=g), torch.tensor([937.5, 250.0])
+    ctx = torch.randn(2, 16, 32, generator=g)
+    with torch.no_grad():
+        want = model_a(x, t, ctx, return_dict=False)[0]
+        got = model_b(x, t, text=model_b.encode_text(ctx)) if ours else model_b(x, t, ctx, return_dict=False)[0]
+    return (got - want).abs().max().item()

@@ -10,8 +10,9 @@ import torch
 
 from kvpo_megatron.checkpoint.convert import ImportSpec, export_checkpoint, export_lora, import_checkpoint
 from kvpo_megatron.errors import ConfigError
-from tests.helpers import tiny_diffusers
-from tests.checkpoint.test_checkpoint import ALPHA, _max_err, _peft_lora, _wan_sd
+from tests.helpers import max_output_error, random_peft_lora, tiny_diffusers, wan_state_dict
+
+RANK, ALPHA = 4, 8.0
 
 
 def _via_pipeline(adapter_dir: Path):
@@ -40,22 +41,22 @@ def test_lora_only_export_loads_in_diffusers(tmp_path):
     from diffusers import WanTransformer3DModel
 
     ref = tiny_diffusers(0)
-    torch.save({"model": {"model." + k: v for k, v in _wan_sd(ref).items()}}, tmp_path / "base.pt")
-    lora = _peft_lora()  # rank 4 over all 10 linears of both blocks; alpha 8 (scale 2)
+    torch.save({"model": {"model." + k: v for k, v in wan_state_dict(ref).items()}}, tmp_path / "base.pt")
+    lora = random_peft_lora(192, rank=RANK, seed=5)  # rank 4 over all 10 linears of both blocks; alpha 8 (scale 2)
     torch.save({"generator_lora": lora}, tmp_path / "lora.pt")
     out = tmp_path / "imp"
     import_checkpoint(ImportSpec(fmt="memflow", src=str(tmp_path / "base.pt"), out=str(out),
                                  lora=str(tmp_path / "lora.pt"), lora_alpha=ALPHA, progress=False))
     export_checkpoint(out, tmp_path / "merged", to="diffusers", merge_lora=True)
     merged = WanTransformer3DModel.from_pretrained(tmp_path / "merged").eval()
-    assert _max_err(ref, merged, ours=False) > 1e-3  # the LoRA matters
+    assert max_output_error(ref, merged, ours=False) > 1e-3  # the LoRA matters
     export_lora(out, tmp_path / "comfy")  # the default
     export_lora(out, tmp_path / "diffusers", fmt="diffusers")
     assert [p.name for p in (tmp_path / "comfy").iterdir()] == ["lora.safetensors"]
     for load in (_via_pipeline(tmp_path / "comfy"), _via_pipeline(tmp_path / "comfy" / "lora.safetensors"),
                  _via_pipeline(tmp_path / "diffusers"), _via_transformer(tmp_path / "diffusers")):
         assert _lora_layers(load) == len(lora) // 2 == 20
-        assert _max_err(merged, load.eval(), ours=False) <= 1e-5
+        assert max_output_error(merged, load.eval(), ours=False) <= 1e-5
     with pytest.raises(ConfigError, match="--lora-names applies to --lora-format peft only"):
         export_lora(out, tmp_path / "x", names="wan")
     with pytest.raises(ConfigError, match="--lora-format must be one of"):

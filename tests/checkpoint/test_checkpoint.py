@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvpo_megatron.checkpoint.convert import ImportSpec, export_checkpoint, export_lora, import_checkpoint
 from kvpo_megatron.checkpoint.adapter_formats import read_lora
+from kvpo_megatron.checkpoint.convert import ImportSpec, export_checkpoint, export_lora, import_checkpoint
 from kvpo_megatron.checkpoint.formats import read_source
-from kvpo_megatron.checkpoint.mappings import convert_state_dict, rename
+from kvpo_megatron.checkpoint.mappings import rename
 from kvpo_megatron.errors import ConfigError
-from tests.helpers import random_peft_lora, tiny_diffusers, with_peft_lora
+from tests.cli_utils import load_script
+from tests.helpers import max_output_error, random_peft_lora, tiny_diffusers, wan_state_dict, with_peft_lora
 
 RANK, ALPHA = 4, 8.0
 _peft_lora = lambda: random_peft_lora(192, rank=RANK, seed=5)  # noqa: E731  (the tiny model: ffn 192)
@@ -27,16 +28,12 @@ WAN_CONFIG = {"_class_name": "WanModel", "model_type": "t2v", "dim": 96, "ffn_di
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-def _wan_sd(ref) -> dict:
-    return {k: v.clone() for k, v in convert_state_dict(ref.state_dict(), "diffusers", "wan").items()}
-
-
 def _write_sources(root: Path, ref, ema) -> dict:
     """Every source format on disk; returns {case: (fmt, path, kwargs)}."""
     from huggingface_hub import save_torch_state_dict
     from safetensors.torch import save_file
 
-    wan = _wan_sd(ref)
+    wan = wan_state_dict(ref)
     ref.save_pretrained(root / "diffusers")
     (root / "wan").mkdir()
     (root / "wan" / "config.json").write_text(json.dumps(WAN_CONFIG))
@@ -46,7 +43,7 @@ def _write_sources(root: Path, ref, ema) -> dict:
     save_torch_state_dict(wan, root / "wan_sharded", filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
                           max_shard_size=400_000)
     gen = {"model." + k: v for k, v in wan.items()}
-    gen_ema = {"model." + k: v for k, v in _wan_sd(ema).items()}
+    gen_ema = {"model." + k: v for k, v in wan_state_dict(ema).items()}
     torch.save({"generator": gen, "critic": {"model.x": torch.zeros(3)}}, root / "self_forcing.pt")
     torch.save({"generator": gen_ema, "generator_ema": gen}, root / "longlive.pt")
     torch.save({"model": gen}, root / "memflow_base.pt")
@@ -61,11 +58,6 @@ def _write_sources(root: Path, ref, ema) -> dict:
             "memflow": ("memflow", root / "memflow_base.pt", {})}
 
 
-def _inputs():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(2, 4, 3, 8, 8, generator=g), torch.tensor([937.5, 250.0]), torch.randn(2, 16, 32, generator=g)
-
-
 def _ours(pgs, ckpt, lora_cfg=None):
     from kvpo_megatron.checkpoint.loading import load_model_weights
     from kvpo_megatron.lora import apply_lora
@@ -78,14 +70,6 @@ def _ours(pgs, ckpt, lora_cfg=None):
     return model.eval()
 
 
-def _max_err(model_a, model_b, ours: bool) -> float:
-    x, t, ctx = _inputs()
-    with torch.no_grad():
-        want = model_a(x, t, ctx, return_dict=False)[0]
-        got = model_b(x, t, text=model_b.encode_text(ctx)) if ours else model_b(x, t, ctx, return_dict=False)[0]
-    return (got - want).abs().max().item()
-
-
 # ------------------------------------------------------------------------------------------ import / export
 def test_import_export_round_trip_every_format(pgs, tmp_path):
     from diffusers import WanTransformer3DModel
@@ -96,13 +80,13 @@ def test_import_export_round_trip_every_format(pgs, tmp_path):
         out = tmp_path / f"imp_{case}"
         info = import_checkpoint(ImportSpec(fmt=fmt, src=str(src), out=str(out), progress=False, **kw))
         assert info["model"] == {"preset": "tiny", "overrides": {}} and info["parameters"] == 309808, case
-        err = _max_err(ref, _ours(pgs, out), ours=True)
+        err = max_output_error(ref, _ours(pgs, out), ours=True)
         assert err <= 1e-5, (case, err)
         exp = tmp_path / f"exp_{case}"
         export_checkpoint(out, exp, to="diffusers")
-        assert _max_err(ref, WanTransformer3DModel.from_pretrained(exp).eval(), ours=False) <= 1e-5, case
+        assert max_output_error(ref, WanTransformer3DModel.from_pretrained(exp).eval(), ours=False) <= 1e-5, case
     # the EMA choice is honoured (longlive.pt's 'generator' holds the other model)
-    assert _max_err(ema, _ours(pgs, tmp_path / "imp_longlive"), ours=True) > 1e-3
+    assert max_output_error(ema, _ours(pgs, tmp_path / "imp_longlive"), ours=True) > 1e-3
     # load_model_weights reads every source with the converter's reader (same EMA choice), sharded safetensors
     # (directory or index file) included, into a model with LoRA injected too
     from kvpo_megatron.checkpoint.loading import load_model_weights
@@ -113,29 +97,29 @@ def test_import_export_round_trip_every_format(pgs, tmp_path):
             model = _ours(pgs, tmp_path / "imp_wan", lora)
             before = lora_full_state_dict(model) if lora else {}
             load_model_weights(model, src, **kw)
-            assert _max_err(ref, model, ours=True) <= 1e-5, (case, lora)
+            assert max_output_error(ref, model, ours=True) <= 1e-5, (case, lora)
             assert all(torch.equal(v, lora_full_state_dict(model)[k]) for k, v in before.items())
     with pytest.raises(ConfigError, match="expected a dict with 'generator_ema'"):
         load_model_weights(_ours(pgs, tmp_path / "imp_wan"), tmp_path / "memflow_base.pt", use_ema=True)
     # loading the training file directly unwraps it as the converter does: 'generator', or 'generator_ema'
     direct = _ours(pgs, tmp_path / "self_forcing.pt")
-    assert _max_err(ref, direct, ours=True) <= 1e-5
+    assert max_output_error(ref, direct, ours=True) <= 1e-5
     load_model_weights(direct, tmp_path / "longlive.pt")
-    assert _max_err(ema, direct, ours=True) <= 1e-5
+    assert max_output_error(ema, direct, ours=True) <= 1e-5
     load_model_weights(direct, tmp_path / "longlive.pt", use_ema=True)
-    assert _max_err(ref, direct, ours=True) <= 1e-5
+    assert max_output_error(ref, direct, ours=True) <= 1e-5
     # ... also into a model that already has LoRA (base weights under .base_layer.; adapters untouched)
     adapted = _ours(pgs, tmp_path / "memflow_base.pt", LoRAConfig(rank=RANK, alpha=ALPHA))
     before = lora_full_state_dict(adapted)
-    assert _max_err(ref, adapted, ours=True) <= 1e-5  # LoRA B starts at zero
+    assert max_output_error(ref, adapted, ours=True) <= 1e-5  # LoRA B starts at zero
     load_model_weights(adapted, tmp_path / "longlive.pt")
-    assert _max_err(ema, adapted, ours=True) <= 1e-5
+    assert max_output_error(ema, adapted, ours=True) <= 1e-5
     assert all(torch.equal(v, lora_full_state_dict(adapted)[k]) for k, v in before.items())
     # export to original Wan names: the same tensors and config as the source we wrote
     export_checkpoint(tmp_path / "imp_wan_sharded", tmp_path / "wan_export", to="wan", max_shard_bytes=300_000)
     back = read_source("wan", tmp_path / "wan_export")
     assert len(back.files) > 1 and (tmp_path / "wan_export" / "diffusion_pytorch_model.safetensors.index.json").exists()
-    wan = _wan_sd(ref)
+    wan = wan_state_dict(ref)
     assert {rename(k, "ours", "wan"): t.load() for k, t in back.tensors.items()}.keys() == wan.keys()
     assert all(torch.equal(back.tensors[rename(k, "wan", "ours")].load(), v) for k, v in wan.items())
     cfg = json.loads((tmp_path / "wan_export" / "config.json").read_text())
@@ -151,7 +135,7 @@ def test_import_with_lora_matches_peft_and_exports(pgs, tmp_path):
     ref = tiny_diffusers(0)
     _write_sources(tmp_path, ref, ref)
     peft_ref = with_peft_lora(ref, _peft_lora(), rank=RANK, alpha=ALPHA)
-    assert _max_err(ref, peft_ref, ours=False) > 1e-3  # the LoRA changes the output
+    assert max_output_error(ref, peft_ref, ours=False) > 1e-3  # the LoRA changes the output
     for name, base, lora_file in (("longlive", "longlive.pt", "longlive_lora.pt"),
                                   ("memflow", "memflow_base.pt", "memflow_lora.pt"),
                                   ("memflow_raw", "memflow_base.pt", "memflow_lora_raw.pt")):
@@ -162,13 +146,14 @@ def test_import_with_lora_matches_peft_and_exports(pgs, tmp_path):
         lcfg = checkpoint_lora_config(out)
         assert (lcfg.rank, lcfg.alpha, set(lcfg.target_modules)) == (RANK, ALPHA, set(LoRAConfig().target_modules))
         # a plain model gets the LoRA merged; a model with adapters gets it as its (trainable) adapter
-        assert _max_err(peft_ref, _ours(pgs, out), ours=True) <= 1e-5, name
+        assert max_output_error(peft_ref, _ours(pgs, out), ours=True) <= 1e-5, name
         adapted = _ours(pgs, out, lcfg)
-        assert _max_err(peft_ref, adapted, ours=True) <= 1e-5, name
+        assert max_output_error(peft_ref, adapted, ours=True) <= 1e-5, name
     lora_ours = lora_full_state_dict(adapted)
     # export merged -> diffusers loads it and matches peft
     export_checkpoint(out, tmp_path / "merged", to="diffusers", merge_lora=True)
-    assert _max_err(peft_ref, WanTransformer3DModel.from_pretrained(tmp_path / "merged").eval(), ours=False) <= 1e-5
+    merged_ref = WanTransformer3DModel.from_pretrained(tmp_path / "merged").eval()
+    assert max_output_error(peft_ref, merged_ref, ours=False) <= 1e-5
     # --lora-only as a peft adapter our loader reads back bitwise, and with Wan names the LongLive keys
     # (the default ComfyUI/diffusers formats: tests/checkpoint/test_adapter_export.py)
     export_lora(out, tmp_path / "adapter", fmt="peft")
@@ -189,7 +174,8 @@ def test_import_at_tp2_loads_at_tp1(pgs, tmp_path):
     import_checkpoint(ImportSpec(fmt="wan", src=str(cases["wan_sharded"][1]), out=str(out), tp=2, progress=False,
                                  lora=str(tmp_path / "longlive_lora.pt"), lora_alpha=ALPHA))
     assert len(list(out.glob("*.distcp"))) == 2 and json.loads((out / "kvpo_checkpoint.json").read_text())["layout"]["tp"] == 2
-    assert _max_err(with_peft_lora(ref, _peft_lora(), rank=RANK, alpha=ALPHA), _ours(pgs, out), ours=True) <= 1e-5
+    peft_ref = with_peft_lora(ref, _peft_lora(), rank=RANK, alpha=ALPHA)
+    assert max_output_error(peft_ref, _ours(pgs, out), ours=True) <= 1e-5
 
 
 def _unchanged(path: Path) -> dict:
@@ -212,7 +198,7 @@ def test_bad_inputs_name_the_problem_and_leave_output_untouched(pgs, tmp_path):
     with pytest.raises(ConfigError, match="exists; pass --force"):
         imp(cases["wan"][1])
     # unknown, missing and mismatched keys listed together, naming the file
-    bad = _wan_sd(ref)
+    bad = wan_state_dict(ref)
     bad["blocks.0.extra.weight"] = torch.zeros(2)
     del bad["blocks.1.ffn.2.bias"]
     bad["head.head.weight"] = torch.zeros(8, 96)
@@ -266,11 +252,7 @@ def test_bad_inputs_name_the_problem_and_leave_output_untouched(pgs, tmp_path):
 
 
 def test_cli_dry_run_and_error_exit(tmp_path, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", Path(__file__).parents[2] / "tools" / "convert_checkpoint.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("tools/convert_checkpoint.py")
     tiny_diffusers(0).save_pretrained(tmp_path / "d")
     assert cli.main(["import", "--from", "diffusers", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
     assert not (tmp_path / "o").exists()

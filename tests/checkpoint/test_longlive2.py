@@ -17,6 +17,7 @@ import torch
 from kvpo_megatron.checkpoint.formats import read_source
 from kvpo_megatron.checkpoint.mappings import convert_state_dict, rename
 from kvpo_megatron.errors import ConfigError
+from tests.cli_utils import load_script
 from tests.helpers import random_peft_lora, tiny_wan22_diffusers, with_peft_lora
 
 RANK, ALPHA = 4, 4.0  # LongLive 2.0 trains LoRA with alpha = rank (configs/inference.yaml: 128 / 128)
@@ -54,13 +55,7 @@ def _err(ref, model, ours: bool = True) -> float:
 
 
 def _cli(*argv) -> int:
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("convert_checkpoint",
-                                                  Path(__file__).parents[2] / "tools" / "convert_checkpoint.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("tools/convert_checkpoint.py")
     return cli.main([*argv, "--no-progress"] if argv[0] == "import" else list(argv))
 
 

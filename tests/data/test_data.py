@@ -1,7 +1,6 @@
 """Prompt files, sharded resumable loader, embedding store (+ precompute tool), rollout archive."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -13,15 +12,13 @@ import torch
 from kvpo_megatron.conditioning import HashTextEncoder, TextEncoderConfig, build_text_encoder
 from kvpo_megatron.data import DataError, EmbeddingStore, PromptDataset, PromptLoader, RolloutArchive, read_archive
 from kvpo_megatron.errors import ConfigError
+from tests.cli_utils import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("precompute", ROOT / "tools" / "precompute_text_embeddings.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("tools/precompute_text_embeddings.py")
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:

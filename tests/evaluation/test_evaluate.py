@@ -4,7 +4,6 @@ the single-process results; adapters export from a training checkpoint (raw or E
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 from html.parser import HTMLParser
@@ -17,19 +16,13 @@ from kvpo_megatron.config import deep_merge, from_dict, parse_overrides
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.evaluation import load_eval_configs, run_evaluation
 from kvpo_megatron.kvpo.train_config import TINY_DEFAULT, KVPOTrainConfig
+from tests.cli_utils import load_script
 from tests.dist_utils import run_workers
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"kvpo_tool_{name}", ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-evaluate_tool, convert_tool = _tool("evaluate"), _tool("convert_checkpoint")
+evaluate_tool, convert_tool = load_script("tools/evaluate.py"), load_script("tools/convert_checkpoint.py")
 
 EVAL = ["eval.short.max_prompts=2", "eval.long.max_prompts=1", "eval.progress=false"]
 

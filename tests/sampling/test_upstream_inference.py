@@ -13,12 +13,12 @@ from kvpo_megatron.kvpo import routing as chr
 from kvpo_megatron.kvpo.train_config import KVPOTrainConfig
 from kvpo_megatron.model import CacheConfig
 from kvpo_megatron.model.memory_bank import LOCAL, MemoryBankConfig
-from kvpo_megatron.presets import GENERATE_SECTIONS, GENERATOR_PRESETS, generator_preset
+from kvpo_megatron.presets import GENERATE_SECTIONS, generator_preset
 from kvpo_megatron.sampling import FlowMatchSampler, PromptSwitch, SamplerConfig, StreamingGenerator
 from kvpo_megatron.sampling.noise import StepNoise
 from tests.helpers import tiny_model
-from tests.test_configs import CONFIGS
 from tests.model.test_memory_bank import KeyWriter, _text
+from tests.test_configs import CONFIGS
 from tests.upstream_reference import Layout, UpstreamSchedule, upstream_generate
 
 TOL = 1e-5  # per block: max |engine - reference| / max |reference|
@@ -167,18 +167,13 @@ def test_release_schedule_matches_hand_table():
 def test_compare_samplers_tool_on_a_converted_checkpoint(tmp_path):
     """tools/compare_samplers.py: renoise vs ode, block by block, on a converted (tiny LongLive-format) checkpoint;
     the ODE variant departs from the first block on (measured 1.2-1.4 relative per block)."""
-    import importlib.util
-
     from kvpo_megatron.checkpoint.convert import ImportSpec, import_checkpoint
-    from tests.helpers import tiny_diffusers
-    from tests.checkpoint.test_checkpoint import _wan_sd
+    from tests.cli_utils import load_script
+    from tests.helpers import tiny_diffusers, wan_state_dict
 
-    torch.save({"generator": {"model." + k: v for k, v in _wan_sd(tiny_diffusers(0)).items()}}, tmp_path / "base.pt")
+    torch.save({"generator": {"model." + k: v for k, v in wan_state_dict(tiny_diffusers(0)).items()}}, tmp_path / "base.pt")
     import_checkpoint(ImportSpec(fmt="longlive", src=str(tmp_path / "base.pt"), out=str(tmp_path / "ckpt"),
                                  progress=False))
-    spec = importlib.util.spec_from_file_location("compare_samplers", CONFIGS.parent.parent / "tools" /
-                                                  "compare_samplers.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script("tools/compare_samplers.py")
     out = tool.compare(str(tmp_path / "ckpt"), frames=12, height=8, width=8)
     assert len(out["per_block"]) == 4 and min(out["per_block"]) > 0.5 and out["video"] > 0.5, out
