@@ -62,7 +62,6 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def model_section(args, preset: str):
     """The ``ModelSection`` (config tree) the flags select."""
-
     ov = {"params_dtype": SHORT_NAMES[args.dtype], "bf16": args.dtype == "bf16", "spec": args.spec}
     if args.spec == "te":
         ov.update(use_cpu_initialization=False, fp8=args.fp8, fp8_recipe=args.fp8_recipe,
@@ -304,7 +303,6 @@ def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def reference_from(model, *, dtype: torch.dtype, device: torch.device) -> RefCausalWan:
     """A ``RefCausalWan`` holding ``model``'s weights, loaded through the ours -> Wan name mapping."""
-
 
     ref = RefCausalWan(model.config)
     # base weights only (under ``lora.merged`` they hold the folded adapters)

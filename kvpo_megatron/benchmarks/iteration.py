@@ -146,7 +146,6 @@ def parse_layout(name: str, world: int) -> dict:
 
 
 def train_config(args, layout: dict, out_dir: str):
-
     base = generator_preset(args.generator) if args.generator else {}
     args.preset = args.preset or base.get("model", {}).get("preset", "wan-1.3b")
     video = base.get("video", {})
@@ -269,7 +268,6 @@ def load_baseline(path: str | None) -> dict | None:
 
 # ---- one layout -------------------------------------------------------------------------------------
 def bench_layout(args, layout: dict, baseline: dict | None) -> dict:
-
     out_dir = tempfile.mkdtemp(prefix="bench_iteration_")
     cfg = train_config(args, layout, out_dir)
     t0 = time.perf_counter()
@@ -386,7 +384,6 @@ def _fingerprint(trainer) -> dict[str, torch.Tensor]:
 
 def compare_overlap(args) -> dict:
     """Sequential and pipelined steps alternately on identical work (same prompts, iteration 0, lr 0)."""
-
     cfg = train_config(args, parse_layout("dp", 1), tempfile.mkdtemp(prefix="bench_iteration_"))
     t0 = time.perf_counter()
     trainer = KVPOTrainer(cfg)

@@ -69,7 +69,6 @@ def parse_args(argv=None):
 
 def layout(args):
     """(CacheConfig, SamplerConfig): LongLive-1.3B's layout with ``--steps`` Euler steps, or ``--generator``'s."""
-
     euler = SamplerConfig(timesteps=tuple(1000.0 - 250.0 * i for i in range(args.steps)))
     bank = MemoryBankConfig(bank_size=3, record_interval=3, sma=args.sma) if args.memory_bank else None
     if args.generator is None:
@@ -83,14 +82,12 @@ def layout(args):
 
 def engine(model, runner, lay):
     """The library's streaming engine with the benchmark's sampler and cache."""
-
     cc, sc = lay
     return StreamingGenerator(model, FlowMatchSampler(sc), cc, runner=runner)
 
 
 def rollout(gen, text, noise, times: list[float], profile_block: int | None = None) -> torch.Tensor:
     """One video through ``gen.run``, one block per call; per-block wall times appended to ``times``."""
-
     cache, fpb, dev = gen.new_cache(noise.shape[0]), gen.cache_cfg.frames_per_block, noise.device
     out, prompts = torch.empty_like(noise), [PromptSwitch(0, text)]
     for b in range(noise.shape[2] // fpb):
@@ -100,7 +97,6 @@ def rollout(gen, text, noise, times: list[float], profile_block: int | None = No
 
 
 def rollout_reference(ref, text_kv, noise, lay, times: list[float]):
-
     cc, sc = lay
     sampler, fpb = FlowMatchSampler(sc), cc.frames_per_block
     cache = RefCache(ref.cfg.num_layers, sink=cc.num_sink_frames, local=cc.local_attn_frames, frames_per_block=fpb)
@@ -146,7 +142,6 @@ def steady_blocks(frames: int, fpb: int = 3, sink: int = 3, local: int = 9) -> l
 
 
 def main(argv=None) -> dict:
-
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     device = torch.device(args.device)
