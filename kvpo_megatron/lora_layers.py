@@ -78,6 +78,8 @@ class ParallelLoraLinear(nn.Module, LoraLayer):
         self.module_name = target_name
         self._active_adapter = adapter_name
         self._unmerged_weight: torch.Tensor | None = None  # exact-merge backup (not a buffer: not saved)
+        # the base forward is excluded from torch.compile (TE's linears): the adapter runs eagerly with it (forward)
+        self.opaque_base = bool(getattr(base_layer.forward, "_torchdynamo_disable", False))
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, target_name=target_name)
 
     # ---- construction --------------------------------------------------------------------------
@@ -154,7 +156,21 @@ class ParallelLoraLinear(nn.Module, LoraLayer):
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: [..., in_local] -> (y [..., out_local], bias or None), exactly the base layer's contract."""
+        """x: [..., in_local] -> (y [..., out_local], bias or None), exactly the base layer's contract.
+
+        Under ``torch.compile``, a base layer dynamo cannot trace (TE's linears are ``torch.compiler.disable``d)
+        splits a traced adapter into a graph before and a graph after the base call: per linear and step, compiled
+        autograd functions whose host cost exceeded the rank-r work itself in the replay (host-bound at batch 1
+        on an H200). Such a layer runs its whole adapter eagerly, inside one opaque call."""
+        if self.opaque_base:
+            return self._forward_eager(x, *args, **kwargs)
+        return self._forward(x, *args, **kwargs)
+
+    @torch.compiler.disable
+    def _forward_eager(self, x: torch.Tensor, *args: Any, **kwargs: Any):
+        return self._forward(x, *args, **kwargs)
+
+    def _forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         if kwargs.pop("adapter_names", None) is not None:
             raise ValueError("mixed-adapter batches (adapter_names=...) are not supported on parallel linears")
         if self.disable_adapters:

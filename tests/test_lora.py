@@ -278,3 +278,39 @@ def test_bad_configs_and_state_dicts_name_the_problem(pgs, tmp_path):
         load_adapter(_lora_model(pgs, LoRAConfig(rank=2, alpha=8.0)), tmp_path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_adapter(model, tmp_path / "nope")
+
+
+def test_adapter_on_an_opaque_base_runs_inside_its_eager_call(pgs):
+    """A base linear torch.compile cannot trace (the TE spec's linears are ``torch.compiler.disable``d) takes its
+    adapter into the same eager call: compiling a caller gives one graph (the caller's own op) instead of an extra
+    compiled graph of the adapter's rank-r math after the base call, and outputs and LoRA gradients equal eager
+    ones. A traceable base keeps its adapter in the caller's graph."""
+    import torch._dynamo
+
+    model = tiny_model(pgs)
+    plain = type(model.blocks[0].ffn_fc1)
+    opaque = type("OpaqueColumn", (plain,), {"forward": torch.compiler.disable(plain.forward)})
+    model.blocks[0].ffn_fc1.__class__ = opaque
+    model = apply_lora(model, CFG)
+    with torch.no_grad():
+        for _, p in lora_parameters(model):
+            p.normal_(0, 0.2)
+    x = torch.randn(2, 5, model.config.hidden_size)
+    for layer, is_opaque in ((model.blocks[0].ffn_fc1, True), (model.blocks[1].ffn_fc1, False)):
+        assert layer.opaque_base is is_opaque
+
+        def caller(inp, layer=layer):
+            return layer(inp)[0] * 2.0
+
+        torch._dynamo.reset()
+        report = torch._dynamo.explain(caller)(x)
+        assert report.graph_count == 1, (is_opaque, report.graph_count, report.break_reasons)
+        if is_opaque:  # the caller's multiply only: no graph of the adapter's math
+            assert report.op_count == 1, report.ops_per_graph
+        grads = []
+        for fn in (caller, torch.compile(caller)):
+            layer.zero_grad()
+            fn(x).square().sum().backward()
+            grads.append(torch.cat([p.grad.flatten() for n, p in layer.named_parameters() if "lora_" in n]))
+        assert _close(grads[1], grads[0])
+    torch._dynamo.reset()

@@ -34,7 +34,10 @@ speedup / world size: weak scaling for ``dp`` (every rank its own prompts), stro
 sums, per rank, the device time of NCCL kernels (GPU) or the CPU time of gloo collectives (CPU): ``comm_s``.
 NCCL kernel time includes waiting for the slowest peer, so it bounds the communication from above.
 ``--profile-comm tp,cp`` profiles only those layouts; ``--budget-s S`` skips (with a ``"skipped"`` JSON line) the
-layouts that would end past S seconds, judging each by the previous layout's duration.
+layouts that would end past S seconds, judging each by the previous layout's duration. ``--profile-replay PATH``
+runs one more step whose replay is profiled for 4 tuple batches after the first: kernel tables to ``PATH.rankN``;
+the JSON gets the wall and summed kernel time per batch and their ratio ``replay_profile_busy`` (below 1: the GPU
+waits on the host).
 
 Pipeline overlap (``train.overlap``, kvpo/pipeline.py): ``--overlap`` times pipelined steps;
 ``--compare-overlap`` times sequential and pipelined steps alternately in the same process on identical work
@@ -97,6 +100,8 @@ def parse_args(argv=None):
     p.add_argument("--baseline-json", default=None, help="JSON lines of a 1-process run of this bench")
     p.add_argument("--profile-comm", nargs="?", const="all", default=None, metavar="LAYOUTS",
                    help="one more step under torch.profiler: comm_s (all layouts, or only these, comma-separated)")
+    p.add_argument("--profile-replay", default=None, metavar="PATH",
+                   help="one more step with the first group's replay under torch.profiler: kernel table to PATH")
     p.add_argument("--budget-s", type=float, default=None,
                    help="skip the remaining layouts when the next one (timed as the last) would end past this")
     p.add_argument("--overlap", action="store_true", help="time pipelined steps (train.overlap=true)")
@@ -216,6 +221,48 @@ def profile_comm(trainer) -> dict:
     return {"comm_s": comm, "comm_calls": calls, "profiled_step_s": wall}
 
 
+def profile_replay(trainer, path: str, tuples: int = 4) -> dict:
+    """One more step whose replay is profiled from its second tuple batch for ``tuples`` batches (forwards and
+    backwards; the first batch warms up): the kernel tables (by device time and by host time) go to ``path``;
+    returned: the profiled wall per batch, the device kernel time per batch and their ratio (busy < 1: the GPU
+    waits on the host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from kvpo_megatron.kvpo import replay as replay_mod
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    inner, state = replay_mod.replay_terms, {"n": 0}
+
+    def counted(*a, **kw):
+        state["n"] += 1
+        if state["n"] in (2, 2 + tuples):  # start before the 2nd batch's forward, stop before the last+1's
+            sync(trainer.device)
+            if state["n"] == 2:
+                state["prof"] = profile(activities=acts).__enter__()
+                state["t0"] = time.perf_counter()
+            else:
+                state["wall"] = time.perf_counter() - state["t0"]
+                state["prof"].__exit__(None, None, None)
+        return inner(*a, **kw)
+
+    replay_mod.replay_terms = counted
+    try:
+        timed_step(trainer)
+    finally:
+        replay_mod.replay_terms = inner
+    if "wall" not in state:
+        raise SystemExit(f"error: --profile-replay needs more than {tuples + 1} replay batches in the step")
+    events = state["prof"].key_averages()
+    kernel = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+    with open(path, "w") as f:
+        if trainer.device.type == "cuda":
+            f.write(events.table(sort_by="self_cuda_time_total", row_limit=50) + "\n")
+        f.write(events.table(sort_by="self_cpu_time_total", row_limit=50))
+    wall = state["wall"] / tuples
+    return {"replay_profile_wall_s": wall, "replay_profile_kernel_s": kernel / tuples,
+            "replay_profile_busy": kernel / tuples / wall}
+
+
 def peak_of(metrics: dict, device: torch.device) -> float:
     """Peak device memory of a step: the largest of the trainer's per-phase peaks (it resets the counter at each
     phase; means over DP ranks, which do identical work here), or the process's max RSS on the CPU."""
@@ -282,6 +329,8 @@ def bench_layout(args, layout: dict, baseline: dict | None) -> dict:
     peak = peak_of(metrics, dev)
     profiled = args.profile_comm == "all" or layout["name"] in (args.profile_comm or "").split(",")
     comm = profile_comm(trainer) if profiled else {}
+    if args.profile_replay:
+        comm.update(profile_replay(trainer, f"{args.profile_replay}.rank{dist.get_rank()}"))
     ranks = gather({"walls": walls, "peak_mem_gb": peak, **comm})
     steps = [max(r["walls"][i] for r in ranks) for i in range(args.repeats)]  # the slowest rank's wall
     sec = sum(steps) / len(steps)
@@ -312,9 +361,11 @@ def bench_layout(args, layout: dict, baseline: dict | None) -> dict:
         peak_mem_gb=[r["peak_mem_gb"] for r in ranks], peak_mem_gb_max=max(r["peak_mem_gb"] for r in ranks),
         **model_flops_summary(phases.get("tflop", 0.0), sec, dev),
         reward_stand_in="brightness + preview decoder (fixed, near-zero cost; time_reward)")
-    if comm:
+    if profiled:
         res.update(comm_s=[r["comm_s"] for r in ranks], comm_s_max=max(r["comm_s"] for r in ranks),
                    comm_calls=ranks[0]["comm_calls"], profiled_step_s=max(r["profiled_step_s"] for r in ranks))
+    if args.profile_replay:
+        res.update({k: ranks[0][k] for k in ranks[0] if k.startswith("replay_profile_")})
     res.update(scaling(res, baseline))
     del trainer
     gc.collect()
