@@ -35,7 +35,7 @@ sums, per rank, the device time of NCCL kernels (GPU) or the CPU time of gloo co
 NCCL kernel time includes waiting for the slowest peer, so it bounds the communication from above.
 ``--profile-comm tp,cp`` profiles only those layouts; ``--budget-s S`` skips (with a ``"skipped"`` JSON line) the
 layouts that would end past S seconds, judging each by the previous layout's duration. ``--profile-replay PATH``
-runs one more step whose replay is profiled for 4 tuple batches after the first: kernel tables to ``PATH.rankN``;
+runs one more step whose replay phase is profiled for 4 tuple batches after its first: kernel tables to ``PATH.rankN``;
 the JSON gets the wall and summed kernel time per batch and their ratio ``replay_profile_busy`` (below 1: the GPU
 waits on the host).
 
@@ -221,21 +221,21 @@ def profile_comm(trainer) -> dict:
     return {"comm_s": comm, "comm_calls": calls, "profiled_step_s": wall}
 
 
-def profile_replay(trainer, path: str, tuples: int = 4) -> dict:
-    """One more step whose replay is profiled from its second tuple batch for ``tuples`` batches (forwards and
-    backwards; the first batch warms up): the kernel tables (by device time and by host time) go to ``path``;
-    returned: the profiled wall per batch, the device kernel time per batch and their ratio (busy < 1: the GPU
-    waits on the host)."""
+def profile_replay(trainer, path: str, batches: int = 4) -> dict:
+    """One more step whose replay phase (``trainer._replay``; not the rollout's no-grad scoring, which runs the same
+    ``replay_terms``) is profiled from its second tuple batch for ``batches`` batches (forwards, backwards and the
+    context commits between them): kernel tables by device and by host time to ``path``; returned: the profiled
+    wall and device kernel time per batch and their ratio (busy < 1: the GPU waits on the host)."""
     from torch.profiler import ProfilerActivity, profile
 
     from kvpo_megatron.kvpo import replay as replay_mod
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
-    inner, state = replay_mod.replay_terms, {"n": 0}
+    terms, group_replay, state = replay_mod.replay_terms, trainer._replay, {"n": 0}
 
     def counted(*a, **kw):
         state["n"] += 1
-        if state["n"] in (2, 2 + tuples):  # start before the 2nd batch's forward, stop before the last+1's
+        if state["n"] in (2, 2 + batches):  # start before the 2nd batch's forward, stop before the last+1's
             sync(trainer.device)
             if state["n"] == 2:
                 state["prof"] = profile(activities=acts).__enter__()
@@ -243,24 +243,31 @@ def profile_replay(trainer, path: str, tuples: int = 4) -> dict:
             else:
                 state["wall"] = time.perf_counter() - state["t0"]
                 state["prof"].__exit__(None, None, None)
-        return inner(*a, **kw)
+        return terms(*a, **kw)
 
-    replay_mod.replay_terms = counted
+    def replay(*a, **kw):
+        replay_mod.replay_terms = counted
+        try:
+            return group_replay(*a, **kw)
+        finally:
+            replay_mod.replay_terms = terms
+
+    trainer._replay = replay
     try:
         timed_step(trainer)
     finally:
-        replay_mod.replay_terms = inner
+        del trainer._replay
     if "wall" not in state:
-        raise SystemExit(f"error: --profile-replay needs more than {tuples + 1} replay batches in the step")
+        raise SystemExit(f"error: --profile-replay needs more than {batches + 1} replay batches in the step")
     events = state["prof"].key_averages()
     kernel = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
     with open(path, "w") as f:
         if trainer.device.type == "cuda":
             f.write(events.table(sort_by="self_cuda_time_total", row_limit=50) + "\n")
         f.write(events.table(sort_by="self_cpu_time_total", row_limit=50))
-    wall = state["wall"] / tuples
-    return {"replay_profile_wall_s": wall, "replay_profile_kernel_s": kernel / tuples,
-            "replay_profile_busy": kernel / tuples / wall}
+    wall = state["wall"] / batches
+    return {"replay_profile_wall_s": wall, "replay_profile_kernel_s": kernel / batches,
+            "replay_profile_busy": kernel / batches / wall}
 
 
 def peak_of(metrics: dict, device: torch.device) -> float:

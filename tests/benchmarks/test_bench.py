@@ -173,3 +173,17 @@ def test_bench_tools_take_the_longlive2_generator_layout(pgs, capsys):
     with pytest.raises(SystemExit, match="multiple of 8"):
         bench_rollout.main(["--config", "tiny-wan2.2", "--generator", "longlive2-5b", "--frames", "12",
                             "--device", "cpu"])
+
+
+def test_bench_iteration_profiles_the_replay_phase(pgs, tmp_path):
+    """--profile-replay profiles tuple batches of the gradient phase (the rollout's no-grad scoring runs the same
+    forward first, so the window must be placed by the phase, not by the forward's call count): the host table
+    holds autograd's backward, and the per-batch wall and busy fraction come back in the JSON."""
+    path = tmp_path / "replay_prof.txt"
+    res = bench_iteration.main(["--preset", "tiny", "--frames", "24", "--latent-h", "8", "--latent-w", "8",
+                                "--branches", "4", "--window", "3", "--lora-rank", "4", "--device", "cpu",
+                                "--dtype", "fp32", "--profile-replay", str(path), "replay.batch_size=1"])
+    table = (tmp_path / "replay_prof.txt.rank0").read_text()
+    assert "autograd::engine::evaluate_function" in table and "kvpo::cached_attention_bwd" in table
+    assert 0 < res["replay_profile_wall_s"] < res["time_replay"]
+    assert res["replay_profile_busy"] == 0.0  # no device kernels on the CPU
