@@ -159,9 +159,10 @@ class ParallelLoraLinear(nn.Module, LoraLayer):
         """x: [..., in_local] -> (y [..., out_local], bias or None), exactly the base layer's contract.
 
         Under ``torch.compile``, a base layer dynamo cannot trace (TE's linears are ``torch.compiler.disable``d)
-        splits a traced adapter into a graph before and a graph after the base call: per linear and step, compiled
-        autograd functions whose host cost exceeded the rank-r work itself in the replay (host-bound at batch 1
-        on an H200). Such a layer runs its whole adapter eagerly, inside one opaque call."""
+        splits a traced adapter into a graph before and a graph after the base call: one more compiled autograd
+        function per linear, each with its own host cost, in a replay that is host-bound on an H200
+        (``tools/BENCHMARKS.md``). Such a layer runs its whole adapter eagerly inside one opaque call (on the
+        trainer's batch-1 replay the difference was within the step-to-step spread)."""
         if self.opaque_base:
             return self._forward_eager(x, *args, **kwargs)
         return self._forward(x, *args, **kwargs)
