@@ -65,6 +65,7 @@ import torch.distributed as dist
 from kvpo_megatron.benchmarks.common import device_peak_tflops, peak_memory_gb, reset_peak, sync
 from kvpo_megatron.config import deep_merge, from_dict, parse_overrides
 from kvpo_megatron.dtypes import SHORT_NAMES
+from kvpo_megatron.kvpo import replay as replay_mod
 from kvpo_megatron.kvpo.train_config import KVPOTrainConfig
 from kvpo_megatron.kvpo.trainer import KVPOTrainer
 from kvpo_megatron.kvpo.workload import default_pivot, group_workload
@@ -227,8 +228,6 @@ def profile_replay(trainer, path: str, batches: int = 4) -> dict:
     context commits between them): kernel tables by device and by host time to ``path``; returned: the profiled
     wall and device kernel time per batch and their ratio (busy < 1: the GPU waits on the host)."""
     from torch.profiler import ProfilerActivity, profile
-
-    from kvpo_megatron.kvpo import replay as replay_mod
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
     terms, group_replay, state = replay_mod.replay_terms, trainer._replay, {"n": 0}
