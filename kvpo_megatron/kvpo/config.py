@@ -94,13 +94,18 @@ class ReplayConfig:
     """The gradient phase (coefficient replay)."""
 
     batch_size: int | None = None
-    """(branch, step) tuples of one block replayed together in one forward + backward; None = automatic (by the
-    memory left on a GPU; every tuple of the block on the CPU)."""
+    """(branch, step) tuples of one block replayed together in one forward + backward; None = automatic (as many
+    as ``memory_budget_gb`` holds on a GPU; every tuple of the block on the CPU). Branches are replayed in chunks of
+    ``batch_size // tuples per branch and block`` (at least one), so with 2 routed steps per block an odd size
+    leaves a slot unused (3 runs batches of 2)."""
     recompute: Recompute = Recompute.auto
     """Per-block activation recompute in the replay's backward."""
     memory_budget_gb: float = 24.0
     """Device memory the replay's activations may take; sets the automatic batch size and recompute (with
-    ``rollout.kv_budget_gb`` and the model, what bounds an iteration's peak)."""
+    ``rollout.kv_budget_gb`` and the model, what bounds an iteration's peak). The replay is host-bound at one tuple
+    per batch, so a budget for two pays: wan-1.3b at 480x832 on an H200 (~17 GB per tuple), 147 frames, G=8, W=5:
+    the default gives 1 tuple per batch (replay 48.3 s, peak 52.9 GB), 60 gives 2 (30.7 s, 69.6 GB);
+    ``tools/BENCHMARKS.md``."""
 
     def __post_init__(self):
         try:
