@@ -102,7 +102,7 @@ def parse_args(argv=None):
     p.add_argument("--profile-comm", nargs="?", const="all", default=None, metavar="LAYOUTS",
                    help="one more step under torch.profiler: comm_s (all layouts, or only these, comma-separated)")
     p.add_argument("--profile-replay", default=None, metavar="PATH",
-                   help="one more step with the first group's replay under torch.profiler: kernel table to PATH")
+                   help="one more step with 4 of its replay batches under torch.profiler: tables to PATH.rankN")
     p.add_argument("--budget-s", type=float, default=None,
                    help="skip the remaining layouts when the next one (timed as the last) would end past this")
     p.add_argument("--overlap", action="store_true", help="time pipelined steps (train.overlap=true)")
@@ -237,11 +237,12 @@ def profile_replay(trainer, path: str, batches: int = 4) -> dict:
         if state["n"] in (2, 2 + batches):  # start before the 2nd batch's forward, stop before the last+1's
             sync(trainer.device)
             if state["n"] == 2:
-                state["prof"] = profile(activities=acts).__enter__()
+                state["prof"] = profile(activities=acts)
+                state["prof"].start()
                 state["t0"] = time.perf_counter()
             else:
                 state["wall"] = time.perf_counter() - state["t0"]
-                state["prof"].__exit__(None, None, None)
+                state["prof"].stop()
         return terms(*a, **kw)
 
     def replay(*a, **kw):
