@@ -1,6 +1,8 @@
 """Execution features chosen by config and applied by one function, in the spirit of torchtitan's ``parallelize``:
-``accelerate(model, section, device)`` compiles the DiT blocks, sets per-block activation recompute, and
-returns the *runner* through which the streaming engine issues every forward (eager, or CUDA-graph replays).
+``accelerate(model, section, device)`` compiles the DiT blocks (with ``model.te_compile=replay``, the TE spec's
+replay forwards trace torch equivalents of its TE calls: ``model/te_spec.py``), sets per-block activation
+recompute, and returns the *runner* through which the streaming engine issues every forward (eager, or CUDA-graph
+replays).
 
 CUDA graphs (``model.cuda_graphs``): a no-grad streaming forward is captured once per *shape key* -- batch,
 frames, pages read, pages written, head on/off, text length, the KV page pool it reads (id and generation) and
@@ -29,6 +31,7 @@ from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.lora import lora_state
 from kvpo_megatron.model.attention import TextKV, replay_attention_active
 from kvpo_megatron.model.kv_cache import AttentionView
+from kvpo_megatron.model.te_spec import ReplayTraceable, TECompile
 from kvpo_megatron.sampling.streaming import eager_runner
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,10 @@ def accelerate(model: nn.Module, section, *, device: torch.device, cp: int = 1):
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for blk in model.blocks:
             blk.compile()
+    trace = section.compile and section.te_compile == TECompile.replay and model.config.tensor_model_parallel_size == 1
+    for m in model.modules():
+        if isinstance(m, ReplayTraceable):
+            m.trace_replay = trace
     return GraphRunner() if section.cuda_graphs else eager_runner
 
 

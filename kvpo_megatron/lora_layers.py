@@ -78,8 +78,6 @@ class ParallelLoraLinear(nn.Module, LoraLayer):
         self.module_name = target_name
         self._active_adapter = adapter_name
         self._unmerged_weight: torch.Tensor | None = None  # exact-merge backup (not a buffer: not saved)
-        # the base forward is excluded from torch.compile (TE's linears): the adapter runs eagerly with it (forward)
-        self.opaque_base = bool(getattr(base_layer.forward, "_torchdynamo_disable", False))
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, target_name=target_name)
 
     # ---- construction --------------------------------------------------------------------------
@@ -162,10 +160,22 @@ class ParallelLoraLinear(nn.Module, LoraLayer):
         splits a traced adapter into a graph before and a graph after the base call: one more compiled autograd
         function per linear, each with its own host cost, in a replay that is host-bound on an H200
         (``tools/BENCHMARKS.md``). Such a layer runs its whole adapter eagerly inside one opaque call (on the
-        trainer's batch-1 replay no gain was measured: one timed step each, 46.6 s with it vs 45.0 s without)."""
+        trainer's batch-1 replay no gain was measured: one timed step each, 46.6 s with it vs 45.0 s without).
+        A TE linear that traces its torch equivalent in this call (``model.te_compile=replay``) keeps its adapter
+        in the caller's graph."""
         if self.opaque_base:
             return self._forward_eager(x, *args, **kwargs)
         return self._forward(x, *args, **kwargs)
+
+    @property
+    def opaque_base(self) -> bool:
+        """Whether this call of the base linear is excluded from torch.compile: its ``opaque_under_compile()``
+        (the TE spec's linears, ``model/te_spec.py``), or a ``torch.compiler.disable``d forward."""
+        base = self.get_base_layer()
+        check = getattr(base, "opaque_under_compile", None)
+        if check is not None:
+            return bool(check())
+        return bool(getattr(base.forward, "_torchdynamo_disable", False))
 
     @torch.compiler.disable
     def _forward_eager(self, x: torch.Tensor, *args: Any, **kwargs: Any):

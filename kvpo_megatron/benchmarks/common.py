@@ -53,6 +53,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", choices=["local", "te"], default="local")
     p.add_argument("--compile", action="store_true", help="model.compile: torch.compile each block")
     p.add_argument("--cuda-graphs", action="store_true", help="model.cuda_graphs: no-grad forwards from CUDA graphs")
+    p.add_argument("--te-compile", choices=["replay", "opaque"], default="replay",
+                   help="model.te_compile: under --compile, trace the TE calls of the replay's forwards or keep them eager")
     p.add_argument("--fp8", choices=["e4m3", "hybrid"], default=None, help="FP8 format (te spec)")
     p.add_argument("--fp8-recipe", choices=["tensorwise", "delayed"], default="tensorwise")
     p.add_argument("--fp8-linears", default=None, help="comma list of self_attn,cross_attn,ffn run in FP8")
@@ -70,7 +72,7 @@ def model_section(args, preset: str):
         ov["num_layers"] = args.layers
     linears = None if args.fp8_linears is None else tuple(g for g in args.fp8_linears.split(",") if g)
     return ModelSection(preset=preset, overrides=ov, compile=args.compile, cuda_graphs=args.cuda_graphs,
-                        fp8_linears=linears)
+                        fp8_linears=linears, te_compile=args.te_compile)
 
 
 def library_model(args, preset: str, device: torch.device, *, lora_rank: int = 0, seed: int = 0):

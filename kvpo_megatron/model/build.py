@@ -8,7 +8,7 @@ from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.model.causal_wan import CausalWanDiT
 from kvpo_megatron.model.config import LayerSpecKind, model_config
 from kvpo_megatron.model.specs import local_spec
-from kvpo_megatron.model.te_spec import LinearGroup, te_spec
+from kvpo_megatron.model.te_spec import LinearGroup, TECompile, te_spec
 from kvpo_megatron.parallel.cp_attention import context_parallel_spec
 from kvpo_megatron.parallel.layout import CPAttention, check_heads
 from kvpo_megatron.parallel.state import check_group_sizes
@@ -25,7 +25,11 @@ class ModelSection:
     use_ema: bool = False
     """``checkpoint`` is a Self-Forcing/LongLive training file: load its ``generator_ema`` (else ``generator``)."""
     compile: bool = False
-    """torch.compile every DiT block (TE calls stay eager); applied by ``accelerate.accelerate``."""
+    """torch.compile every DiT block; applied by ``accelerate.accelerate``."""
+    te_compile: TECompile = TECompile.replay
+    """TE spec under ``compile``: ``replay`` traces torch equivalents of the bf16 TE linears, q/k norms and text
+    attention in the replay's forwards (fewer compiled regions per block; TP == 1), ``opaque`` keeps every TE
+    call eager (``model/te_spec.py``)."""
     cuda_graphs: bool = False
     """Replay no-grad streaming forwards from CUDA graphs captured per shape (GPU; ``accelerate.py``)."""
     fp8_linears: tuple[str, ...] | None = None

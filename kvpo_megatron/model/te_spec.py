@@ -26,6 +26,14 @@ per-layer buffer that is reused while the page buffer, its version counter and t
 concatenation per step. Inside a CUDA graph capture every replay gathers (plain concatenation). With autograd
 on (the replay), the cached part and the current block are attended separately and merged by log-sum-exp
 (``model/split_attention.py``), so the detached cache costs no dK/dV.
+
+Under torch.compile the TE calls are opaque (each one a graph break, each break one more compiled region with its
+own host cost). The replay -- forwards with autograd, and the no-grad scoring under ``replay_attention`` that must
+compute the same function -- is host-bound on an H200 with them (``tools/BENCHMARKS.md``), so with
+``model.te_compile=replay`` (``accelerate`` sets :attr:`ReplayTraceable.trace_replay`) the bf16 linears, the q/k
+norms and the text attention of those forwards run their torch equivalents instead (``F.linear``, an RMSNorm in
+float32 as TE computes it, SDPA), which dynamo traces and inductor fuses; only the cached self-attention core stays
+opaque. The no-grad rollout, FP8 modules and TP > 1 keep TE.
 TransformerEngine is imported lazily: without it this module imports, and ``te_spec`` raises ``ConfigError``.
 """
 from __future__ import annotations
@@ -36,11 +44,12 @@ from enum import StrEnum
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from megatron.core.transformer.spec_utils import ModuleSpec
 from torch import nn
 
 from kvpo_megatron.errors import ConfigError
-from kvpo_megatron.model.attention import sdpa, uses_replay_kernel
+from kvpo_megatron.model.attention import replay_attention_active, sdpa, uses_replay_kernel
 from kvpo_megatron.model.kv_cache import LayerKV
 from kvpo_megatron.model.split_attention import cached_attention
 from kvpo_megatron.model.specs import CausalWanSubmodules, NoTokenSharding, block_spec
@@ -54,6 +63,49 @@ class LinearGroup(StrEnum):
     self_attn = "self_attn"  # q, k, v, o of self-attention
     cross_attn = "cross_attn"  # q, k, v, o of cross-attention (k, v run once per prompt)
     ffn = "ffn"  # fc1, fc2
+
+
+class TECompile(StrEnum):
+    """What the TE spec's modules do under torch.compile (``model.te_compile``)."""
+
+    opaque = "opaque"  # every TE call is excluded from compilation (a graph break)
+    replay = "replay"  # the replay's bf16 forwards trace torch equivalents (module docstring)
+
+
+class ReplayTraceable:
+    """Mixin of the TE modules that have a torch equivalent dynamo can trace (module docstring).
+
+    :meth:`traced` is evaluated while dynamo traces (its inputs become guards): True inside torch.compile when
+    ``trace_replay`` is set, the module runs in bf16 (no active FP8 recipe) and the forward is the replay's
+    (autograd on, or the replay kernel active for its no-grad scoring)."""
+
+    trace_replay: bool = False
+    """Set by ``accelerate`` for ``model.compile`` with ``model.te_compile=replay`` and TP == 1."""
+
+    def traced(self) -> bool:
+        fp8 = getattr(self, "fp8_recipe", None) is not None and getattr(self, "fp8_active", False)
+        return bool(self.trace_replay and torch.compiler.is_compiling() and not fp8
+                    and (torch.is_grad_enabled() or replay_attention_active()))
+
+    def opaque_under_compile(self) -> bool:
+        """Whether this call is excluded from compilation (LoRA then runs its adapter in the same eager call)."""
+        return not self.traced()
+
+
+def traced_linear(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A TE linear's bf16 forward in torch ops with megatron's TE contract: ``(x W^T + b, None)``, or
+    ``(x W^T, b)`` for a layer that returns its bias (``skip_bias_add``)."""
+    bias = getattr(module, "bias", None)
+    if bias is not None and bias.numel() == 0:  # TE keeps an empty tensor when the layer has no bias
+        bias = None
+    if getattr(module, "te_return_bias", False):
+        return F.linear(x, module.weight), bias
+    return F.linear(x, module.weight, bias), None
+
+
+def traced_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """TE's RMSNorm in torch ops: statistics, scaling and the gain in float32, the result in ``x``'s dtype."""
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
 
 
 def _te():
@@ -105,7 +157,7 @@ def _te_classes():
     te = _te()
     from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
 
-    class TEColumnLinear(TEColumnParallelLinear):
+    class TEColumnLinear(ReplayTraceable, TEColumnParallelLinear):
         """Column-parallel TE linear with the local spec's call signature; optional FP8 recipe."""
 
         def __init__(self, input_size, output_size, *, config, init_method, bias, gather_output=False,
@@ -120,12 +172,15 @@ def _te_classes():
             self.gather_output, self.input_size, self.output_size = gather_output, input_size, output_size
             self.tp_group = self._tp_group
 
-        @torch.compiler.disable
         def forward(self, x):
+            return traced_linear(self, x) if self.traced() else self._te_forward(x)
+
+        @torch.compiler.disable
+        def _te_forward(self, x):
             with quantized(self.fp8_recipe if self.fp8_active else None):
                 return super().forward(x)
 
-    class TERowLinear(TERowParallelLinear):
+    class TERowLinear(ReplayTraceable, TERowParallelLinear):
         """Row-parallel TE linear with the local spec's call signature; optional FP8 recipe."""
 
         def __init__(self, input_size, output_size, *, config, init_method, bias, input_is_parallel=True,
@@ -140,21 +195,28 @@ def _te_classes():
             self.input_is_parallel, self.input_size, self.output_size = input_is_parallel, input_size, output_size
             self.tp_group = self._tp_group
 
-        @torch.compiler.disable
         def forward(self, x):
+            return traced_linear(self, x) if self.traced() else self._te_forward(x)
+
+        @torch.compiler.disable
+        def _te_forward(self, x):
             with quantized(self.fp8_recipe if self.fp8_active else None):
                 return super().forward(x)
 
-    class TEQKRMSNorm(te.RMSNorm):
+    class TEQKRMSNorm(ReplayTraceable, te.RMSNorm):
         """TE RMSNorm over the full width (TP == 1 only; ``te_spec`` picks ``FullDimRMSNorm`` under TP)."""
 
         def __init__(self, hidden_size, eps, *, tp_group=None, device="cpu", dtype=torch.float32):
             if group_size(tp_group) != 1:
                 raise ConfigError("TE q/k RMSNorm needs tensor_model_parallel_size == 1")
             super().__init__(hidden_size, eps=eps, device=device, dtype=dtype)
+            self.norm_eps = eps
+
+        def forward(self, x):
+            return traced_rms_norm(x, self.weight, self.norm_eps) if self.traced() else self._te_forward(x)
 
         @torch.compiler.disable
-        def forward(self, x):
+        def _te_forward(self, x):
             return super().forward(x)
 
     return TEColumnLinear, TERowLinear, TEQKRMSNorm
@@ -235,8 +297,9 @@ class TECachedAttention(nn.Module):
         return kb, vb
 
 
-class TETextAttention(nn.Module):
-    """Cross-attention core on TE fused attention: video queries against the prompt's K/V."""
+class TETextAttention(ReplayTraceable, nn.Module):
+    """Cross-attention core on TE fused attention: video queries against the prompt's K/V (torch SDPA when
+    :meth:`traced`)."""
 
     def __init__(self, config, pg_collection=None, fp8_recipe=None):
         super().__init__()
@@ -245,11 +308,13 @@ class TETextAttention(nn.Module):
         self.fp8_active = True
 
     def forward(self, q, k, v):
+        return sdpa(q, k, v) if self.traced() else self._te_forward(q, k, v)
+
+    @torch.compiler.disable
+    def _te_forward(self, q, k, v):
         with quantized(self.fp8_recipe if self.fp8_active else None):
             out = self.attn(q, k.contiguous(), v.contiguous())
         return out.view(q.shape)
-
-    forward = torch.compiler.disable(forward)
 
 
 def default_fp8_linears(cfg) -> tuple[LinearGroup, ...]:
