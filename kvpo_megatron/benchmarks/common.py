@@ -55,6 +55,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graphs", action="store_true", help="model.cuda_graphs: no-grad forwards from CUDA graphs")
     p.add_argument("--te-compile", choices=["replay", "opaque"], default="replay",
                    help="model.te_compile: under --compile, trace the TE calls of the replay's forwards or keep them eager")
+    p.add_argument("--split-attention", choices=["auto", "flash", "cudnn", "torch"], default="auto",
+                   help="model.overrides.split_attention: kernels of the replay's split attention")
     p.add_argument("--fp8", choices=["e4m3", "hybrid"], default=None, help="FP8 format (te spec)")
     p.add_argument("--fp8-recipe", choices=["tensorwise", "delayed"], default="tensorwise")
     p.add_argument("--fp8-linears", default=None, help="comma list of self_attn,cross_attn,ffn run in FP8")
@@ -64,7 +66,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def model_section(args, preset: str):
     """The ``ModelSection`` (config tree) the flags select."""
-    ov = {"params_dtype": SHORT_NAMES[args.dtype], "bf16": args.dtype == "bf16", "spec": args.spec}
+    ov = {"params_dtype": SHORT_NAMES[args.dtype], "bf16": args.dtype == "bf16", "spec": args.spec,
+          "split_attention": args.split_attention}
     if args.spec == "te":
         ov.update(use_cpu_initialization=False, fp8=args.fp8, fp8_recipe=args.fp8_recipe,
                   fp8_dot_product_attention=args.fp8_dpa)

@@ -149,7 +149,7 @@ def main(argv=None) -> dict:
     peak_tf = device_peak_tflops(device)
     res = dict(bench="replay", config=args.config, spec=args.spec, dtype=args.dtype, branches=B,
                lora_rank=args.lora_rank, recompute=args.recompute,
-               compile=args.compile, te_compile=args.te_compile if args.compile and args.spec == "te" else None,
+               split_attention=args.split_attention, compile=args.compile, te_compile=args.te_compile if args.compile and args.spec == "te" else None,
                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                latent=[args.latent_h, args.latent_w], tokens_per_frame=T, sec_per_step=sec, tuples_per_s=B / sec,
                tflop_per_step=flops / 1e12, tflops=flops / sec / 1e12, peak_bf16_tflops=peak_tf,

@@ -93,6 +93,7 @@ class CachedSDPA(nn.Module):
 
     def __init__(self, config: WanConfig, pg_collection=None):
         super().__init__()
+        self.split_attention = config.split_attention
 
     def forward(self, q, k, v, *, kv: LayerKV | None = None, attn_mask=None):
         if kv is not None:
@@ -103,7 +104,7 @@ class CachedSDPA(nn.Module):
                     raise ValueError("attn_mask is only supported without a KV cache (full-sequence mode)")
                 ck, cv = ctx[0].to(k.dtype), ctx[1].to(v.dtype)
                 if uses_replay_kernel(q, k, v):
-                    return cached_attention(q, k, v, ck, cv)  # replay: no dK/dV for the detached cache
+                    return cached_attention(q, k, v, ck, cv, fused=self.split_attention)  # replay: no dK/dV for the detached cache
                 k, v = torch.cat([ck, k], 1), torch.cat([cv, v], 1)
         return sdpa(q, k, v, attn_mask)
 

@@ -22,6 +22,7 @@ import torch
 from megatron.core.transformer import TransformerConfig
 
 from kvpo_megatron.errors import ConfigError
+from kvpo_megatron.model.split_attention import FUSED_CHOICES
 from kvpo_megatron.parallel.layout import check_heads
 
 
@@ -57,9 +58,15 @@ class WanConfig(TransformerConfig):
     """Timestep sinusoid in float64 (original Wan) or float32 (diffusers); they differ by ~1e-5."""
     spec: LayerSpecKind = LayerSpecKind.local
     """Layer spec: ``local`` or ``te``."""
+    split_attention: str = "auto"
+    """Kernels of the two parts of the replay's split attention (``model/split_attention.py``, every spec):
+    ``auto`` | ``flash`` | ``cudnn`` | ``torch``."""
 
     def __post_init__(self) -> None:
         self.spec = LayerSpecKind(self.spec)
+        if self.split_attention not in FUSED_CHOICES:
+            raise ConfigError(f"model.overrides.split_attention must be one of {list(FUSED_CHOICES)}, "
+                              f"got {self.split_attention!r}")
         self.patch_size = tuple(self.patch_size)
         for name in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_layers", "in_channels",
                      "out_channels", "freq_dim", "text_dim", "text_len"):

@@ -240,6 +240,7 @@ class TECachedAttention(nn.Module):
     def __init__(self, config, pg_collection=None, fp8_recipe=None):
         super().__init__()
         self.attn = _dpa(config, pg_collection)
+        self.split_attention = config.split_attention
         self.fp8_recipe = fp8_recipe
         self.fp8_active = True
         self._ctx_key = None
@@ -258,7 +259,7 @@ class TECachedAttention(nn.Module):
             ctx = kv.read(q)  # replay: no gradient flows into the detached cache (model/split_attention.py)
             kv.write(k, v)
             if ctx is not None:
-                return cached_attention(q, k, v, ctx[0].to(k.dtype), ctx[1].to(v.dtype))
+                return cached_attention(q, k, v, ctx[0].to(k.dtype), ctx[1].to(v.dtype), fused=self.split_attention)
         elif kv is not None:
             k, v = self._with_context(kv, q, k, v)
         with quantized(self.fp8_recipe if self.fp8_active else None):

@@ -109,6 +109,7 @@ class UlyssesCachedAttention(nn.Module):
     def __init__(self, config, pg_collection=None):
         super().__init__()
         self.cp_group = _cp_group(pg_collection, "UlyssesCachedAttention")
+        self.split_attention = config.split_attention
         check_heads(config.num_attention_heads, tp=config.tensor_model_parallel_size, cp=group_size(self.cp_group),
                     cp_attention=CPAttention.ulysses)
 
@@ -146,7 +147,7 @@ class UlyssesCachedAttention(nn.Module):
             if ctx is not None:
                 ck, cv = ctx[0].to(kh.dtype), ctx[1].to(vh.dtype)
                 if uses_replay_kernel(qh, kh, vh):
-                    return self._heads_to_seq(cached_attention(qh, kh, vh, ck, cv))  # no dK/dV for the cache
+                    return self._heads_to_seq(cached_attention(qh, kh, vh, ck, cv, fused=self.split_attention))  # no dK/dV for the cache
                 kh, vh = torch.cat([ck, kh], 1), torch.cat([cv, vh], 1)
         return self._heads_to_seq(sdpa(qh, kh, vh))  # key order is irrelevant without a mask
 
@@ -157,6 +158,7 @@ class AllGatherCachedAttention(nn.Module):
     def __init__(self, config, pg_collection=None):
         super().__init__()
         self.cp_group = _cp_group(pg_collection, "AllGatherCachedAttention")
+        self.split_attention = config.split_attention
 
     def _gather_tokens(self, kv: torch.Tensor, grad: bool) -> torch.Tensor:
         """[2, b, n, h, d] per rank -> [2, b, cp*n, h, d] (rank-major tokens)."""
@@ -181,7 +183,7 @@ class AllGatherCachedAttention(nn.Module):
         else:  # gradient of the current K/V returns to its owning rank (reduce-scatter); none for the cache
             c_all = self._gather_tokens(torch.stack(ctx).to(cur.dtype), False)
             n_all = self._gather_tokens(cur, needs_grad)
-            return cached_attention(q, n_all[0], n_all[1], c_all[0], c_all[1])
+            return cached_attention(q, n_all[0], n_all[1], c_all[0], c_all[1], fused=self.split_attention)
         return sdpa(q, kv_all[0], kv_all[1])
 
 

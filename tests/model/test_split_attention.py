@@ -216,3 +216,36 @@ def test_gpu_bf16_against_sdpa(shape, fused):
     for name, o, p, r in zip(("out", "dq", "dk", "dv"), ours, plain, ref):
         e_ours, e_plain = _rel(o, r), _rel(p, r)
         assert e_ours <= 1.5 * e_plain + 2e-3 and e_ours < 2e-2, (name, e_ours, e_plain)
+
+
+def test_the_models_cached_core_uses_the_configured_split_attention(pgs, monkeypatch):
+    """``model.overrides.split_attention`` reaches the cached self-attention core: a replay-style forward with grad
+    under a filled cache calls the split attention with that backend (``torch`` here: the only one on the CPU),
+    and a value that is not a backend is refused naming the field."""
+    from kvpo_megatron import model as model_pkg
+    from kvpo_megatron.errors import ConfigError
+    from kvpo_megatron.model import CacheConfig, attention
+    from kvpo_megatron.sampling import FlowMatchSampler, SamplerConfig, StreamingGenerator
+    from tests.helpers import tiny_model
+
+    seen = []
+
+    def spy(*a, **kw):
+        seen.append(kw.get("fused"))
+        return sa.cached_attention(*a, **kw)
+
+    monkeypatch.setattr(attention, "cached_attention", spy)
+    m = tiny_model(pgs, split_attention="torch")
+    gen = StreamingGenerator(m, FlowMatchSampler(SamplerConfig()), CacheConfig(history_frames=9))
+    cache = gen.new_cache()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 12, 8, 8, generator=g)
+    text = m.encode_text(torch.randn(1, 16, 32, generator=g))
+    with torch.no_grad():
+        for s in range(0, 9, 3):
+            gen.commit_block(cache, x[:, :, s:s + 3], s, text)
+    view = cache.view(CacheConfig().default_read_frames(9))
+    m(x[:, :, 9:12], torch.tensor([500.0]), text=text, frame_offset=9, cache=cache, view=view).sum().backward()
+    assert seen == ["torch"] * m.config.num_layers
+    with pytest.raises(ConfigError, match="model.overrides.split_attention"):
+        model_pkg.model_config("tiny", split_attention="flash2")
