@@ -30,8 +30,7 @@ then has ``dS_j = P^p_j w_p (dO.v_j - rowsum(dO * O_p)) + P^p_j dlse_p = w_p P^p
 Implementations (picked automatically, or forced by ``fused=`` / ``kernels=``):
 
 * per-part forward/backward: ``"flash"`` (torch's fused flash-attention ops, CUDA fp16/bf16, head dim <= 256
-  and a multiple of 8), ``"cudnn"`` (torch's cuDNN attention ops; ``auto``'s choice on Hopper and newer, head dim
-  <= 128), or ``"torch"`` (chunked over keys,
+  and a multiple of 8), ``"cudnn"`` (torch's cuDNN attention ops; opt-in), or ``"torch"`` (chunked over keys,
   online softmax, accumulation in float32 or float64: every device and dtype);
 * the LSE merge and the dQ-only backward over the cache (``kernels=``): ``"triton"`` (an element-wise merge
   kernel; a FlashAttention-2-style dq kernel that also forms D from dO and O; CUDA, or CPU under
@@ -106,15 +105,9 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, ck: Tensor | None = None, 
 
 
 def _pick_fused(q: Tensor) -> str:
-    """cuDNN on Hopper and newer (1.38x flash's forward + backward at the replay's shape on an H200,
-    ``tools/BENCHMARKS.md``), else flash where supported, else torch."""
     d = q.shape[-1]
     ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
-    if not ok:
-        return "torch"
-    cudnn = (d <= 128 and torch.cuda.get_device_capability(q.device) >= (9, 0)
-             and (torch.backends.cudnn.version() or 0) >= 90000)
-    return "cudnn" if cudnn else "flash"
+    return "flash" if ok else "torch"
 
 
 def _pick_kernels(q: Tensor) -> str:

@@ -249,11 +249,3 @@ def test_the_models_cached_core_uses_the_configured_split_attention(pgs, monkeyp
     assert seen == ["torch"] * m.config.num_layers
     with pytest.raises(ConfigError, match="model.overrides.split_attention"):
         model_pkg.model_config("tiny", split_attention="flash2")
-
-
-@pytest.mark.gpu
-def test_gpu_auto_picks_cudnn_on_hopper():
-    q = torch.zeros(1, 8, 2, 128, dtype=torch.bfloat16, device="cuda")
-    want = "cudnn" if torch.cuda.get_device_capability() >= (9, 0) else "flash"
-    assert sa._pick_fused(q) == want
-    assert sa._pick_fused(torch.zeros(1, 8, 2, 256, dtype=torch.bfloat16, device="cuda")) == "flash"
