@@ -366,7 +366,9 @@ def bench_layout(args, layout: dict, baseline: dict | None) -> dict:
         replay_s_per_tuple=phases["time_replay_tuples"] / (groups * work.tuples / world)
         if phases.get("time_replay_tuples") else None,
         peak_mem_gb=[r["peak_mem_gb"] for r in ranks], peak_mem_gb_max=max(r["peak_mem_gb"] for r in ranks),
-        **model_flops_summary(phases.get("tflop", 0.0), sec, dev),
+        # every rank of a TP/CP group records the model FLOPs of the forwards it takes part in: its own share is
+        # 1/(TP*CP) of them
+        **model_flops_summary(phases.get("tflop", 0.0) / (layout["tp"] * layout["cp"]), sec, dev),
         reward_stand_in="brightness + preview decoder (fixed, near-zero cost; time_reward)")
     if profiled:
         res.update(comm_s=[r["comm_s"] for r in ranks], comm_s_max=max(r["comm_s"] for r in ranks),

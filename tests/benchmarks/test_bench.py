@@ -140,6 +140,10 @@ def test_bench_iteration_layouts_scaling_comm_on_two_gloo_ranks(pgs, tmp_path, c
         assert r["tuples_per_s_per_gpu"] == pytest.approx(
             r["groups_per_iteration"] * 4 / r["sec_per_iteration"] / 2)
         assert r["sec_per_iteration"] == max(r["step_s"]) and r["comm_calls"] > 0
+    # FLOPs per GPU: a DP rank does one group's work; a TP rank half of the one group's (the engine's count is the
+    # model's, recorded on both ranks of the TP group)
+    assert b["tflop_per_gpu"] > 0 and rows["dp"]["tflop_per_gpu"] == pytest.approx(b["tflop_per_gpu"])
+    assert rows["tp"]["tflop_per_gpu"] == pytest.approx(b["tflop_per_gpu"] / 2)
     # TP all-reduces in every layer: far more collectives than DP's few per iteration
     assert rows["tp"]["comm_calls"] > 10 * rows["dp"]["comm_calls"] and max(rows["tp"]["comm_s"]) > 0
 
