@@ -102,10 +102,11 @@ class ReplayConfig:
     """Per-block activation recompute in the replay's backward."""
     memory_budget_gb: float = 24.0
     """Device memory the replay's activations may take; sets the automatic batch size and recompute (with
-    ``rollout.kv_budget_gb`` and the model, what bounds an iteration's peak). The replay is host-bound at one tuple
-    per batch, so a budget for two pays: wan-1.3b at 480x832 on an H200 (~17 GB per tuple), 147 frames, G=8, W=5:
-    the default gives 1 tuple per batch (replay 48.3 s, peak 52.9 GB), 60 gives 2 (30.7 s, 69.6 GB);
-    ``tools/BENCHMARKS.md``."""
+    ``rollout.kv_budget_gb`` and the model, what bounds an iteration's peak). Larger batches run faster: wan-1.3b
+    at 480x832 on an H200 (~17 GB per tuple), 147 frames, G=8, W=5, TE + compile + graphs: the default gives 1
+    tuple per batch (replay 48.3 s, peak 52.9 GB; 2026-11-29), 60 gives 2 (30.7 s, 69.6 GB), 80 gives 4 (20.4 s,
+    99.5 GB; 17.8 s with ``model.overrides.split_attention=cudnn``); ``tools/BENCHMARKS.md``. The default keeps an
+    80 GB GPU's peak in bounds."""
 
     def __post_init__(self):
         try:
