@@ -84,3 +84,24 @@ def test_fast_path_fields_name_what_cannot_run_here(tmp_path):
     tr = parse_overrides([f"train.out_dir={tmp_path}", "model.cuda_graphs=true"])
     with pytest.raises(ConfigError, match="model.cuda_graphs"):
         KVPOTrainer(from_dict(KVPOTrainConfig, deep_merge(TINY_DEFAULT, tr)))
+
+
+def test_resume_reads_an_older_checkpoint_config_and_allows_kernel_choices(tmp_path):
+    """A checkpoint written before a config field existed resumes (the missing field counts as its default); the
+    execution features that only choose kernels may change on resume; the model may not."""
+    from kvpo_megatron.config import to_dict
+    from kvpo_megatron.kvpo.run_state import check_resumed_config
+    from kvpo_megatron.kvpo.train_config import TINY_DEFAULT, KVPOTrainConfig
+
+    tree = deep_merge(TINY_DEFAULT, {"train": {"out_dir": str(tmp_path)}})
+    cfg = from_dict(KVPOTrainConfig, tree)
+    saved = to_dict(cfg)
+    del saved["model"]["te_compile"]  # as written before these fields existed
+    del saved["replay"]["memory_budget_gb"]
+    check_resumed_config(Path("ckpt"), saved, cfg)
+    faster = from_dict(KVPOTrainConfig, deep_merge(tree, {"model": {"te_compile": "opaque", "compile": True,
+                                                                    "overrides": {"split_attention": "torch"}}}))
+    check_resumed_config(Path("ckpt"), saved, faster)
+    other = from_dict(KVPOTrainConfig, deep_merge(tree, {"model": {"overrides": {"num_layers": 3}}}))
+    with pytest.raises(ConfigError, match="model.overrides.num_layers"):
+        check_resumed_config(Path("ckpt"), saved, other)

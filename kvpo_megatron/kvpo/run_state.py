@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from kvpo_megatron.checkpoint import training as ckpt
 from kvpo_megatron.cli import log_single_rank
-from kvpo_megatron.config import to_dict
+from kvpo_megatron.config import from_dict, to_dict
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.kvpo.metrics import check_out_dir, remove_run_files
 from kvpo_megatron.kvpo.train_config import resume_changes
@@ -63,6 +63,10 @@ def check_resumed_config(path: Path, saved: dict | None, cfg) -> None:
     if saved is None:
         log_single_rank(log, logging.WARNING, "%s holds no config: changed settings cannot be checked", path)
         return
+    try:  # fields added since the checkpoint was written take their defaults, as they would have then
+        saved = to_dict(from_dict(type(cfg), saved))
+    except (ConfigError, TypeError, ValueError):  # a tree this version cannot read: compare it as stored
+        pass
     allowed, refused = resume_changes(saved, to_dict(cfg))
     if refused:
         raise ConfigError(f"resuming {path} with settings that cannot change on resume: {'; '.join(refused)}; "

@@ -163,11 +163,14 @@ TINY_DEFAULT: dict = {
 # ------------------------------------------------------------------------------------------ resume
 RESUMABLE = ("optim.", "objective.", "checkpoint.", "parallel.", "train.iterations", "train.progress",
              "train.max_consecutive_skips", "train.out_dir", "train.overwrite", "train.rollout_archive",
-             "train.overlap", "ema.", "logging.")
+             "train.overlap", "ema.", "logging.", "model.compile", "model.cuda_graphs", "model.te_compile",
+             "model.overrides.split_attention")
 """Fields (dotted prefixes) that may differ from the checkpoint's config on resume: optimizer hyper-parameters
 (applied to the restored optimizer and schedule), the objective's, checkpointing, the parallel layout
 (checkpoints reshard), the loop's length/logging, the EMA's decay (the restored average continues with the new
-one) and sample videos / W&B. Every other field (model, LoRA, video, cache, sampler,
+one), sample videos / W&B, and the execution features that choose kernels, not the model (compile, CUDA graphs,
+``te_compile``, the split attention's kernels). A field the checkpoint's config lacks (added since) counts as
+its default. Every other field (model, LoRA, video, cache, sampler,
 routing, rollout, reward, text, decoder, data, seed) must match: a resume refuses a change there."""
 
 

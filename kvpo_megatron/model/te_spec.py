@@ -83,9 +83,10 @@ class ReplayTraceable:
     """Set by ``accelerate`` for ``model.compile`` with ``model.te_compile=replay`` and TP == 1."""
 
     def traced(self) -> bool:
+        if not (self.trace_replay and torch.compiler.is_compiling()):  # te_compile=opaque adds no guards
+            return False
         fp8 = getattr(self, "fp8_recipe", None) is not None and getattr(self, "fp8_active", False)
-        return bool(self.trace_replay and torch.compiler.is_compiling() and not fp8
-                    and (torch.is_grad_enabled() or replay_attention_active()))
+        return not fp8 and (torch.is_grad_enabled() or replay_attention_active())
 
     def opaque_under_compile(self) -> bool:
         """Whether this call is excluded from compilation (LoRA then runs its adapter in the same eager call)."""

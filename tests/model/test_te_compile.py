@@ -42,33 +42,43 @@ def _stand_in(pgs):
     return model
 
 
-def _traced_when(module, *, grad: bool = True, replay: bool = False) -> bool:
-    """``module.traced()`` as seen inside a compiled function (eager backend: no code generation)."""
-    torch._dynamo.reset()
+def _probe(module):
+    """A compiled function returning 1 where ``module.traced()`` held while dynamo traced it (eager backend: no code
+    generation). One function for every state: its guards must send each state to the right graph."""
 
     @torch.compile(backend="eager", fullgraph=True)
     def probe(x):
         return x + 1.0 if module.traced() else x
 
-    ctx = replay_attention() if replay else contextlib.nullcontext()
-    with torch.set_grad_enabled(grad), ctx:
-        return bool(probe(torch.zeros(1)).item() == 1.0)
+    def traced_when(*, grad: bool = True, replay: bool = False) -> bool:
+        ctx = replay_attention() if replay else contextlib.nullcontext()
+        with torch.set_grad_enabled(grad), ctx:
+            return bool(probe(torch.zeros(1)).item() == 1.0)
+    return traced_when
 
 
 def test_traced_only_for_the_replays_bf16_forwards_inside_compile(pgs):
+    """The state flips between calls of one compiled function (no dynamo reset): a graph traced in one state must
+    not serve another (grad mode, the replay kernel, the FP8 switch and ``trace_replay`` are guarded)."""
+    torch._dynamo.reset()
     lin = _stand_in(pgs).blocks[0].ffn_fc1
+    traced_when = _probe(lin)
     assert not lin.traced()  # eager: the TE call
+    assert not traced_when(grad=True)  # te_compile=opaque (trace_replay unset)
     lin.trace_replay = True
     assert not lin.traced()  # still eager outside compile
-    assert _traced_when(lin, grad=True)  # the replay's forwards with autograd
-    assert _traced_when(lin, grad=False, replay=True)  # its no-grad scoring (replay kernel): the same function
-    assert not _traced_when(lin, grad=False)  # the no-grad rollout keeps TE
+    assert traced_when(grad=True)  # the replay's forwards with autograd
+    assert traced_when(grad=False, replay=True)  # its no-grad scoring (replay kernel): the same function
+    assert not traced_when(grad=False)  # the no-grad rollout keeps TE
+    assert traced_when(grad=True)
     lin.fp8_recipe = object()
-    assert not _traced_when(lin, grad=True)  # an active FP8 recipe keeps TE
+    assert not traced_when(grad=True)  # an active FP8 recipe keeps TE
     lin.fp8_active = False
-    assert _traced_when(lin, grad=True)  # the recipe switched off for this region: bf16
-    lin.trace_replay = False
-    assert not _traced_when(lin, grad=True)  # te_compile=opaque
+    assert traced_when(grad=True)  # the recipe switched off for this region: bf16
+    lin.fp8_active = True
+    assert not traced_when(grad=True)
+    lin.fp8_recipe, lin.trace_replay = None, False
+    assert not traced_when(grad=True)  # back to opaque
     torch._dynamo.reset()
 
 
