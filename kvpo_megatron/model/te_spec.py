@@ -104,6 +104,20 @@ def traced_linear(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tor
     return F.linear(x, module.weight, bias), None
 
 
+class TELinearCall(ReplayTraceable):
+    """The call of the TE spec's linears (mixed in before megatron's TE linear): the traced torch equivalent when
+    :meth:`traced`, else the TE forward, excluded from compilation, in FP8 when the module's recipe is active.
+    Needs ``fp8_recipe`` and ``fp8_active`` on the module."""
+
+    def forward(self, x):
+        return traced_linear(self, x) if self.traced() else self._te_forward(x)
+
+    @torch.compiler.disable
+    def _te_forward(self, x):
+        with quantized(self.fp8_recipe if self.fp8_active else None):
+            return super().forward(x)
+
+
 def traced_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """TE's RMSNorm in torch ops: statistics, scaling and the gain in float32, the result in ``x``'s dtype."""
     return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
@@ -158,7 +172,7 @@ def _te_classes():
     te = _te()
     from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
 
-    class TEColumnLinear(ReplayTraceable, TEColumnParallelLinear):
+    class TEColumnLinear(TELinearCall, TEColumnParallelLinear):
         """Column-parallel TE linear with the local spec's call signature; optional FP8 recipe."""
 
         def __init__(self, input_size, output_size, *, config, init_method, bias, gather_output=False,
@@ -173,15 +187,7 @@ def _te_classes():
             self.gather_output, self.input_size, self.output_size = gather_output, input_size, output_size
             self.tp_group = self._tp_group
 
-        def forward(self, x):
-            return traced_linear(self, x) if self.traced() else self._te_forward(x)
-
-        @torch.compiler.disable
-        def _te_forward(self, x):
-            with quantized(self.fp8_recipe if self.fp8_active else None):
-                return super().forward(x)
-
-    class TERowLinear(ReplayTraceable, TERowParallelLinear):
+    class TERowLinear(TELinearCall, TERowParallelLinear):
         """Row-parallel TE linear with the local spec's call signature; optional FP8 recipe."""
 
         def __init__(self, input_size, output_size, *, config, init_method, bias, input_is_parallel=True,
@@ -195,14 +201,6 @@ def _te_classes():
             # megatron RowParallelLinear's attributes, which the LoRA layers read (full sizes, group)
             self.input_is_parallel, self.input_size, self.output_size = input_is_parallel, input_size, output_size
             self.tp_group = self._tp_group
-
-        def forward(self, x):
-            return traced_linear(self, x) if self.traced() else self._te_forward(x)
-
-        @torch.compiler.disable
-        def _te_forward(self, x):
-            with quantized(self.fp8_recipe if self.fp8_active else None):
-                return super().forward(x)
 
     class TEQKRMSNorm(ReplayTraceable, te.RMSNorm):
         """TE RMSNorm over the full width (TP == 1 only; ``te_spec`` picks ``FullDimRMSNorm`` under TP)."""

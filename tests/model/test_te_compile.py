@@ -1,9 +1,9 @@
 """``model.te_compile``: under torch.compile the TE spec's replay forwards trace torch equivalents of their TE calls.
 
 TransformerEngine is not installed on the CPU, so the dispatch (``te_spec.ReplayTraceable``) is tested here on a
-stand-in TE linear built like the TE spec's: megatron's column linear whose own forward is excluded from
-compilation (the opaque "TE" call) and which traces ``te_spec.traced_linear`` when ``traced()``. The TE classes
-themselves are compared with eager TE on the GPU (``tests/kvpo/test_gpu_fast_path.py``)."""
+stand-in: the TE spec's linear call ``te_spec.TELinearCall`` mixed into megatron's CPU column linear instead of
+TE's (its base forward, excluded from compilation, plays the opaque TE call). The TE classes themselves are
+compared with eager TE on the GPU (``tests/kvpo/test_gpu_fast_path.py``)."""
 from __future__ import annotations
 
 import contextlib
@@ -17,22 +17,16 @@ from kvpo_megatron.accelerate import accelerate
 from kvpo_megatron.lora import LoRAConfig, apply_lora, lora_parameters
 from kvpo_megatron.model.attention import replay_attention
 from kvpo_megatron.model.build import ModelSection
-from kvpo_megatron.model.te_spec import ReplayTraceable, TECompile, traced_linear, traced_rms_norm
+from kvpo_megatron.model.te_spec import TECompile, TELinearCall, traced_rms_norm
 from tests.helpers import tiny_model
 
 
-class StandInTELinear(ReplayTraceable, ColumnParallelLinear):
-    """The TE spec's linear wiring around megatron's (CPU) column linear."""
+class StandInTELinear(TELinearCall, ColumnParallelLinear):
+    """The TE spec's linear call (``TELinearCall``, as ``TEColumnLinear`` mixes it in) around megatron's CPU column
+    linear in place of TE's."""
 
     fp8_recipe = None
     fp8_active = True
-
-    def forward(self, x):
-        return traced_linear(self, x) if self.traced() else self._te_forward(x)
-
-    @torch.compiler.disable
-    def _te_forward(self, x):
-        return super().forward(x)
 
 
 def _stand_in(pgs):
