@@ -37,7 +37,7 @@ from kvpo_megatron.sampling.streaming import eager_runner
 log = logging.getLogger(__name__)
 
 
-def check_accel(section, *, device: torch.device, cp: int = 1) -> None:
+def check_accel(section, *, device: torch.device) -> None:
     """One message naming the field when a requested feature cannot run here."""
     spec = str(section.overrides.get("spec", "local"))
     cuda = device.type == "cuda" and torch.cuda.is_available()
@@ -47,17 +47,13 @@ def check_accel(section, *, device: torch.device, cp: int = 1) -> None:
     if fp8 and spec != "te":
         raise ConfigError("FP8 (model.overrides.fp8 / model.fp8_linears / fp8_dot_product_attention) needs "
                           "model.overrides.spec=te")
-    if spec == "te":
-        if not cuda:
-            raise ConfigError("model.overrides.spec=te needs a CUDA device with TransformerEngine")
-        if cp > 1:
-            raise ConfigError("model.overrides.spec=te with parallel.context_parallel_size > 1 is not supported; "
-                              "use spec=local for CP")
+    if spec == "te" and not cuda:
+        raise ConfigError("model.overrides.spec=te needs a CUDA device with TransformerEngine")
 
 
-def accelerate(model: nn.Module, section, *, device: torch.device, cp: int = 1):
+def accelerate(model: nn.Module, section, *, device: torch.device):
     """Apply ``section``'s execution features to ``model`` (in place); return the forward runner."""
-    check_accel(section, device=device, cp=cp)
+    check_accel(section, device=device)
     model.recompute_blocks = False
     if section.compile:
         import torch._dynamo

@@ -88,7 +88,7 @@ def run_generation(cfg: GenerateConfig, *, progress: bool = True) -> torch.Tenso
         warn_if_random_weights(cfg.model)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model.to(device).eval()
-    runner = accelerate(model, cfg.model, device=device, cp=cfg.parallel.context_parallel_size)
+    runner = accelerate(model, cfg.model, device=device)
     schedule = _prompt_schedule(cfg)
     encoder = build_text_encoder(dataclasses.replace(cfg.text, text_len=model.config.text_len,
                                                      text_dim=model.config.text_dim))

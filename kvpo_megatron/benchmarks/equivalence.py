@@ -49,6 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvpo_megatron.cli import setup_logging
 from kvpo_megatron.config import deep_merge, from_dict, parse_overrides
+from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.kvpo.train_config import TINY_DEFAULT, KVPOTrainConfig
 from kvpo_megatron.kvpo.trainer import KVPOTrainer
 from kvpo_megatron.lora import lora_full_state_dict
@@ -159,13 +160,15 @@ def run_layout(out: str | Path, prompts: str | Path, *overrides: str, dtype: str
     }
 
 
-def run_named(name: str, out: str | Path, prompts: str | Path, *, dtype: str = "fp32") -> dict:
-    """Run the layout ``name`` of :data:`LAYOUTS` (the ``ref*`` ones only in a world of one process)."""
+def run_named(name: str, out: str | Path, prompts: str | Path, *, dtype: str = "fp32",
+              extra: list[str] = ()) -> dict:
+    """Run the layout ``name`` of :data:`LAYOUTS` (the ``ref*`` ones only in a world of one process); ``extra``:
+    overrides added to the layout's."""
     import torch.distributed as dist
 
     if name.startswith("ref") and dist.is_initialized() and dist.get_world_size() != 1:
         raise SystemExit(f"layout {name} is a single-process reference: run it with --nproc_per_node 1")
-    return run_layout(out, prompts, *LAYOUTS[name], dtype=dtype, split=SPLITS.get(name))
+    return run_layout(out, prompts, *LAYOUTS[name], *extra, dtype=dtype, split=SPLITS.get(name))
 
 
 def compare(got: dict, ref: dict, lora0: dict | None = None) -> dict:
@@ -223,7 +226,7 @@ def _main_run(args):
     dist.barrier()
     for dtype in args.dtype.split(","):
         for name in args.layouts.split(","):
-            res = run_named(name, out / f"run-{name}-{dtype}", prompts, dtype=dtype)
+            res = run_named(name, out / f"run-{name}-{dtype}", prompts, dtype=dtype, extra=args.set)
             torch.save(res, out / f"{name}-{dtype}-rank{dist.get_rank()}.pt")
 
 
@@ -267,6 +270,9 @@ def main(argv=None) -> int:
     r.add_argument("--layouts", required=True, help=f"comma-separated names of {sorted(LAYOUTS)}")
     r.add_argument("--out", required=True)
     r.add_argument("--dtype", default="fp32", help="fp32, bf16 or both (fp32,bf16)")
+    r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides added to every layout (e.g. model.overrides.spec=te "
+                        "model.overrides.use_cpu_initialization=false); run ref and the layouts with the same ones")
     c = sub.add_parser("compare")
     c.add_argument("out")
     c.add_argument("--tol", type=float, default=1e-5, help="fp32 tolerance; also the bf16 floor's minimum")
@@ -278,6 +284,11 @@ def main(argv=None) -> int:
         if bad:
             print(f"error: unknown layout(s)/dtype(s) {bad}; layouts: {sorted(LAYOUTS)}, dtypes: fp32, bf16",
                   file=sys.stderr)
+            return 2
+        try:
+            from_dict(KVPOTrainConfig, deep_merge(TINY_DEFAULT, parse_overrides(a.set)))
+        except ConfigError as e:
+            print(f"error: --set: {e}", file=sys.stderr)
             return 2
         _main_run(a)
         return 0

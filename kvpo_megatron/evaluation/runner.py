@@ -177,7 +177,7 @@ class Evaluator:
             log.warning("model.checkpoint is not set: the base model is the random init of train.seed=%d "
                         "(the same as the training run's at the same parallel layout)", train_cfg.train.seed)
         self.model.to(self.device).eval()
-        runner = accelerate(self.model, train_cfg.model, device=self.device, cp=par.context_parallel_size)
+        runner = accelerate(self.model, train_cfg.model, device=self.device)
         mc = self.model.config
         self.text_encoder = build_text_encoder(dataclasses.replace(train_cfg.text, text_len=mc.text_len,
                                                                    text_dim=mc.text_dim))

@@ -91,7 +91,7 @@ class KVPOTrainer:
         warn_if_random_weights(cfg.model)
         load_weights_with_lora(self.model, cfg.model, cfg.lora)  # a converted checkpoint's LoRA trains on
         self.model.to(self.device)
-        self.runner = accelerate(self.model, cfg.model, device=self.device, cp=par.context_parallel_size)
+        self.runner = accelerate(self.model, cfg.model, device=self.device)
         self.ddp = wrap_data_parallel(self.model, self.pgs)
         self.params = [p for _, p in lora_parameters(self.model)]
         o = cfg.optim

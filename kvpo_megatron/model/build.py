@@ -55,12 +55,11 @@ def build_model(section: ModelSection, *, pg_collection, tp: int = 1, cp: int = 
         ov["params_dtype"] = torch_dtype(ov["params_dtype"], "model.overrides.params_dtype")
     cfg = model_config(section.preset, tensor_model_parallel_size=tp, context_parallel_size=cp, **ov, **extra)
     check_group_sizes(pg_collection, tp=tp, cp=cp)
+    kind = check_heads(cfg.num_attention_heads, tp=tp, cp=cp, cp_attention=cp_attention) if cp > 1 else None
     if cfg.spec == LayerSpecKind.te:
-        spec = te_spec(cfg, fp8_linears=section.fp8_linears)
+        spec = te_spec(cfg, fp8_linears=section.fp8_linears, cp_attention=kind)
     elif cp > 1:
-        spec = context_parallel_spec(check_heads(cfg.num_attention_heads, tp=tp, cp=cp, cp_attention=cp_attention))
+        spec = context_parallel_spec(kind)
     else:
         spec = local_spec()
-    if cfg.spec == LayerSpecKind.te and cp > 1:
-        raise ConfigError("model.spec=te with context_parallel_size > 1 is not supported yet")
     return CausalWanDiT(cfg, spec, pg_collection=pg_collection)

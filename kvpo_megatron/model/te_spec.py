@@ -8,7 +8,9 @@ Pieces (``te_spec(cfg)`` hands them to ``model/specs.py`` ``block_spec``, the lo
   self-attention (same contract as ``CachedSDPA``: read the view's frames, then write the commit pass's K/V,
   attend to ``[cached; current]``) and for cross-attention;
 * q/k norm: TE ``RMSNorm`` over the full width when TP == 1 (under TP the statistics need the all-reduce of
-  ``FullDimRMSNorm``, which is kept).
+  ``FullDimRMSNorm``, which is kept);
+* context parallelism: the CP token plan and the Ulysses all-to-all core of ``parallel/cp_attention.py`` around a
+  ``TECachedAttention`` of ``h/(TP*CP)`` heads (everything else is token-wise and unchanged).
 
 Precision, per module group, from config fields of megatron's ``TransformerConfig``:
 ``fp8`` (``e4m3``/``hybrid``; None = everything bf16), ``fp8_recipe`` (``tensorwise`` = current scaling,
@@ -54,6 +56,8 @@ from kvpo_megatron.model.kv_cache import LayerKV
 from kvpo_megatron.model.split_attention import cached_attention
 from kvpo_megatron.model.specs import CausalWanSubmodules, NoTokenSharding, block_spec
 from kvpo_megatron.parallel.collectives import group_size
+from kvpo_megatron.parallel.cp_attention import CPTokenSharding, UlyssesCachedAttention
+from kvpo_megatron.parallel.layout import CPAttention
 from kvpo_megatron.parallel.norms import FullDimRMSNorm
 
 
@@ -227,18 +231,19 @@ def te_linear_classes():
     return column, row
 
 
-def _dpa(config, pg_collection):
-    heads = config.num_attention_heads // group_size(getattr(pg_collection, "tp", None))
+def _dpa(config, pg_collection, heads: int | None = None):
+    heads = heads or config.num_attention_heads // group_size(getattr(pg_collection, "tp", None))
     return _te().DotProductAttention(heads, config.head_dim, attention_dropout=0.0, qkv_format="bshd",
                                      attn_mask_type="no_mask", attention_type="cross")
 
 
 class TECachedAttention(nn.Module):
-    """Cached self-attention core on TE fused attention (contract of ``CachedSDPA``)."""
+    """Cached self-attention core on TE fused attention (contract of ``CachedSDPA``). ``heads``: the heads it
+    attends (default: all heads of this TP rank; under Ulysses CP the spec gives ``h/(TP*CP)``)."""
 
-    def __init__(self, config, pg_collection=None, fp8_recipe=None):
+    def __init__(self, config, pg_collection=None, fp8_recipe=None, heads: int | None = None):
         super().__init__()
-        self.attn = _dpa(config, pg_collection)
+        self.attn = _dpa(config, pg_collection, heads)
         self.split_attention = config.split_attention
         self.fp8_recipe = fp8_recipe
         self.fp8_active = True
@@ -324,13 +329,22 @@ def default_fp8_linears(cfg) -> tuple[LinearGroup, ...]:
     return tuple(LinearGroup)
 
 
-def te_spec(cfg, *, fp8_linears=None) -> CausalWanSubmodules:
-    """The TE spec for ``cfg`` (TP via megatron's TE linears; no context parallelism).
+def te_spec(cfg, *, fp8_linears=None, cp_attention: CPAttention | None = None) -> CausalWanSubmodules:
+    """The TE spec for ``cfg``: TP via megatron's TE linears; context parallelism (``cfg.context_parallel_size``
+    > 1) with Ulysses, as the local CP spec (``parallel/cp_attention.py``): the CP token plan at the model boundary
+    and the all-to-all core around a ``TECachedAttention`` of ``h/(TP*CP)`` heads. Every token-wise module (TE
+    linears, q/k norms, the text attention) works on this rank's tokens unchanged.
 
     Args:
         cfg: the ``WanConfig``; ``fp8``/``fp8_recipe``/``fp8_dot_product_attention`` select FP8 (module doc).
         fp8_linears: linear groups (``LinearGroup`` names) run in FP8; None = ``default_fp8_linears(cfg)``.
+        cp_attention: the CP attention kind as ``check_heads`` resolved it; the TE spec has Ulysses only.
     """
+    tp, cp = cfg.tensor_model_parallel_size, cfg.context_parallel_size
+    if cp > 1 and cp_attention != CPAttention.ulysses:
+        raise ConfigError(f"model.overrides.spec=te with context_parallel_size={cp} needs parallel.cp_attention="
+                          f"ulysses (num_attention_heads divisible by TP*CP), got {getattr(cp_attention, 'value', cp_attention)}; "
+                          "use model.overrides.spec=local for the all-gather core")
     column, row, te_norm = _te_classes()
     groups = default_fp8_linears(cfg) if fp8_linears is None else tuple(LinearGroup(g) for g in fp8_linears)
     if (groups or cfg.fp8_dot_product_attention) and cfg.fp8 is None:
@@ -342,12 +356,16 @@ def te_spec(cfg, *, fp8_linears=None) -> CausalWanSubmodules:
         return ModuleSpec(module=column if parallel == "column" else row,
                           params={"fp8_recipe": lin_recipe if group in groups else None})
 
-    if cfg.tensor_model_parallel_size == 1:
+    if tp == 1:
         device = "cpu" if cfg.use_cpu_initialization else torch.cuda.current_device()
         qk_norm = ModuleSpec(module=te_norm, params={"device": device, "dtype": cfg.params_dtype})
     else:
         qk_norm = FullDimRMSNorm
-    core = lambda cls: ModuleSpec(module=cls, params={"fp8_recipe": dpa_recipe})  # noqa: E731
-    block = block_spec(core_attention=core(TECachedAttention), cross_core=core(TETextAttention), linear=linear,
-                       qk_norm=qk_norm)
-    return CausalWanSubmodules(block=block, token_sharder=NoTokenSharding)
+    core = lambda cls, **kw: ModuleSpec(module=cls, params={"fp8_recipe": dpa_recipe, **kw})  # noqa: E731
+    cached, sharder = core(TECachedAttention), NoTokenSharding
+    if cp > 1:
+        inner = core(TECachedAttention, heads=cfg.num_attention_heads // (tp * cp))
+        cached = ModuleSpec(module=UlyssesCachedAttention, params={"inner": inner})
+        sharder = CPTokenSharding
+    block = block_spec(core_attention=cached, cross_core=core(TETextAttention), linear=linear, qk_norm=qk_norm)
+    return CausalWanSubmodules(block=block, token_sharder=sharder)

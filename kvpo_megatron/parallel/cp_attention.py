@@ -40,10 +40,11 @@ unsharded token order; run full-sequence checks with ``context_parallel_size=1``
 from __future__ import annotations
 
 import torch
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
 
 from kvpo_megatron.errors import ConfigError
-from kvpo_megatron.model.attention import sdpa, uses_replay_kernel
+from kvpo_megatron.model.attention import CachedSDPA, sdpa, uses_replay_kernel
 from kvpo_megatron.model.kv_cache import KVCache, LayerKV
 from kvpo_megatron.model.specs import CausalWanSubmodules, block_spec
 from kvpo_megatron.model.split_attention import cached_attention
@@ -104,14 +105,21 @@ class CPTokenSharding(nn.Module):
 
 
 class UlyssesCachedAttention(nn.Module):
-    """All-to-all to head-sharded full sequences, cached attention on ``h/(TP*CP)`` heads, all-to-all back."""
+    """All-to-all to head-sharded full sequences, a local cached core on ``h/(TP*CP)`` heads, all-to-all back.
 
-    def __init__(self, config, pg_collection=None):
+    ``inner``: the local cached core (contract of ``model.attention.CachedSDPA``, which is the default; the TE spec
+    passes its ``TECachedAttention`` built for ``h/(TP*CP)`` heads). It sees whole frames of this rank's heads, so
+    the cache, CHR's routed views and the memory bank stay local; when the view commits, the current K/V are put in
+    the unsharded (frame-major) token order first, as the cache stores frames. Queries stay rank-major (attention
+    has no mask, so only the keys' order within a frame matters, and only to the cache). The forward is excluded
+    from torch.compile: its collectives run eagerly around the (opaque or traced) inner core."""
+
+    def __init__(self, config, pg_collection=None, inner: ModuleSpec | type = CachedSDPA):
         super().__init__()
         self.cp_group = _cp_group(pg_collection, "UlyssesCachedAttention")
-        self.split_attention = config.split_attention
         check_heads(config.num_attention_heads, tp=config.tensor_model_parallel_size, cp=group_size(self.cp_group),
                     cp_attention=CPAttention.ulysses)
+        self.inner = build_module(inner, config=config, pg_collection=pg_collection)
 
     def _seq_to_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[s, b, Lr, H, d] (this rank's tokens) -> [s, b, cp*Lr, H/cp, d] (rank-major tokens)."""
@@ -135,21 +143,15 @@ class UlyssesCachedAttention(nn.Module):
         b, n, hc, d = x.shape
         return x.reshape(b, cp, frames, n // (cp * frames), hc, d).transpose(1, 2).reshape(b, n, hc, d)
 
+    @torch.compiler.disable
     def forward(self, q, k, v, *, kv: LayerKV | None = None, attn_mask=None):
         """q, k, v: [b, F*T/cp, h/TP, d] -> [b, F*T/cp, h/TP, d]."""
         _no_mask(attn_mask)
         qh, kh, vh = self._seq_to_heads(torch.stack([q, k, v])).unbind(0)  # [b, F*T, h/(TP*CP), d] each
-        if kv is not None:
-            ctx = kv.read(qh)  # read before write
-            if kv.view.write_slots is not None:
-                nf = kv.view.write_slots.shape[-1]
-                kv.write(self._frame_major(kh, nf), self._frame_major(vh, nf))
-            if ctx is not None:
-                ck, cv = ctx[0].to(kh.dtype), ctx[1].to(vh.dtype)
-                if uses_replay_kernel(qh, kh, vh):
-                    return self._heads_to_seq(cached_attention(qh, kh, vh, ck, cv, fused=self.split_attention))  # no dK/dV for the cache
-                kh, vh = torch.cat([ck, kh], 1), torch.cat([cv, vh], 1)
-        return self._heads_to_seq(sdpa(qh, kh, vh))  # key order is irrelevant without a mask
+        if kv is not None and kv.view.write_slots is not None:  # the cache stores frames in the unsharded order
+            nf = kv.view.write_slots.shape[-1]
+            kh, vh = self._frame_major(kh, nf), self._frame_major(vh, nf)
+        return self._heads_to_seq(self.inner(qh, kh, vh, kv=kv))
 
 
 class AllGatherCachedAttention(nn.Module):
@@ -189,7 +191,8 @@ class AllGatherCachedAttention(nn.Module):
 
 def context_parallel_spec(kind: CPAttention) -> CausalWanSubmodules:
     """The CP layer spec: the local spec's blocks with the ``kind`` attention core (``ulysses`` or ``allgather``,
-    as :func:`~kvpo_megatron.parallel.layout.check_heads` resolved it) and the CP token plan."""
+    as :func:`~kvpo_megatron.parallel.layout.check_heads` resolved it) and the CP token plan. (The TE spec builds
+    its CP variant from the same pieces: ``model/te_spec.py``.)"""
     core = {CPAttention.ulysses: UlyssesCachedAttention, CPAttention.allgather: AllGatherCachedAttention}[kind]
     return CausalWanSubmodules(block=block_spec(core_attention=core), token_sharder=CPTokenSharding)
 

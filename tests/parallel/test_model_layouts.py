@@ -7,7 +7,10 @@ Each spawned gloo world runs several layouts (``init_parallel`` rebuilds the gro
 (c) the measured ``cache.nbytes()``, (d) CHR-style gathers of routed frames from the sharded cache.
 The pytest process compares them with the reference (<= 1e-5) and with the expected shard.
 The 2-rank world also runs the Wan2.2-TI2V-5B shape (``tiny-wan2.2``: 48 latent channels, 6 heads) at TP=2 and
-CP=2 (Ulysses) through scenario (a).
+CP=2 (Ulysses) through scenario (a), and the TE spec's CP=2 composition (Ulysses around the TE cached core, the CP
+token plan, TE linears and q/k norms) through every scenario, on CPU stand-ins for the TE modules (TransformerEngine
+is not installed here): megatron's linears under the TE spec's call (``TELinearCall``), and a TE attention stand-in
+that checks the head count it was built for, as TE's does. The TE modules themselves are GPU-tested.
 """
 from __future__ import annotations
 
@@ -149,13 +152,77 @@ def _full_grads(model, pgs) -> dict:
     return out
 
 
-def _build(tp, cp, kind):
+def _build(tp, cp, kind, section=None):
     from kvpo_megatron.model.build import ModelSection, build_model
     from kvpo_megatron.parallel.state import ParallelConfig, init_parallel
 
     pgs = init_parallel(ParallelConfig(tensor_model_parallel_size=tp, context_parallel_size=cp, cp_attention=kind),
                         num_heads=HEADS)
-    return pgs, build_model(ModelSection(preset="tiny"), pg_collection=pgs, tp=tp, cp=cp, cp_attention=kind)
+    section = section or ModelSection(preset="tiny")
+    return pgs, build_model(section, pg_collection=pgs, tp=tp, cp=cp, cp_attention=kind)
+
+
+def _stand_in_te(monkeypatch_module):
+    """Replace the TE modules ``te_spec`` builds with CPU stand-ins (module docstring); returns the DPA class."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from torch import nn
+
+    from kvpo_megatron.model import te_spec
+    from kvpo_megatron.model.attention import sdpa
+    from kvpo_megatron.parallel.norms import FullDimRMSNorm
+
+    def linear(base):
+        class StandIn(te_spec.TELinearCall, base):
+            def __init__(self, *a, fp8_recipe=None, **kw):
+                super().__init__(*a, **kw)
+                self.fp8_recipe, self.fp8_active = fp8_recipe, True
+        return StandIn
+
+    class Norm(FullDimRMSNorm):
+        def __init__(self, hidden, eps, *, tp_group=None, device="cpu", dtype=torch.float32):
+            super().__init__(hidden, eps, tp_group=tp_group)
+
+    class DPA(nn.Module):
+        def __init__(self, heads):
+            super().__init__()
+            self.heads = heads
+
+        def forward(self, q, k, v):
+            assert q.shape[-2] == k.shape[-2] == v.shape[-2] == self.heads, (q.shape, k.shape, self.heads)
+            return sdpa(q, k, v).flatten(2)  # TE's bshd output [b, s, h*d]
+
+    classes = (linear(ColumnParallelLinear), linear(RowParallelLinear), Norm)
+    monkeypatch_module(te_spec, "_te_classes", lambda: classes)
+    monkeypatch_module(te_spec, "_dpa", lambda config, pgs, heads=None: DPA(
+        heads or config.num_attention_heads // dist.get_world_size(pgs.tp)))
+    return DPA
+
+
+def _run_te_cp(rank, sd, outdir):
+    """The TE spec at CP=2 (stand-in TE modules) through every scenario; checks the composition it built."""
+    from kvpo_megatron.checkpoint.sharding import load_full_state_dict
+    from kvpo_megatron.model.build import ModelSection
+    from kvpo_megatron.model.te_spec import TECachedAttention, TETextAttention
+    from kvpo_megatron.parallel.cp_attention import CPTokenSharding, UlyssesCachedAttention
+
+    dpa = _stand_in_te(setattr)
+    section = ModelSection(preset="tiny", overrides={"spec": "te"})
+    with pytest.raises(ConfigError, match="spec=te with context_parallel_size=2 needs parallel.cp_attention=ulysses"):
+        _build(1, 2, "allgather", section)
+    pgs, model = _build(1, 2, "ulysses", section)
+    for blk in model.blocks:
+        core = blk.self_attn.core
+        assert type(core) is UlyssesCachedAttention and type(core.inner) is TECachedAttention
+        assert type(core.inner.attn) is dpa and core.inner.attn.heads == HEADS // 2
+        assert type(blk.cross_attn.core) is TETextAttention and blk.cross_attn.core.attn.heads == HEADS
+    assert type(model.token_sharder) is CPTokenSharding
+    load_full_state_dict(model, sd)
+    res = _scenario(model, lambda m: _full_grads(m, pgs))
+    res.pop("_cache")
+    if rank != 0:
+        res.pop("grads")
+    res.update(tp_rank=dist.get_rank(pgs.tp), cp_rank=dist.get_rank(pgs.cp))
+    torch.save(res, os.path.join(outdir, f"1x2-te-rank{rank}.pt"))
 
 
 def _check_groups_injected(model, pgs, cp, kind):
@@ -262,6 +329,7 @@ def _worker_2(rank, world, sd, ref_grads, outdir, sd22):
     _, model = _run_layout(rank, sd, 1, 2, "allgather", outdir)
     _runtime_errors(model)
     _ddp_checks(rank, world, sd, ref_grads, outdir)
+    _run_te_cp(rank, sd, outdir)
 
 
 def _worker_n(rank, world, sd, layouts, outdir):
@@ -289,7 +357,7 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _check_layout(ref_res, outdir, tp, cp, kind):
     world = tp * cp
-    resolved = "ulysses" if kind == "auto" else kind
+    resolved = "ulysses" if kind in ("auto", "te") else kind
     worst = {}
     for rank in range(world):
         got = torch.load(os.path.join(outdir, f"{tp}x{cp}-{kind}-rank{rank}.pt"), weights_only=False)
@@ -328,7 +396,7 @@ def _check_layout(ref_res, outdir, tp, cp, kind):
              ref_res["gen_nbytes"] // got["gen_nbytes"])
 
 
-def test_tp2_cp2_ulysses_allgather_ddp_equal_single_process(ref, ref22, tmp_path):
+def test_tp2_cp2_ulysses_allgather_ddp_te_cp_equal_single_process(ref, ref22, tmp_path):
     sd, ref_res = ref
     sd22, ref22_res = ref22
     run_workers(_worker_2, 2, sd, ref_res["grads"], str(tmp_path), sd22)
@@ -340,7 +408,7 @@ def test_tp2_cp2_ulysses_allgather_ddp_equal_single_process(ref, ref22, tmp_path
             for n, gr in got["grads"].items():
                 want = ref22_res["grads"][n]
                 assert _max_err(gr, want) <= TOL * max(1.0, want.abs().max().item()), (tp, cp, rank, n)
-    for tp, cp, kind in ((2, 1, "auto"), (1, 2, "ulysses"), (1, 2, "allgather")):
+    for tp, cp, kind in ((2, 1, "auto"), (1, 2, "ulysses"), (1, 2, "allgather"), (1, 2, "te")):
         _check_layout(ref_res, str(tmp_path), tp, cp, kind)
     for rank in range(2):
         d = torch.load(tmp_path / f"ddp-rank{rank}.pt")
