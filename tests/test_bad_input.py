@@ -293,3 +293,13 @@ def test_prune_removes_iter_dirs_without_complete_json(pgs, tmp_path):
     save_training_checkpoint(CheckpointConfig(dir=str(tmp_path), keep_last=2), 4, model=m, optimizer=opt,
                              scheduler_state={}, data_state={}, extra={}, pg_collection=pgs)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000004", "latest"]
+
+
+@pytest.mark.parametrize("value,needle", [("model.bogus=1", "--set: unknown config key(s) in model: bogus"),
+                                          ("spec", "--set: override 'spec' must look like key.sub=value")])
+def test_equivalence_tool_bad_set_one_line_exit_2(tmp_path, capsys, monkeypatch, value, needle):
+    out = tmp_path / "eq"
+    code, errors = run_cli(capsys, monkeypatch, "tools/kvpo_equivalence.py", "run", "--layouts", "ref", "--out",
+                           str(out), "--set", value)
+    one_error(code, errors, needle)
+    assert not out.exists()

@@ -11,6 +11,11 @@ full (TP-gathered) LoRA gradients, the LoRA before and after the step. Works wit
     torchrun --standalone --nproc_per_node 4 tools/kvpo_equivalence.py run --layouts tp2cp2 --out DIR
     python tools/kvpo_equivalence.py compare DIR      # prints one JSON line, exit 1 on a failure
 
+``run --set KEY=VALUE ...`` adds config overrides to every layout (run ``ref`` and the layouts with the same ones),
+e.g. the TE spec: ``--set model.overrides.spec=te model.overrides.use_cpu_initialization=false``. The fp32 rule
+below cannot hold there: TE's GEMMs compute fp32 inputs in TF32 (cuBLASLt ``CUBLAS_COMPUTE_32F_FAST_TF32``), so its
+layouts differ at TF32's resolution (~5e-4; ``tools/BENCHMARKS.md``).
+
 Pass rules (``compare``; the ``ref*`` layouts need a world of one process):
 
 * fp32: every error (max abs over latents, TVEs, losses and LoRA weights after the step; relative L2 of the
