@@ -111,8 +111,9 @@ class UlyssesCachedAttention(nn.Module):
     passes its ``TECachedAttention`` built for ``h/(TP*CP)`` heads). It sees whole frames of this rank's heads, so
     the cache, CHR's routed views and the memory bank stay local; when the view commits, the current K/V are put in
     the unsharded (frame-major) token order first, as the cache stores frames. Queries stay rank-major (attention
-    has no mask, so only the keys' order within a frame matters, and only to the cache). The forward is excluded
-    from torch.compile: its collectives run eagerly around the (opaque or traced) inner core."""
+    has no mask, so only the keys' order within a frame matters, and only to the cache). The forward, inner core
+    included, is excluded from torch.compile (one graph break per layer, as the TE core alone has): its collectives
+    and the cache reads/writes run eagerly."""
 
     def __init__(self, config, pg_collection=None, inner: ModuleSpec | type = CachedSDPA):
         super().__init__()
