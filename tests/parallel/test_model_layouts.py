@@ -162,7 +162,7 @@ def _build(tp, cp, kind, section=None):
     return pgs, build_model(section, pg_collection=pgs, tp=tp, cp=cp, cp_attention=kind)
 
 
-def _stand_in_te(monkeypatch_module):
+def _stand_in_te():
     """Replace the TE modules ``te_spec`` builds with CPU stand-ins (module docstring); returns the DPA class."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from torch import nn
@@ -192,37 +192,28 @@ def _stand_in_te(monkeypatch_module):
             return sdpa(q, k, v).flatten(2)  # TE's bshd output [b, s, h*d]
 
     classes = (linear(ColumnParallelLinear), linear(RowParallelLinear), Norm)
-    monkeypatch_module(te_spec, "_te_classes", lambda: classes)
-    monkeypatch_module(te_spec, "_dpa", lambda config, pgs, heads=None: DPA(
-        heads or config.num_attention_heads // dist.get_world_size(pgs.tp)))
+    te_spec._te_classes = lambda: classes  # for the rest of this (spawned worker) process
+    te_spec._dpa = lambda config, pgs, heads=None: DPA(
+        heads or config.num_attention_heads // dist.get_world_size(pgs.tp))
     return DPA
 
 
 def _run_te_cp(rank, sd, outdir):
     """The TE spec at CP=2 (stand-in TE modules) through every scenario; checks the composition it built."""
-    from kvpo_megatron.checkpoint.sharding import load_full_state_dict
     from kvpo_megatron.model.build import ModelSection
     from kvpo_megatron.model.te_spec import TECachedAttention, TETextAttention
-    from kvpo_megatron.parallel.cp_attention import CPTokenSharding, UlyssesCachedAttention
+    from kvpo_megatron.parallel.cp_attention import CPTokenSharding
 
-    dpa = _stand_in_te(setattr)
+    dpa = _stand_in_te()
     section = ModelSection(preset="tiny", overrides={"spec": "te"})
     with pytest.raises(ConfigError, match="spec=te with context_parallel_size=2 needs parallel.cp_attention=ulysses"):
         _build(1, 2, "allgather", section)
-    pgs, model = _build(1, 2, "ulysses", section)
+    _, model = _run_layout(rank, sd, 1, 2, "ulysses", outdir, section=section, tag="te")
     for blk in model.blocks:
-        core = blk.self_attn.core
-        assert type(core) is UlyssesCachedAttention and type(core.inner) is TECachedAttention
-        assert type(core.inner.attn) is dpa and core.inner.attn.heads == HEADS // 2
+        inner = blk.self_attn.core.inner
+        assert type(inner) is TECachedAttention and type(inner.attn) is dpa and inner.attn.heads == HEADS // 2
         assert type(blk.cross_attn.core) is TETextAttention and blk.cross_attn.core.attn.heads == HEADS
     assert type(model.token_sharder) is CPTokenSharding
-    load_full_state_dict(model, sd)
-    res = _scenario(model, lambda m: _full_grads(m, pgs))
-    res.pop("_cache")
-    if rank != 0:
-        res.pop("grads")
-    res.update(tp_rank=dist.get_rank(pgs.tp), cp_rank=dist.get_rank(pgs.cp))
-    torch.save(res, os.path.join(outdir, f"1x2-te-rank{rank}.pt"))
 
 
 def _check_groups_injected(model, pgs, cp, kind):
@@ -239,11 +230,13 @@ def _check_groups_injected(model, pgs, cp, kind):
         assert model.token_sharder.cp_group is pgs.cp
 
 
-def _run_layout(rank, sd, tp, cp, kind, outdir):
+def _run_layout(rank, sd, tp, cp, kind, outdir, *, section=None, tag=None):
+    """Run every scenario on a ``kind`` layout of ``section`` (the tiny local spec by default); the results are
+    saved under ``tag`` (default ``kind``)."""
     from kvpo_megatron.checkpoint.sharding import load_full_state_dict
     from kvpo_megatron.parallel.cp_attention import distributed_frame_gather
 
-    pgs, model = _build(tp, cp, kind)
+    pgs, model = _build(tp, cp, kind, section)
     _check_groups_injected(model, pgs, cp, kind)
     load_full_state_dict(model, sd)
     res = _scenario(model, lambda m: _full_grads(m, pgs))
@@ -253,7 +246,7 @@ def _run_layout(rank, sd, tp, cp, kind, outdir):
     if rank != 0:
         res.pop("grads")
     res.update(tp_rank=dist.get_rank(pgs.tp), cp_rank=dist.get_rank(pgs.cp))
-    torch.save(res, os.path.join(outdir, f"{tp}x{cp}-{kind}-rank{rank}.pt"))
+    torch.save(res, os.path.join(outdir, f"{tp}x{cp}-{tag or kind}-rank{rank}.pt"))
     return pgs, model
 
 
@@ -329,7 +322,7 @@ def _worker_2(rank, world, sd, ref_grads, outdir, sd22):
     _, model = _run_layout(rank, sd, 1, 2, "allgather", outdir)
     _runtime_errors(model)
     _ddp_checks(rank, world, sd, ref_grads, outdir)
-    _run_te_cp(rank, sd, outdir)
+    _run_te_cp(rank, sd, outdir)  # last: it replaces the TE modules for the rest of the process
 
 
 def _worker_n(rank, world, sd, layouts, outdir):
