@@ -286,11 +286,20 @@ def model_flops_summary(tflop: float, sec: float, device: torch.device) -> dict:
             "bound_800_s": bound, "sec_over_bound": sec / bound if bound else None}
 
 
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def gather(value) -> list:
-    """``value`` of every rank, in rank order."""
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
+    """``value`` (JSON-serialisable) of every rank, in rank order: JSON bytes in a tensor, nothing unpickled."""
+    dev, world = _comm_device(), dist.get_world_size()
+    data = torch.tensor(list(json.dumps(value).encode()), dtype=torch.uint8, device=dev)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([data.numel()], device=dev))
+    longest = int(max(sizes))
+    parts = [torch.empty(longest, dtype=torch.uint8, device=dev) for _ in range(world)]
+    dist.all_gather(parts, torch.cat([data, data.new_zeros(longest - data.numel())]))
+    return [json.loads(bytes(p[:int(n)].tolist())) for p, n in zip(parts, sizes)]
 
 
 def scaling(res: dict, baseline: dict | None) -> dict:
@@ -417,9 +426,9 @@ def over_budget(budget: float | None, elapsed: float, last: float) -> bool:
     """Rank 0's decision (every rank follows it): would the next layout, lasting as the last one, overrun?"""
     if budget is None:
         return False
-    decision = [elapsed + last > budget]
-    dist.broadcast_object_list(decision, src=0)
-    return bool(decision[0])
+    decision = torch.tensor([float(elapsed + last > budget)], device=_comm_device())
+    dist.broadcast(decision, src=0)
+    return bool(decision.item())
 
 
 def emit(args, res: dict) -> None:

@@ -258,7 +258,10 @@ def predict(plan: MemoryPlan, m: dict | None = None) -> dict:
     # differentiates the unmerged form, whose copies are dropped while it runs
     backup = weights if plan.merge_lora else 0
     rollout = base + rollout_cache + workspace + backup
-    replay = base + replay_cache + acts + layer_act  # + the backward's transient: one layer's gradients
+    # branches over DP: the ranks without the anchor replay ahead, holding each own branch's gradient and the
+    # earlier groups' sum until the coefficients arrive (kvpo/branch_schedule.py's GradStash; float32 main_grad)
+    stash = (g_rank + 1) * n_lora * 4 if plan.branches_over_dp > 1 else 0
+    replay = base + replay_cache + acts + layer_act + stash  # + the backward's transient: one layer's gradients
     gb = lambda x: round(x / GB, 3)  # noqa: E731
     return {
         "plan": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(plan).items()},
@@ -268,7 +271,7 @@ def predict(plan: MemoryPlan, m: dict | None = None) -> dict:
         "rollout_cache_gb": gb(rollout_cache), "replay_cache_gb": gb(replay_cache),
         "activations_per_tuple_gb": gb(m["num_layers"] * activation_bytes_per_layer(plan, m)),
         "replay_activations_gb": gb(acts), "forward_workspace_gb": gb(workspace),
-        "latents_tuples_text_gb": gb(small), "merge_backup_gb": gb(backup), "peak_rollout_gb": gb(rollout),
+        "latents_tuples_text_gb": gb(small), "merge_backup_gb": gb(backup), "grad_stash_gb": gb(stash), "peak_rollout_gb": gb(rollout),
         "peak_replay_gb": gb(replay),
         "peak_gb": gb(max(rollout, replay)),
     }

@@ -91,9 +91,10 @@ class Rollout:
     @torch.no_grad()
     def run(self, contexts: list[PromptContext], shape: tuple[int, ...], *, iteration: int, prompt_index: int,
             pivot: int | None = None, branch_ids: list[int] | None = None, device=None,
-            dtype: torch.dtype | None = None, slot: int = 0) -> RolloutGroup:
-        """Roll out one prompt group. ``branch_ids`` selects which branches this rank runs (branches over DP);
-        ``slot``: the group's position in the iteration (groups replayed later keep their own KV pages)."""
+            dtype: torch.dtype | None = None, slot: int = 0, anchor: bool = True) -> RolloutGroup:
+        """Roll out one prompt group. ``branch_ids`` selects which branches this rank runs and ``anchor`` whether it
+        runs the anchor (branches over DP: ``kvpo/branch_schedule.py``); ``slot``: the group's position in the
+        iteration (groups replayed later keep their own KV pages)."""
         gen, fpb = self.gen, self.cache_cfg.frames_per_block
         nblocks = shape[2] // fpb
         f0, s0 = gen.forward_count, gen.sample_forwards
@@ -108,7 +109,7 @@ class Rollout:
                                      prompt=prompt_index)
         window = list(range(pivot, min(nblocks, pivot + self.routing.window_blocks)))
         ids = list(range(self.cfg.num_branches)) if branch_ids is None else list(branch_ids)
-        samples = [-1] + ids
+        samples = ([-1] if anchor else []) + ids
         private = private_frames_needed(gen, self.routing, pivot, window, [c.start_frame for c in contexts[1:]])
         dtype = dtype or next(gen.model.parameters()).dtype
         bs = self.batch_size(len(samples), latent_hw=tuple(shape[3:]), dtype=dtype, device=device,
@@ -121,8 +122,8 @@ class Rollout:
             gen.run(prefix, latents, noise, prompts, range(pivot), step_noise=step_noise)
         shots = prefix.shot_starts
         pool = chr.routable_set(self.cache_cfg, self.routing, pivot * fpb, prefix.resident_frames(), shots)
-        if len(pool) < chr.num_routed(self.cache_cfg, self.routing, pivot * fpb, shots):  # shorter routed views:
-            chunks = [[-1]] + [ids[i:i + bs] for i in range(0, len(ids), bs)]  # the anchor in a batch of its own
+        if anchor and len(pool) < chr.num_routed(self.cache_cfg, self.routing, pivot * fpb, shots):  # shorter routed
+            chunks = [[-1]] + [ids[i:i + bs] for i in range(0, len(ids), bs)]  # views: the anchor in its own batch
         else:
             chunks = [samples[i:i + bs] for i in range(0, len(samples), bs)]
         out: dict[int, BranchRollout] = {}
@@ -139,7 +140,7 @@ class Rollout:
                         step_noise=sn)
             out.update({r.branch: r for r in results})
         return RolloutGroup(iteration=iteration, prompt_index=prompt_index, pivot=pivot, window=window,
-                            contexts=contexts, prompts=prompts, anchor=out[-1], branches=[out[g] for g in ids],
+                            contexts=contexts, prompts=prompts, anchor=out.get(-1), branches=[out[g] for g in ids],
                             fork_state=prefix, private_frames=private, forwards=gen.forward_count - f0,
                             sample_forwards=gen.sample_forwards - s0)
 

@@ -37,6 +37,8 @@ from kvpo_megatron.data.prompts import PromptDataset, PromptLoader, PromptSample
 from kvpo_megatron.data.rollout_archive import RolloutArchive
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.extras import check_job_extras
+from kvpo_megatron.kvpo import branch_schedule as schedule
+from kvpo_megatron.kvpo import routing as chr
 from kvpo_megatron.kvpo import run_state
 from kvpo_megatron.kvpo.ema import ParameterEMA
 from kvpo_megatron.kvpo.metrics import MetricsLogger, dp_mean, iteration_line
@@ -106,7 +108,7 @@ class KVPOTrainer:
         self.decoder = build_decoder(cfg.decoder)
         self.reward = build_reward(cfg.reward)
         self.weights = {c.name: c.weight for c in cfg.reward.components}
-        self.branch_ids = None
+        self.branch_ids, self.anchor_here = None, True
         if par.branches_over_dp:
             g = cfg.rollout.num_branches
             if g % self.dp_size:
@@ -114,6 +116,7 @@ class KVPOTrainer:
                                   f"data-parallel size ({self.dp_size})")
             per = g // self.dp_size
             self.branch_ids = list(range(self.dp_rank * per, (self.dp_rank + 1) * per))
+            self.anchor_here = self.dp_rank == schedule.ANCHOR_RANK
         dataset = PromptDataset(cfg.data.prompts, num_frames=cfg.video.num_frames,
                                 num_segments=cfg.data.num_segments, switch_interval=cfg.data.switch_interval)
         # with branches over DP, every DP rank works on the same prompts (and a slice of their branches)
@@ -193,14 +196,17 @@ class KVPOTrainer:
                               shot_boundary=i > 0 and is_scene_cut(sample.prompts[i])) for i, s in enumerate(starts)]
 
     def score_group(self, group: RolloutGroup, sample: PromptSample) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """The reward hook (no grad): (component -> [G] branch rewards, component -> the anchor's). A subclass may
-        override it (``kvpo_megatron/benchmarks/equivalence.py`` adds fixed per-branch offsets)."""
-        videos = torch.cat([group.anchor.latents] + [b.latents for b in group.branches])
+        """The reward hook (no grad): (component -> [G] branch rewards, component -> the anchor's, or None where the
+        group has no anchor). A subclass may override it (``benchmarks/equivalence.py`` adds per-branch offsets)."""
+        first = [] if group.anchor is None else [group.anchor]
+        videos = torch.cat([b.latents for b in first + group.branches])
         frames = self.decoder.decode(videos.float())
         spans = spans_from_switch_frames(sample.switch_frames, num_latent_frames=videos.shape[2],
                                          num_frames=frames.shape[1])
         out = self.reward(frames, [sample.prompts] * videos.shape[0], [spans] * videos.shape[0])
         comps = {k: v.float().cpu() for k, v in out.components.items()}
+        if not first:
+            return comps, None
         return {k: v[1:] for k, v in comps.items()}, {k: float(v[0]) for k, v in comps.items()}
 
     def _rollout_group(self, sample: PromptSample, prompt_index: int, slot: int) -> RolloutGroup:
@@ -210,27 +216,27 @@ class KVPOTrainer:
                  self.cfg.video.latent_width)
         return self.rollout.run(self._contexts(sample), shape, iteration=self.iteration,
                                 prompt_index=prompt_index, branch_ids=self.branch_ids, device=self.device,
-                                slot=slot)
+                                slot=slot, anchor=self.anchor_here)
 
     def _coefficients(self, group: RolloutGroup, rewards: dict[str, torch.Tensor],
-                      anchor: dict[str, float]) -> GroupResult:
+                      anchor: dict[str, float] | None) -> GroupResult:
         """Advantages, guard and c_k = dLoss/dTVE_k of one scored group."""
         tve_old = torch.tensor([b.tve_old for b in group.branches])
         tve_ref = torch.tensor([b.tve_ref for b in group.branches])
         if self.branch_ids is not None:  # the group's rewards and energies live on all DP ranks
             rewards = {k: self._gather_dp(v) for k, v in rewards.items()}
             tve_old, tve_ref = self._gather_dp(tve_old), self._gather_dp(tve_ref)
+            anchor = self._anchor_from(schedule.ANCHOR_RANK, anchor, sorted(rewards))
         total = sum(self.weights[k] * v for k, v in rewards.items())
         anchor_total = sum(self.weights[k] * v for k, v in anchor.items())
         adv = multi_advantages(rewards, anchor, self.weights, baseline=self.cfg.objective.baseline,
                                clip=self.cfg.objective.adv_clip)
         coeffs, terms = tve_coefficients(tve_old, tve_old, tve_ref, adv, self.cfg.objective)
         passed = guard_passes(total, anchor_total) or not self.cfg.objective.guard
-        if self.branch_ids is not None:
-            coeffs = coeffs[self.branch_ids]
+        coeffs = coeffs if passed else torch.zeros_like(coeffs)
         return GroupResult(group=group, rewards=rewards, anchor=anchor, total=total, anchor_total=anchor_total,
-                           adv=adv, coeffs=coeffs if passed else torch.zeros_like(coeffs), terms=terms,
-                           tve=tve_old, passed_guard=passed)
+                           adv=adv, coeffs=coeffs if self.branch_ids is None else coeffs[self.branch_ids],
+                           all_coeffs=coeffs, terms=terms, tve=tve_old, passed_guard=passed)
 
     def _gather_dp(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate equal-length per-rank vectors over the DP group (in rank order)."""
@@ -238,6 +244,13 @@ class KVPOTrainer:
         parts = [torch.empty_like(x) for _ in range(self.dp_size)]
         dist.all_gather(parts, x.contiguous(), group=self.pgs.dp)
         return torch.cat(parts).cpu()
+
+    def _anchor_from(self, dp_rank: int, anchor: dict[str, float] | None, names: list[str]) -> dict[str, float]:
+        """The anchor's reward components, as DP rank ``dp_rank`` (which rolled it out) scored them."""
+        vals = torch.tensor([anchor[k] for k in names] if anchor is not None else [0.0] * len(names),
+                            dtype=torch.float64, device=self.device)
+        dist.broadcast(vals, src=dist.get_global_rank(self.pgs.dp, dp_rank), group=self.pgs.dp)
+        return dict(zip(names, vals.tolist()))
 
     # ---- one iteration -----------------------------------------------------------------------
     def _replay_scale(self, num_groups: int) -> float:
@@ -260,13 +273,20 @@ class KVPOTrainer:
                 return self._rollout_group(samples[j], samples[j].index, j)
 
         def consume(j: int, group: RolloutGroup) -> GroupResult:
+            tl_times = None if overlap else times
             with phase("reward", j), torch.no_grad():
                 rewards, anchor = self.score_group(group, samples[j])
+            ahead = None
+            if not self.anchor_here:  # branches over DP: replay ahead while DP rank 0 rolls out the anchor
+                with phase("replay", j):
+                    ahead = self._replay_ahead(group, tl_times)
             with phase("coefficients", j):
                 res = self._coefficients(group, rewards, anchor)
             if res.passed_guard:
                 with phase("replay", j):
-                    res.tve_replay = self._replay(group, res.coeffs, scale, tl_times=None if overlap else times)
+                    self._replay(res, scale, ahead, tl_times=tl_times)
+            elif ahead is not None:
+                ahead[0].discard()
             return res
 
         if not overlap:
@@ -275,18 +295,62 @@ class KVPOTrainer:
         self.last_timeline = tl
         return results, tl.metrics()
 
-    def _replay(self, group: RolloutGroup, coeffs: torch.Tensor, scale: float, *,
-                tl_times: dict | None) -> torch.Tensor:
-        """Gradient phase of one group; returns this rank's branch TVEs as the replay recomputed them."""
+    def _replay_branches(self, group: RolloutGroup, branches: list, coeffs: torch.Tensor, scale: float,
+                         tl_times: dict | None) -> list[float]:
+        """Gradients of ``branches`` (BranchRollouts of ``group``'s prompt) weighted by ``coeffs``; their TVEs."""
         plan = self.replay_plan
         self.model.recompute_blocks = plan.recompute
         try:
-            tve = replay_gradients(self.replay_gen, group, coeffs, loss_scale=scale, batch_size=plan.batch_size,
-                                   commit_pass=self.cfg.routing.commit_pass, generation=self._generation_form,
-                                   training=self._training_form, times=tl_times)
+            return replay_gradients(self.replay_gen, dataclasses.replace(group, branches=branches), coeffs,
+                                    loss_scale=scale, batch_size=plan.batch_size,
+                                    commit_pass=self.cfg.routing.commit_pass, generation=self._generation_form,
+                                    training=self._training_form, times=tl_times)
         finally:
             self.model.recompute_blocks = False
-        return torch.tensor(tve)
+
+    def _replay_ahead(self, group: RolloutGroup, tl_times: dict | None) -> tuple[schedule.GradStash, dict]:
+        """Each own branch's unweighted gradient, captured apart (``branch_schedule``); (stash, branch -> TVE)."""
+        stash, tve = schedule.GradStash([p.main_grad for p in self.params]), {}
+        for br in group.branches:
+            tve[br.branch] = self._replay_branches(group, [br], torch.ones(1), 1.0, tl_times)[0]
+            stash.capture(br.branch)
+        return stash, tve
+
+    def _handoff(self, group: RolloutGroup) -> int:
+        """Branch replays DP rank 0 hands off this iteration (config, or the balance estimate)."""
+        if self.cfg.parallel.replay_handoff is not None:
+            return min(self.cfg.parallel.replay_handoff, len(self.branch_ids))
+        steps = self.gen.sampler.num_steps
+        return schedule.handoff_count(
+            dp_size=self.dp_size, per_rank=len(self.branch_ids), steps=steps, window_blocks=len(group.window),
+            suffix_blocks=self.cfg.video.num_frames // self.cfg.cache.frames_per_block - group.pivot,
+            routed_steps=sum(chr.is_routed_step(self.cfg.routing, i, steps) for i in range(steps)),
+            recompute=self.replay_plan.recompute)
+
+    def _replay(self, res: GroupResult, scale: float, ahead, *, tl_times: dict | None) -> None:
+        """Gradient phase of one group: sets ``res.tve_replay`` ([G_all], the TVEs the replay recomputed) and
+        ``res.replayed``. Branches over DP follow ``branch_schedule``: own branches (those replayed ahead are
+        weighted now), and the ones DP rank 0 hands off."""
+        group, c = res.group, res.all_coeffs
+        tve = torch.zeros(len(c))
+        if self.branch_ids is None:
+            todo = group.branches
+        else:
+            plan = schedule.assign(dp_rank=self.dp_rank, dp_size=self.dp_size, num_branches=len(c),
+                                   n=self._handoff(group))
+            received = schedule.exchange(group.branches, plan, dp_rank=self.dp_rank, group=self.pgs.dp,
+                                         device=self.device)
+            todo = [b for b in group.branches if b.branch in plan.own and ahead is None] + received
+            if ahead is not None:
+                stash, ahead_tve = ahead
+                stash.combine({g: float(c[g]) * scale for g in ahead_tve})
+                for g, v in ahead_tve.items():
+                    tve[g] = v
+                res.replayed = sorted(ahead_tve)
+        ids = [b.branch for b in todo]
+        for g, v in zip(ids, self._replay_branches(group, todo, c[ids], scale, tl_times) if todo else []):
+            tve[g] = v
+        res.tve_replay, res.replayed = tve, res.replayed + ids
 
     def _ratio_deviation(self, results: list[GroupResult]) -> float:
         """max_k |pi_theta(k) / pi_old(k) - 1| at the update's parameters: the replay's TVEs against the rollout's
@@ -296,7 +360,11 @@ class KVPOTrainer:
         for r in results:
             if r.tve_replay is None:
                 continue
-            full = self._gather_dp(r.tve_replay) if self.branch_ids is not None else r.tve_replay
+            full = r.tve_replay
+            if self.branch_ids is not None:  # each branch was replayed on exactly one DP rank
+                full = full.to(self.device)
+                dist.all_reduce(full, group=self.pgs.dp)
+                full = full.cpu()
             tau = self.cfg.objective.tau
             rho = (gibbs_log_policy(full.double(), tau) - gibbs_log_policy(r.tve.double(), tau)).exp()
             devs.append(float((rho - 1).abs().max()))

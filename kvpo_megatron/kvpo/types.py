@@ -69,7 +69,8 @@ class RolloutGroup:
     contexts: list[PromptContext]
     prompts: list[PromptSwitch]
     """The prompt schedule encoded with the rollout's weights (no grad)."""
-    anchor: BranchRollout
+    anchor: BranchRollout | None
+    """None on the DP ranks that do not roll it out (branches over DP: ``kvpo/branch_schedule.py``)."""
     branches: list[BranchRollout]
     fork_state: KVCache
     """The frozen prefix cache (every frame before the pivot); forks of it rebuild a branch's context."""
@@ -102,5 +103,9 @@ class GroupResult:
     tve: torch.Tensor
     """[G_all] TVE_old."""
     passed_guard: bool
+    all_coeffs: torch.Tensor | None = None
+    """[G_all] dLoss/dTVE of every branch of the prompt (zeros when the guard skipped the group)."""
     tve_replay: torch.Tensor | None = None
-    """[G] TVE of this rank's branches as the replay recomputed them (at pi_old's parameters), when it ran."""
+    """[G_all] TVE of the branches this rank replayed (at pi_old's parameters; 0 for the others), when it ran."""
+    replayed: list[int] = field(default_factory=list)
+    """Branch ids this rank replayed with grad (with branches over DP not always the ones it rolled out)."""

@@ -31,13 +31,19 @@ class ParallelConfig:
     """Cached self-attention under CP: ``ulysses`` (all-to-all), ``allgather`` (of K/V) or ``auto``
     (ulysses when heads % (TP*CP) == 0, else allgather); ``parallel/layout.py``."""
     branches_over_dp: bool = False
-    """Spread the G branches of one prompt over the DP ranks (all DP ranks then share one prompt)."""
+    """Spread the G branches of one prompt over the DP ranks (all DP ranks then share one prompt). DP rank 0 alone
+    rolls out the anchor; the others replay their branches meanwhile (``kvpo/branch_schedule.py``)."""
+    replay_handoff: int | None = None
+    """With ``branches_over_dp``: branch replays DP rank 0 hands to the other ranks to balance its anchor rollout
+    (None: estimated from the forwards each side runs, ``branch_schedule.handoff_count``)."""
 
     def __post_init__(self):
         for f in ("tensor_model_parallel_size", "context_parallel_size"):
             if getattr(self, f) < 1:
                 raise ConfigError(f"parallel.{f} must be >= 1, got {getattr(self, f)}")
         self.cp_attention = cp_attention_of(self.cp_attention)
+        if self.replay_handoff is not None and self.replay_handoff < 0:
+            raise ConfigError(f"parallel.replay_handoff must be >= 0, got {self.replay_handoff}")
 
 
 def _free_port() -> int:

@@ -72,6 +72,16 @@ def test_kvpo_iteration_equal_across_layouts_fp32_and_bf16(runs):
     assert report["layouts"]["tp2/bf16"]["latents"] > TOL and report["layouts"]["tp2/fp32"]["latents"] <= TOL
 
 
+def test_branches_over_dp_schedule(runs):
+    """dp2_branches (replay_handoff=1): the anchor is rolled out on DP rank 0 only; rank 1 replays its own two
+    branches ahead of the coefficients plus the one rank 0 handed it -- and the layout still equals one process."""
+    for dtype in ("fp32", "bf16"):
+        r0, r1 = (torch.load(runs / f"dp2_branches-{dtype}-rank{r}.pt") for r in (0, 1))
+        assert all(a is not None for a in r0["anchor"]) and all(a is None for a in r1["anchor"])
+        assert [sorted(b) for b in r0["branches"]] == [[0, 1]] * 2 and [sorted(b) for b in r1["branches"]] == [[2, 3]] * 2
+        assert r0["replayed"] == [[0]] * 2 and r1["replayed"] == [[2, 3, 1]] * 2
+
+
 def _perturbed(res: dict, kind: str) -> dict:
     """A layout's results with a bug of a known kind planted."""
     res = copy.deepcopy(res)

@@ -1,0 +1,166 @@
+"""Branches over DP: which rank rolls out and replays which branch, and the hand-offs that balance them.
+
+With ``parallel.branches_over_dp`` the N ranks of the DP group share one prompt: every rank generates the
+prefix and rolls out G/N of its branches (``b`` each). The unrouted anchor is needed once -- its reward is
+only the advantages' baseline -- so DP rank 0 alone rolls it out and broadcasts that reward. Rank 0 then ends
+its rollout about one sample's suffix after the others, and nobody can weight a replay before the slowest
+rollout (the coefficients c_k = dLoss/dTVE_k need every branch's reward and energy). Two moves, both exact,
+fill that gap and balance the replays:
+
+* **replay ahead.** The other ranks replay their own branches *before* the coefficients exist, while rank 0
+  still rolls out the anchor. Each branch's gradient g_k = dTVE_k/dtheta is captured on its own
+  (:class:`GradStash`) and added as ``c_k * g_k`` once the coefficients arrive: the loss gradient is linear in
+  the c_k, so this is the weighted backward's sum, in another fp32 summation order.
+* **hand-off.** Rank 0 hands the replay of ``n`` of its branches to the other ranks (round robin). A replay
+  needs the branch's clean latents, routed tuples (x, t, v_target), routes and commit views -- tens of MB,
+  sent over the DP group (:func:`exchange`; tensors plus a JSON header, nothing unpickled) -- and the
+  prefix cache, which every rank already holds.
+
+``n`` (``parallel.replay_handoff``; by default :func:`handoff_count`) balances forward-equivalents: the
+anchor's suffix is A = (blocks after the pivot) x (solver steps + 1 commit) forwards; one branch's replay is
+R = its tuples x (forward + backward ~ 3, + 1 with recompute) + one commit per window block. Rank 0 does
+A + (b - n) R after the common work, every other rank b R + n R / (N - 1): n = A (N - 1) / (N R).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from kvpo_megatron.kvpo.types import BranchRollout, ReplayTuple
+
+ANCHOR_RANK = 0
+"""The DP rank that rolls out the anchor (and hands off replays)."""
+
+_DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
+
+
+def handoff_count(*, dp_size: int, per_rank: int, suffix_blocks: int, steps: int, window_blocks: int,
+                  routed_steps: int, recompute: bool) -> int:
+    """Branch replays rank 0 hands to the other ranks (the balance above), in [0, per_rank]."""
+    if dp_size < 2:
+        return 0
+    anchor = suffix_blocks * (steps + 1)
+    replay = window_blocks * (routed_steps * (3 + int(recompute)) + 1)
+    n = round(anchor * (dp_size - 1) / (dp_size * max(1, replay)))
+    return max(0, min(per_rank, n))
+
+
+@dataclass(frozen=True)
+class ReplayAssignment:
+    """Branch ids this rank replays: its own (``own``) and those rank 0 hands it (``received``)."""
+
+    own: list[int]
+    received: list[int]
+    handed: dict[int, list[int]]
+    """DP rank -> the rank-0 branches it replays (the same on every rank)."""
+
+
+def assign(*, dp_rank: int, dp_size: int, num_branches: int, n: int) -> ReplayAssignment:
+    """Rank r rolls out branches [r b, (r + 1) b); rank 0's last ``n`` go round robin to ranks 1..N-1."""
+    per = num_branches // dp_size
+    mine = list(range(dp_rank * per, (dp_rank + 1) * per))
+    given = list(range(per - n, per)) if dp_size > 1 else []
+    handed: dict[int, list[int]] = {r: [] for r in range(1, dp_size)}
+    for i, g in enumerate(given):
+        handed[1 + i % (dp_size - 1)].append(g)
+    if dp_rank == ANCHOR_RANK:
+        return ReplayAssignment(own=[g for g in mine if g not in given], received=[], handed=handed)
+    return ReplayAssignment(own=mine, received=handed[dp_rank], handed=handed)
+
+
+# ---- the hand-off ----------------------------------------------------------------------------------------
+def _header(br: BranchRollout) -> dict:
+    return {"branch": br.branch, "tve_old": br.tve_old, "tve_ref": br.tve_ref,
+            "routes": {str(b): list(v) for b, v in br.routes.items()},
+            "commit_frames": {str(b): v for b, v in br.commit_frames.items()},
+            "tuples": [[t.block, t.step, t.start, t.timestep] for t in br.tuples],
+            "latents": _spec(br.latents),
+            "x": _spec(torch.cat([t.x for t in br.tuples])) if br.tuples else None,
+            "v": _spec(torch.cat([t.v_target for t in br.tuples])) if br.tuples else None}
+
+
+def _spec(t: torch.Tensor) -> list:
+    return [list(t.shape), str(t.dtype)]
+
+
+def _bcast(t: torch.Tensor, src: int, group) -> torch.Tensor:
+    dist.broadcast(t, src=src, group=group)
+    return t
+
+
+def _send_or_receive(br: BranchRollout | None, *, src: int, group, device) -> BranchRollout:
+    """Broadcast one branch's replay inputs from global rank ``src`` over ``group``."""
+    head = json.dumps(_header(br)).encode() if br is not None else b""
+    size = _bcast(torch.tensor([len(head)], dtype=torch.int64, device=device), src, group)
+    buf = torch.frombuffer(bytearray(head), dtype=torch.uint8).to(device) if br is not None else \
+        torch.empty(int(size), dtype=torch.uint8, device=device)
+    meta = json.loads(bytes(_bcast(buf, src, group).cpu().tolist()))
+
+    def tensor(spec, value: torch.Tensor | None) -> torch.Tensor:
+        shape, dtype = spec
+        if dtype not in _DTYPES:
+            raise ValueError(f"hand-off: unexpected dtype {dtype!r}")
+        out = value.contiguous() if value is not None else torch.empty(shape, dtype=_DTYPES[dtype], device=device)
+        return _bcast(out, src, group)
+
+    latents = tensor(meta["latents"], br.latents if br is not None else None)
+    xs = vs = None
+    if meta["tuples"]:  # x and v_target may differ in dtype (bf16 model, fp32 latents): each has its own spec
+        xs = tensor(meta["x"], torch.cat([t.x for t in br.tuples]) if br is not None else None)
+        vs = tensor(meta["v"], torch.cat([t.v_target for t in br.tuples]) if br is not None else None)
+    if br is not None:
+        return br
+    tuples = [ReplayTuple(block=b, step=s, start=f, timestep=ts, x=xs[i:i + 1], v_target=vs[i:i + 1])
+              for i, (b, s, f, ts) in enumerate(meta["tuples"])]
+    return BranchRollout(branch=meta["branch"], latents=latents, tuples=tuples, tve_old=meta["tve_old"],
+                         tve_ref=meta["tve_ref"], routes={int(b): v for b, v in meta["routes"].items()},
+                         commit_frames={int(b): v for b, v in meta["commit_frames"].items()})
+
+
+def exchange(branches: list[BranchRollout], plan: ReplayAssignment, *, dp_rank: int, group,
+             device) -> list[BranchRollout]:
+    """Every DP rank calls this: rank 0 sends the branches it hands off (its rollouts, found in ``branches``),
+    and each rank returns the ones it now replays (``plan.received``, in branch order)."""
+    src = dist.get_global_rank(group, ANCHOR_RANK)
+    mine = {b.branch: b for b in branches}
+    got: dict[int, BranchRollout] = {}
+    for rank, ids in sorted(plan.handed.items()):
+        for g in ids:
+            br = _send_or_receive(mine[g] if dp_rank == ANCHOR_RANK else None, src=src, group=group, device=device)
+            if rank == dp_rank:
+                got[g] = br
+    return [got[g] for g in plan.received]
+
+
+# ---- gradients before their coefficients -----------------------------------------------------------------
+class GradStash:
+    """Per-branch gradients captured from the accumulation buffers (``main_grad``), weighted later.
+
+    ``__init__`` saves what the buffers already hold (earlier prompt groups) and zeroes them; after branch k's
+    backward, :meth:`capture` moves the buffers into part k; :meth:`combine` restores the saved sum and adds
+    ``w_k * part_k``; :meth:`discard` restores it alone. Memory: (parts + 1) copies of the trainable gradients.
+    """
+
+    def __init__(self, grads: list[torch.Tensor]):
+        self.grads = grads
+        self.base = [g.clone() for g in grads]
+        self.parts: dict[int, list[torch.Tensor]] = {}
+        torch._foreach_zero_(grads)
+
+    def capture(self, key: int) -> None:
+        self.parts[key] = [g.clone() for g in self.grads]
+        torch._foreach_zero_(self.grads)
+
+    def combine(self, weights: dict[int, float]) -> None:
+        if set(weights) != set(self.parts):
+            raise ValueError(f"weights for {sorted(weights)} but parts {sorted(self.parts)}")
+        self.discard()
+        for k, w in weights.items():
+            torch._foreach_add_(self.grads, self.parts[k], alpha=w)
+        self.parts = {}
+
+    def discard(self) -> None:
+        torch._foreach_copy_(self.grads, self.base)
