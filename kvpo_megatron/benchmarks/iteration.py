@@ -347,7 +347,8 @@ def bench_layout(args, layout: dict, baseline: dict | None) -> dict:
     comm = profile_comm(trainer) if profiled else {}
     if args.profile_replay:
         comm.update(profile_replay(trainer, f"{args.profile_replay}.rank{dist.get_rank()}"))
-    ranks = gather({"walls": walls, "peak_mem_gb": peak, **comm})
+    ranks = gather({"walls": walls, "peak_mem_gb": peak, **comm,
+                    "phases": {k: round(v, 3) for k, v in trainer.last_times.items() if k.startswith("time_")}})
     steps = [max(r["walls"][i] for r in ranks) for i in range(args.repeats)]  # the slowest rank's wall
     sec = sum(steps) / len(steps)
     phases = {k: v for k, v in metrics.items()  # per-rank work (tflop, block_forwards) as DP means
@@ -374,6 +375,7 @@ def bench_layout(args, layout: dict, baseline: dict | None) -> dict:
         if phases.get("time_rollout") else None,
         replay_s_per_tuple=phases["time_replay_tuples"] / (groups * work.tuples / world)
         if phases.get("time_replay_tuples") else None,
+        rank_phases=[r["phases"] for r in ranks],  # the phases above are DP means; ranks may differ (branches)
         peak_mem_gb=[r["peak_mem_gb"] for r in ranks], peak_mem_gb_max=max(r["peak_mem_gb"] for r in ranks),
         # every rank of a TP/CP group records the model FLOPs of the forwards it takes part in: its own share is
         # 1/(TP*CP) of them

@@ -396,7 +396,7 @@ class KVPOTrainer:
                     self.ema.update()
             self.scheduler.step()
         self.consecutive_skips = 0 if finite.item() > 0 else self.consecutive_skips + 1
-        self.last_results = results  # for inspection (tests, debugging)
+        self.last_results, self.last_times = results, times  # for inspection (tests, benches: this rank's phases)
         flops1, forwards1 = self._work()
         times.update(tflop=(flops1 - flops0) / 1e12, block_forwards=float(forwards1 - forwards0))
         metrics = self._metrics(results, times, grad_norm, stepped, finite.item() > 0)

@@ -134,6 +134,7 @@ def test_bench_iteration_layouts_scaling_comm_on_two_gloo_ranks(pgs, tmp_path, c
     for name, r in rows.items():
         assert (r["tp"], r["cp"], r["dp"], r["scaling"], r["groups_per_iteration"]) == want[name]
         assert r["world_size"] == 2 and len(r["peak_mem_gb"]) == 2 and len(r["comm_s"]) == 2
+        assert [sorted(p) == sorted(r["rank_phases"][0]) and "time_rollout" in p for p in r["rank_phases"]] == [True] * 2
         assert r["speedup"] == pytest.approx(r["groups_per_iteration"] * b["sec_per_iteration"] /
                                              r["sec_per_iteration"])
         assert r["efficiency"] == pytest.approx(r["speedup"] / 2)
