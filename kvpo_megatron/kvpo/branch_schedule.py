@@ -7,8 +7,8 @@ its rollout about one sample's suffix after the others, and nobody can weight a 
 rollout (the coefficients c_k = dLoss/dTVE_k need every branch's reward and energy). Two moves, both exact,
 fill that gap and balance the replays:
 
-* **replay ahead.** The other ranks replay their own branches *before* the coefficients exist, while rank 0
-  still rolls out the anchor. Each branch's gradient g_k = dTVE_k/dtheta is captured on its own
+* **replay ahead.** The other ranks replay ``k`` of their own branches *before* the coefficients exist, while
+  rank 0 still rolls out the anchor. Each such branch's gradient g_k = dTVE_k/dtheta is captured on its own
   (:class:`GradStash`) and added as ``c_k * g_k`` once the coefficients arrive: the loss gradient is linear in
   the c_k, so this is the weighted backward's sum, in another fp32 summation order.
 * **hand-off.** Rank 0 hands the replay of ``n`` of its branches to the other ranks (round robin). A replay
@@ -16,14 +16,19 @@ fill that gap and balance the replays:
   sent over the DP group (:func:`exchange`; tensors plus a JSON header, nothing unpickled) -- and the
   prefix cache, which every rank already holds.
 
-``n`` (``parallel.replay_handoff``; by default :func:`handoff_count`) balances forward-equivalents: the
-anchor's suffix is A = (blocks after the pivot) x (solver steps + 1 commit) forwards; one branch's replay is
-R = its tuples x (forward + backward ~ 3, + 1 with recompute) + one commit per window block. Rank 0 does
-A + (b - n) R after the common work, every other rank b R + n R / (N - 1): n = A (N - 1) / (N R).
+The counts (``parallel.replay_ahead`` / ``parallel.replay_handoff``; by default :func:`plan_counts`) come from
+forward-equivalents: the anchor's suffix is A = (blocks after the pivot) x (solver steps + 1 commit)
+forwards; one branch's replay is R = its tuples x (forward + backward ~ 3, + 1 with recompute) + one commit per
+window block. A branch replayed ahead runs alone (its gradient must stay apart), which on an H200 took
+``AHEAD_COST`` = 1.2x a branch of the batched replay, so k = floor(A / (1.2 R)) branches fit in the gap.
+After the coefficients rank 0 has b - n replays left and every other rank b - k + n / (N - 1): n = k (N - 1) / N.
+Measured (wan-1.3b, 147 frames, G=8, 2 H200s): k = 4, n = 2 -- more ahead than the gap holds -- left rank 0
+waiting 5.7 s for the others, 1.60x against one GPU (``tools/BENCHMARKS.md``); hence the cap.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,33 +38,37 @@ from kvpo_megatron.kvpo.types import BranchRollout, ReplayTuple
 
 ANCHOR_RANK = 0
 """The DP rank that rolls out the anchor (and hands off replays)."""
+AHEAD_COST = 1.2
+"""A branch replayed alone (ahead) over one in the batched replay, in time (H200, wan-1.3b: 2.95 vs 2.45 s)."""
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
 
 
-def handoff_count(*, dp_size: int, per_rank: int, suffix_blocks: int, steps: int, window_blocks: int,
-                  routed_steps: int, recompute: bool) -> int:
-    """Branch replays rank 0 hands to the other ranks (the balance above), in [0, per_rank]."""
+def plan_counts(*, dp_size: int, per_rank: int, suffix_blocks: int, steps: int, window_blocks: int,
+                routed_steps: int, recompute: bool) -> tuple[int, int]:
+    """(k, n): branches the other ranks replay ahead, and branch replays rank 0 hands off (the balance above)."""
     if dp_size < 2:
-        return 0
+        return 0, 0
     anchor = suffix_blocks * (steps + 1)
-    replay = window_blocks * (routed_steps * (3 + int(recompute)) + 1)
-    n = round(anchor * (dp_size - 1) / (dp_size * max(1, replay)))
-    return max(0, min(per_rank, n))
+    replay = max(1, window_blocks * (routed_steps * (3 + int(recompute)) + 1))
+    k = max(0, min(per_rank, math.floor(anchor / (AHEAD_COST * replay))))
+    return k, max(0, min(per_rank, round(k * (dp_size - 1) / dp_size)))
 
 
 @dataclass(frozen=True)
 class ReplayAssignment:
-    """Branch ids this rank replays: its own (``own``) and those rank 0 hands it (``received``)."""
+    """Branch ids this rank replays: ``ahead`` (before the coefficients), then ``own`` and ``received``."""
 
+    ahead: list[int]
     own: list[int]
     received: list[int]
     handed: dict[int, list[int]]
     """DP rank -> the rank-0 branches it replays (the same on every rank)."""
 
 
-def assign(*, dp_rank: int, dp_size: int, num_branches: int, n: int) -> ReplayAssignment:
-    """Rank r rolls out branches [r b, (r + 1) b); rank 0's last ``n`` go round robin to ranks 1..N-1."""
+def assign(*, dp_rank: int, dp_size: int, num_branches: int, n: int, k: int = 0) -> ReplayAssignment:
+    """Rank r rolls out branches [r b, (r + 1) b); ranks other than 0 replay their first ``k`` ahead; rank 0's last
+    ``n`` go round robin to ranks 1..N-1."""
     per = num_branches // dp_size
     mine = list(range(dp_rank * per, (dp_rank + 1) * per))
     given = list(range(per - n, per)) if dp_size > 1 else []
@@ -67,8 +76,8 @@ def assign(*, dp_rank: int, dp_size: int, num_branches: int, n: int) -> ReplayAs
     for i, g in enumerate(given):
         handed[1 + i % (dp_size - 1)].append(g)
     if dp_rank == ANCHOR_RANK:
-        return ReplayAssignment(own=[g for g in mine if g not in given], received=[], handed=handed)
-    return ReplayAssignment(own=mine, received=handed[dp_rank], handed=handed)
+        return ReplayAssignment(ahead=[], own=[g for g in mine if g not in given], received=[], handed=handed)
+    return ReplayAssignment(ahead=mine[:k], own=mine[k:], received=handed[dp_rank], handed=handed)
 
 
 # ---- the hand-off ----------------------------------------------------------------------------------------

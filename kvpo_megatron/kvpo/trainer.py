@@ -276,15 +276,15 @@ class KVPOTrainer:
             tl_times = None if overlap else times
             with phase("reward", j), torch.no_grad():
                 rewards, anchor = self.score_group(group, samples[j])
-            ahead = None
-            if not self.anchor_here:  # branches over DP: replay ahead while DP rank 0 rolls out the anchor
+            plan, ahead = self._branch_plan(group), None
+            if plan is not None and plan.ahead:  # branches over DP: replay ahead while DP rank 0 rolls out the anchor
                 with phase("replay", j):
-                    ahead = self._replay_ahead(group, tl_times)
+                    ahead = self._replay_ahead(group, plan.ahead, tl_times)
             with phase("coefficients", j):
                 res = self._coefficients(group, rewards, anchor)
             if res.passed_guard:
                 with phase("replay", j):
-                    self._replay(res, scale, ahead, tl_times=tl_times)
+                    self._replay(res, scale, plan, ahead, tl_times=tl_times)
             elif ahead is not None:
                 ahead[0].discard()
             return res
@@ -308,49 +308,52 @@ class KVPOTrainer:
         finally:
             self.model.recompute_blocks = False
 
-    def _replay_ahead(self, group: RolloutGroup, tl_times: dict | None) -> tuple[schedule.GradStash, dict]:
-        """Each own branch's unweighted gradient, captured apart (``branch_schedule``); (stash, branch -> TVE)."""
+    def _replay_ahead(self, group: RolloutGroup, ids: list[int],
+                      tl_times: dict | None) -> tuple[schedule.GradStash, dict]:
+        """Own branches ``ids``, each one's unweighted gradient captured apart (``branch_schedule``); returns
+        (stash, branch -> TVE)."""
         stash, tve = schedule.GradStash([p.main_grad for p in self.params]), {}
-        for br in group.branches:
+        for br in (b for b in group.branches if b.branch in ids):
             tve[br.branch] = self._replay_branches(group, [br], torch.ones(1), 1.0, tl_times)[0]
             stash.capture(br.branch)
         return stash, tve
 
-    def _handoff(self, group: RolloutGroup) -> int:
-        """Branch replays DP rank 0 hands off this iteration (config, or the balance estimate)."""
-        if self.cfg.parallel.replay_handoff is not None:
-            return min(self.cfg.parallel.replay_handoff, len(self.branch_ids))
-        steps = self.gen.sampler.num_steps
-        return schedule.handoff_count(
+    def _branch_plan(self, group: RolloutGroup) -> schedule.ReplayAssignment | None:
+        """Who replays which branch of ``group`` (branches over DP; None otherwise): config, or the balance."""
+        if self.branch_ids is None:
+            return None
+        par, steps = self.cfg.parallel, self.gen.sampler.num_steps
+        k, n = schedule.plan_counts(
             dp_size=self.dp_size, per_rank=len(self.branch_ids), steps=steps, window_blocks=len(group.window),
             suffix_blocks=self.cfg.video.num_frames // self.cfg.cache.frames_per_block - group.pivot,
             routed_steps=sum(chr.is_routed_step(self.cfg.routing, i, steps) for i in range(steps)),
             recompute=self.replay_plan.recompute)
+        k = k if par.replay_ahead is None else min(par.replay_ahead, len(self.branch_ids))
+        n = n if par.replay_handoff is None else min(par.replay_handoff, len(self.branch_ids))
+        return schedule.assign(dp_rank=self.dp_rank, dp_size=self.dp_size, num_branches=self.cfg.rollout.num_branches,
+                               n=n, k=k)
 
-    def _replay(self, res: GroupResult, scale: float, ahead, *, tl_times: dict | None) -> None:
+    def _replay(self, res: GroupResult, scale: float, plan: schedule.ReplayAssignment | None, ahead, *,
+                tl_times: dict | None) -> None:
         """Gradient phase of one group: sets ``res.tve_replay`` ([G_all], the TVEs the replay recomputed) and
-        ``res.replayed``. Branches over DP follow ``branch_schedule``: own branches (those replayed ahead are
-        weighted now), and the ones DP rank 0 hands off."""
+        ``res.replayed``. Branches over DP follow ``plan``: the branches replayed ahead are weighted now, then
+        the remaining own ones and those DP rank 0 hands off are replayed."""
         group, c = res.group, res.all_coeffs
         tve = torch.zeros(len(c))
-        if self.branch_ids is None:
-            todo = group.branches
-        else:
-            plan = schedule.assign(dp_rank=self.dp_rank, dp_size=self.dp_size, num_branches=len(c),
-                                   n=self._handoff(group))
+        todo = group.branches
+        if plan is not None:
             received = schedule.exchange(group.branches, plan, dp_rank=self.dp_rank, group=self.pgs.dp,
                                          device=self.device)
-            todo = [b for b in group.branches if b.branch in plan.own and ahead is None] + received
-            if ahead is not None:
-                stash, ahead_tve = ahead
-                stash.combine({g: float(c[g]) * scale for g in ahead_tve})
-                for g, v in ahead_tve.items():
-                    tve[g] = v
-                res.replayed = sorted(ahead_tve)
+            todo = [b for b in group.branches if b.branch in plan.own] + received
+        if ahead is not None:
+            stash, ahead_tve = ahead
+            stash.combine({g: float(c[g]) * scale for g in ahead_tve})
+            for g, v in ahead_tve.items():
+                tve[g] = v
         ids = [b.branch for b in todo]
         for g, v in zip(ids, self._replay_branches(group, todo, c[ids], scale, tl_times) if todo else []):
             tve[g] = v
-        res.tve_replay, res.replayed = tve, res.replayed + ids
+        res.tve_replay, res.replayed = tve, (sorted(ahead[1]) if ahead else []) + ids
 
     def _ratio_deviation(self, results: list[GroupResult]) -> float:
         """max_k |pi_theta(k) / pi_old(k) - 1| at the update's parameters: the replay's TVEs against the rollout's

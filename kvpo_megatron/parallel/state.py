@@ -33,17 +33,21 @@ class ParallelConfig:
     branches_over_dp: bool = False
     """Spread the G branches of one prompt over the DP ranks (all DP ranks then share one prompt). DP rank 0 alone
     rolls out the anchor; the others replay their branches meanwhile (``kvpo/branch_schedule.py``)."""
+    replay_ahead: int | None = None
+    """With ``branches_over_dp``: own branches the ranks without the anchor replay while DP rank 0 rolls it out
+    (None: as many as the anchor's forwards cover, ``kvpo/branch_schedule.plan_counts``)."""
     replay_handoff: int | None = None
-    """With ``branches_over_dp``: branch replays DP rank 0 hands to the other ranks to balance its anchor rollout
-    (None: estimated from the forwards each side runs, ``branch_schedule.handoff_count``)."""
+    """With ``branches_over_dp``: branch replays DP rank 0 hands to the other ranks after the coefficients
+    (None: the count that balances the replays left, ``kvpo/branch_schedule.plan_counts``)."""
 
     def __post_init__(self):
         for f in ("tensor_model_parallel_size", "context_parallel_size"):
             if getattr(self, f) < 1:
                 raise ConfigError(f"parallel.{f} must be >= 1, got {getattr(self, f)}")
         self.cp_attention = cp_attention_of(self.cp_attention)
-        if self.replay_handoff is not None and self.replay_handoff < 0:
-            raise ConfigError(f"parallel.replay_handoff must be >= 0, got {self.replay_handoff}")
+        for f in ("replay_ahead", "replay_handoff"):
+            if getattr(self, f) is not None and getattr(self, f) < 0:
+                raise ConfigError(f"parallel.{f} must be >= 0, got {getattr(self, f)}")
 
 
 def _free_port() -> int:

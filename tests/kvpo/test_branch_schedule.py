@@ -11,25 +11,26 @@ from kvpo_megatron.kvpo.types import BranchRollout, ReplayTuple
 from tests.dist_utils import run_workers
 
 
-def test_handoff_count_balances_the_anchor_against_replays():
-    # the 147-frame bench: 23 blocks after the pivot, 4 steps, W=5, 2 routed steps: A=115, R=35 -> 115/70 -> 2
+def test_plan_counts_fit_the_ahead_replays_in_the_anchor_gap():
+    # the 147-frame bench: 23 blocks after the pivot, 4 steps, W=5, 2 routed steps: A=115, R=35; a replay alone
+    # costs 1.2 R, so 2 fit ahead (not 4: the measured over-fill), and rank 0 hands 1 of its 4 to balance the rest
     kw = dict(per_rank=4, suffix_blocks=23, steps=4, window_blocks=5, routed_steps=2, recompute=False)
-    assert bs.handoff_count(dp_size=2, **kw) == 2
-    assert bs.handoff_count(dp_size=1, **kw) == 0  # nobody to hand to
-    assert bs.handoff_count(dp_size=8, **{**kw, "per_rank": 1}) == 1  # clipped to rank 0's branches
-    assert bs.handoff_count(dp_size=2, **{**kw, "recompute": True}) == 1  # replays cost more: hand off fewer
-    assert bs.handoff_count(dp_size=2, **{**kw, "suffix_blocks": 2}) == 0  # a short anchor: nothing to balance
+    assert bs.plan_counts(dp_size=2, **kw) == (2, 1)
+    assert bs.plan_counts(dp_size=1, **kw) == (0, 0)  # no other rank
+    assert bs.plan_counts(dp_size=8, **{**kw, "per_rank": 1}) == (1, 1)  # clipped to one branch per rank
+    assert bs.plan_counts(dp_size=2, **{**kw, "recompute": True}) == (2, 1)  # 115 / (1.2 * 45) -> 2
+    assert bs.plan_counts(dp_size=2, **{**kw, "suffix_blocks": 2}) == (0, 0)  # a short anchor: nothing fits
 
 
 def test_assign_gives_every_branch_to_exactly_one_rank():
-    for dp, g, n in [(2, 8, 2), (4, 8, 2), (4, 16, 3), (2, 4, 0), (8, 8, 1)]:
-        plans = [bs.assign(dp_rank=r, dp_size=dp, num_branches=g, n=n) for r in range(dp)]
-        done = sorted(x for p in plans for x in p.own + p.received)
-        assert done == list(range(g)), (dp, g, n)
-        assert len(plans[0].own) == g // dp - n
-        assert all(p.handed == plans[0].handed for p in plans)
-    p = bs.assign(dp_rank=1, dp_size=3, num_branches=6, n=2)
-    assert p.own == [2, 3] and p.received == [0] and p.handed == {1: [0], 2: [1]}
+    for dp, g, n, k in [(2, 8, 2, 2), (4, 8, 2, 1), (4, 16, 3, 4), (2, 4, 0, 0), (8, 8, 1, 1)]:
+        plans = [bs.assign(dp_rank=r, dp_size=dp, num_branches=g, n=n, k=k) for r in range(dp)]
+        done = sorted(x for p in plans for x in p.ahead + p.own + p.received)
+        assert done == list(range(g)), (dp, g, n, k)
+        assert len(plans[0].own) == g // dp - n and plans[0].ahead == []
+        assert all(len(p.ahead) == k for p in plans[1:]) and all(p.handed == plans[0].handed for p in plans)
+    p = bs.assign(dp_rank=1, dp_size=3, num_branches=6, n=2, k=1)
+    assert (p.ahead, p.own, p.received, p.handed) == ([2], [3], [0], {1: [0], 2: [1]})
 
 
 def test_grad_stash_combines_to_the_weighted_backward():
