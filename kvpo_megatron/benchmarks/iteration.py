@@ -272,7 +272,7 @@ def profile_replay(trainer, path: str, batches: int = 4) -> dict:
 
 def peak_of(metrics: dict, device: torch.device) -> float:
     """Peak device memory of a step: the largest of the trainer's per-phase peaks (it resets the counter at each
-    phase; means over DP ranks, which do identical work here), or the process's max RSS on the CPU."""
+    phase; pass this rank's, ``trainer.last_times``), or the process's max RSS on the CPU."""
     mem = [v for k, v in metrics.items() if k.startswith("mem_") and k.endswith("_peak_gb")]
     return max(mem) if mem and device.type == "cuda" else peak_memory_gb(device)
 
@@ -342,7 +342,7 @@ def bench_layout(args, layout: dict, baseline: dict | None) -> dict:
     for _ in range(args.repeats):
         wall, metrics = timed_step(trainer)
         walls.append(wall)
-    peak = peak_of(metrics, dev)
+    peak = peak_of(trainer.last_times, dev)  # this rank's (the metrics' phase peaks are DP means)
     profiled = args.profile_comm == "all" or layout["name"] in (args.profile_comm or "").split(",")
     comm = profile_comm(trainer) if profiled else {}
     if args.profile_replay:

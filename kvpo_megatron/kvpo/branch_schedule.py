@@ -30,11 +30,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from kvpo_megatron.kvpo.types import BranchRollout, ReplayTuple
+if TYPE_CHECKING:  # the counts stay importable without megatron (tools/memory_model.py)
+    from kvpo_megatron.kvpo.types import BranchRollout
 
 ANCHOR_RANK = 0
 """The DP rank that rolls out the anchor (and hands off replays)."""
@@ -122,6 +124,8 @@ def _send_or_receive(br: BranchRollout | None, *, src: int, group, device) -> Br
         vs = tensor(meta["v"], torch.cat([t.v_target for t in br.tuples]) if br is not None else None)
     if br is not None:
         return br
+    from kvpo_megatron.kvpo.types import BranchRollout, ReplayTuple
+
     tuples = [ReplayTuple(block=b, step=s, start=f, timestep=ts, x=xs[i:i + 1], v_target=vs[i:i + 1])
               for i, (b, s, f, ts) in enumerate(meta["tuples"])]
     return BranchRollout(branch=meta["branch"], latents=latents, tuples=tuples, tve_old=meta["tve_old"],

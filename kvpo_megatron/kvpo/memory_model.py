@@ -224,7 +224,8 @@ def predict(plan: MemoryPlan, m: dict | None = None) -> dict:
     plan = dataclasses.replace(plan, cp_attention=kind.value)
     g_rank, P = plan.branches // plan.branches_over_dp, plan.prompts_per_rank
     blocks = plan.frames // plan.frames_per_block
-    window = min(plan.window, blocks - (earliest_pivot(plan) if plan.pivot is None else plan.pivot))
+    pivot = earliest_pivot(plan) if plan.pivot is None else plan.pivot
+    window = min(plan.window, blocks - pivot)
     n_par, n_ln = weight_params(m, plan.tp)
     weights = (n_par - n_ln) * plan.bytes + n_ln * 4
     n_lora = lora_params(m, plan.lora_rank, plan.lora_targets, plan.tp)
@@ -258,9 +259,14 @@ def predict(plan: MemoryPlan, m: dict | None = None) -> dict:
     # differentiates the unmerged form, whose copies are dropped while it runs
     backup = weights if plan.merge_lora else 0
     rollout = base + rollout_cache + workspace + backup
-    # branches over DP: the ranks without the anchor replay ahead, holding each own branch's gradient and the
-    # earlier groups' sum until the coefficients arrive (kvpo/branch_schedule.py's GradStash; float32 main_grad)
-    stash = (g_rank + 1) * n_lora * 4 if plan.branches_over_dp > 1 else 0
+    # branches over DP: the ranks without the anchor replay ``ahead`` branches early, holding each one's gradient
+    # and the earlier groups' sum until the coefficients arrive (kvpo/branch_schedule.py's GradStash; float32)
+    from kvpo_megatron.kvpo.branch_schedule import plan_counts  # megatron-free, as this module
+
+    ahead, _ = plan_counts(dp_size=plan.branches_over_dp, per_rank=g_rank, suffix_blocks=blocks - pivot,
+                           steps=2 * plan.routed_steps, window_blocks=window, routed_steps=plan.routed_steps,
+                           recompute=recompute)
+    stash = (ahead + 1) * n_lora * 4 if ahead else 0
     replay = base + replay_cache + acts + layer_act + stash  # + the backward's transient: one layer's gradients
     gb = lambda x: round(x / GB, 3)  # noqa: E731
     return {

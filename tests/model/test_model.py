@@ -10,7 +10,7 @@ from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.model import CacheConfig, block_causal_mask, model_config
 from kvpo_megatron.model.embeddings import sinusoidal_embedding
 from kvpo_megatron.sampling import FlowMatchSampler, SamplerConfig, StreamingGenerator
-from tests.helpers import tiny_diffusers, tiny_full_state_dict, tiny_model
+from tests.helpers import tiny_diffusers, tiny_model
 
 
 def test_bidirectional_parity_with_diffusers(pgs):
