@@ -33,6 +33,8 @@ LOCAL_IMPORTS = {  # (importing module, imported module) -> why the import is in
     ("kvpo_megatron.kvpo.memory_model", "kvpo_megatron.model.config"): "the presets' sizes; tools/memory_model.py "
     "answers without megatron (LIGHT)",
     ("kvpo_megatron.kvpo.memory_model", "kvpo_megatron.kvpo.replay"): "the replay's activation estimate; the same",
+    ("kvpo_megatron.kvpo.branch_schedule", "kvpo_megatron.kvpo.types"): "the typed hand-offs (KV cache, megatron) "
+    "only where a branch is received: the schedule's counts stay light for memory_model (LIGHT)",
 }
 
 

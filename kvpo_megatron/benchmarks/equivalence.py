@@ -75,6 +75,8 @@ LAYOUTS: dict[str, list[str]] = {  # name -> overrides; every layout processes t
     "dp2": ["data.prompts_per_rank=1"],  # rank r gets prompt r
     "dp2_branches": ["parallel.branches_over_dp=true", "data.prompts_per_rank=2", "parallel.replay_handoff=1",
                      "parallel.replay_ahead=1"],  # rank 1: branch 2 ahead, then 3 and rank 0's 1
+    "dp4_branches": ["parallel.branches_over_dp=true", "data.prompts_per_rank=2", "parallel.replay_handoff=1",
+                     "parallel.replay_ahead=1"],  # one branch per rank: rank 0's goes to rank 1
     "tp2cp2": ["parallel.tensor_model_parallel_size=2", "parallel.context_parallel_size=2",
                "parallel.cp_attention=allgather", "data.prompts_per_rank=2"],
 }

@@ -51,6 +51,7 @@ import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+from kvpo_megatron.kvpo.branch_schedule import plan_counts
 from kvpo_megatron.kvpo.config import ReplayConfig, RolloutConfig
 from kvpo_megatron.parallel.layout import check_heads
 
@@ -261,8 +262,6 @@ def predict(plan: MemoryPlan, m: dict | None = None) -> dict:
     rollout = base + rollout_cache + workspace + backup
     # branches over DP: the ranks without the anchor replay ``ahead`` branches early, holding each one's gradient
     # and the earlier groups' sum until the coefficients arrive (kvpo/branch_schedule.py's GradStash; float32)
-    from kvpo_megatron.kvpo.branch_schedule import plan_counts  # megatron-free, as this module
-
     ahead, _ = plan_counts(dp_size=plan.branches_over_dp, per_rank=g_rank, suffix_blocks=blocks - pivot,
                            steps=2 * plan.routed_steps, window_blocks=window, routed_steps=plan.routed_steps,
                            recompute=recompute)

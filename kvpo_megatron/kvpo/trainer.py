@@ -11,6 +11,8 @@ prompt group, in one schedule (``_groups``):
   5. update: DP gradient reduction, non-finite check, grad-norm clip, AdamW step, LR schedule.
 
 With ``train.overlap`` the rollout of group j+1 overlaps steps 2-4 of group j (``kvpo/pipeline.py``; exact).
+With ``parallel.branches_over_dp`` DP rank 0 alone rolls out the anchor, and ``kvpo/branch_schedule.py`` decides
+which rank replays which branch (some before the coefficients, some handed over; exact).
 Checkpoints and resume: ``kvpo/run_state.py``.
 """
 from __future__ import annotations

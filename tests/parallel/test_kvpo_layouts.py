@@ -57,13 +57,15 @@ def runs(tmp_path_factory):
     for name, dtype in [("ref", "fp32"), ("ref", "bf16"), ("ref_split2", "bf16"), ("ref_split3", "bf16")]:
         _save(tmp, name, dtype, 0, prompts)
     run_workers(_worker, 2, str(tmp), str(prompts), TWO, True)
-    run_workers(_worker, 4, str(tmp), str(prompts), [("tp2cp2", "fp32"), ("tp2cp2", "bf16")], False)
+    run_workers(_worker, 4, str(tmp), str(prompts), [("tp2cp2", "fp32"), ("tp2cp2", "bf16"), ("dp4_branches", "fp32")],
+                False)
     return tmp
 
 
 def test_kvpo_iteration_equal_across_layouts_fp32_and_bf16(runs):
     report = compare_dir(runs, {"fp32": TOL, "bf16": TOL})
-    assert sorted(report["layouts"]) == sorted([f"{n}/{d}" for n, d in TWO] + ["tp2cp2/fp32", "tp2cp2/bf16"])
+    assert sorted(report["layouts"]) == sorted([f"{n}/{d}" for n, d in TWO] +
+                                               ["tp2cp2/fp32", "tp2cp2/bf16", "dp4_branches/fp32"])
     failed = {k: v for k, v in report["layouts"].items() if not v["pass"]}
     assert not failed, f"{failed}\nlimits {report['limits']}"
     # the bf16 rule is not the fp32 one: its floor is measured, far above fp32 round-off, and bf16 TP needs it
@@ -73,13 +75,18 @@ def test_kvpo_iteration_equal_across_layouts_fp32_and_bf16(runs):
 
 
 def test_branches_over_dp_schedule(runs):
-    """dp2_branches (replay_handoff=1): the anchor is rolled out on DP rank 0 only; rank 1 replays its own two
-    branches ahead of the coefficients plus the one rank 0 handed it -- and the layout still equals one process."""
+    """dp2_branches (replay_ahead=1, replay_handoff=1): the anchor is rolled out on DP rank 0 only; rank 1 replays
+    branch 2 ahead of the coefficients, then 3 and the one rank 0 handed it (dp4_branches: four ranks) -- and the
+    layouts equal one process (the test above)."""
     for dtype in ("fp32", "bf16"):
         r0, r1 = (torch.load(runs / f"dp2_branches-{dtype}-rank{r}.pt") for r in (0, 1))
         assert all(a is not None for a in r0["anchor"]) and all(a is None for a in r1["anchor"])
         assert [sorted(b) for b in r0["branches"]] == [[0, 1]] * 2 and [sorted(b) for b in r1["branches"]] == [[2, 3]] * 2
         assert r0["replayed"] == [[0]] * 2 and r1["replayed"] == [[2, 3, 1]] * 2
+    # four ranks, one branch each: ranks 1-3 replay theirs ahead, rank 1 also rank 0's (which replays nothing)
+    four = [torch.load(runs / f"dp4_branches-fp32-rank{r}.pt") for r in range(4)]
+    assert [f["replayed"][0] for f in four] == [[], [1, 0], [2], [3]]
+    assert [all(a is None for a in f["anchor"]) for f in four] == [False, True, True, True]
 
 
 def _perturbed(res: dict, kind: str) -> dict:
