@@ -70,6 +70,7 @@ from kvpo_megatron.kvpo.train_config import KVPOTrainConfig
 from kvpo_megatron.kvpo.trainer import KVPOTrainer
 from kvpo_megatron.kvpo.workload import default_pivot, group_workload
 from kvpo_megatron.model.config import PRESETS
+from kvpo_megatron.parallel.collectives import all_gather_json
 from kvpo_megatron.parallel.state import init_distributed
 from kvpo_megatron.presets import generator_preset
 
@@ -291,15 +292,8 @@ def _comm_device() -> torch.device:
 
 
 def gather(value) -> list:
-    """``value`` (JSON-serialisable) of every rank, in rank order: JSON bytes in a tensor, nothing unpickled."""
-    dev, world = _comm_device(), dist.get_world_size()
-    data = torch.tensor(list(json.dumps(value).encode()), dtype=torch.uint8, device=dev)
-    sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([data.numel()], device=dev))
-    longest = int(max(sizes))
-    parts = [torch.empty(longest, dtype=torch.uint8, device=dev) for _ in range(world)]
-    dist.all_gather(parts, torch.cat([data, data.new_zeros(longest - data.numel())]))
-    return [json.loads(bytes(p[:int(n)].tolist())) for p, n in zip(parts, sizes)]
+    """``value`` (JSON-serialisable) of every rank, in rank order (nothing unpickled)."""
+    return all_gather_json(value, device=_comm_device())
 
 
 def scaling(res: dict, baseline: dict | None) -> dict:

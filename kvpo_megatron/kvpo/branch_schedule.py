@@ -27,13 +27,14 @@ waiting 5.7 s for the others, 1.60x against one GPU (``tools/BENCHMARKS.md``); h
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+from kvpo_megatron.parallel.collectives import broadcast_json
 
 if TYPE_CHECKING:  # the counts stay importable without megatron (tools/memory_model.py)
     from kvpo_megatron.kvpo.types import BranchRollout
@@ -104,11 +105,7 @@ def _bcast(t: torch.Tensor, src: int, group) -> torch.Tensor:
 
 def _send_or_receive(br: BranchRollout | None, *, src: int, group, device) -> BranchRollout:
     """Broadcast one branch's replay inputs from global rank ``src`` over ``group``."""
-    head = json.dumps(_header(br)).encode() if br is not None else b""
-    size = _bcast(torch.tensor([len(head)], dtype=torch.int64, device=device), src, group)
-    buf = torch.frombuffer(bytearray(head), dtype=torch.uint8).to(device) if br is not None else \
-        torch.empty(int(size), dtype=torch.uint8, device=device)
-    meta = json.loads(bytes(_bcast(buf, src, group).cpu().tolist()))
+    meta = broadcast_json(_header(br) if br is not None else None, src=src, group=group, device=device)
 
     def tensor(spec, value: torch.Tensor | None) -> torch.Tensor:
         shape, dtype = spec

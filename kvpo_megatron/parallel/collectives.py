@@ -12,6 +12,8 @@ megatron's DistributedDataParallel does over ``dp_cp``) gives the single-process
 """
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.distributed as dist
 
@@ -100,3 +102,34 @@ def all_to_all_dim0(x: torch.Tensor, group) -> torch.Tensor:
     if x.shape[0] != group_size(group):
         raise ValueError(f"all_to_all_dim0 needs dim 0 == group size {group_size(group)}, got {tuple(x.shape)}")
     return _AllToAllDim0.apply(x, group)
+
+
+# ---- JSON between ranks (no pickle: torch's *_object collectives unpickle what they receive) ----------------
+def _json_bytes(obj, device) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8, device=device)
+
+
+def _from_json_bytes(t: torch.Tensor):
+    return json.loads(bytes(t.cpu().tolist()))
+
+
+def broadcast_json(obj, *, src: int, group, device):
+    """``obj`` (JSON-serialisable; ignored off ``src``, a global rank) as rank ``src`` holds it, on every rank."""
+    data = _json_bytes(obj, device) if dist.get_rank() == src else None
+    size = torch.tensor([0 if data is None else data.numel()], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=src, group=group)
+    if data is None:
+        data = torch.empty(int(size), dtype=torch.uint8, device=device)
+    dist.broadcast(data, src=src, group=group)
+    return _from_json_bytes(data)
+
+
+def all_gather_json(obj, *, group=None, device) -> list:
+    """``obj`` (JSON-serialisable) of every rank of ``group``, in rank order."""
+    data, world = _json_bytes(obj, device), dist.get_world_size(group)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([data.numel()], device=device), group=group)
+    longest = int(max(sizes))
+    parts = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
+    dist.all_gather(parts, torch.cat([data, data.new_zeros(longest - data.numel())]), group=group)
+    return [_from_json_bytes(p[:int(n)]) for p, n in zip(parts, sizes)]
