@@ -70,7 +70,7 @@ from kvpo_megatron.kvpo.train_config import KVPOTrainConfig
 from kvpo_megatron.kvpo.trainer import KVPOTrainer
 from kvpo_megatron.kvpo.workload import default_pivot, group_workload
 from kvpo_megatron.model.config import PRESETS
-from kvpo_megatron.parallel.collectives import all_gather_json
+from kvpo_megatron.parallel.collectives import all_gather_json, comm_device
 from kvpo_megatron.parallel.state import init_distributed
 from kvpo_megatron.presets import generator_preset
 
@@ -287,13 +287,9 @@ def model_flops_summary(tflop: float, sec: float, device: torch.device) -> dict:
             "bound_800_s": bound, "sec_over_bound": sec / bound if bound else None}
 
 
-def _comm_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
 def gather(value) -> list:
     """``value`` (JSON-serialisable) of every rank, in rank order (nothing unpickled)."""
-    return all_gather_json(value, device=_comm_device())
+    return all_gather_json(value, device=comm_device())
 
 
 def scaling(res: dict, baseline: dict | None) -> dict:
@@ -422,7 +418,7 @@ def over_budget(budget: float | None, elapsed: float, last: float) -> bool:
     """Rank 0's decision (every rank follows it): would the next layout, lasting as the last one, overrun?"""
     if budget is None:
         return False
-    decision = torch.tensor([float(elapsed + last > budget)], device=_comm_device())
+    decision = torch.tensor([float(elapsed + last > budget)], device=comm_device())
     dist.broadcast(decision, src=0)
     return bool(decision.item())
 

@@ -53,7 +53,7 @@ from kvpo_megatron.checkpoint.dist import (check_model_keys, load_sharded, model
                                            save_sharded, sharded_tensor, tensor_metadata)
 from kvpo_megatron.checkpoint.rng import rng_state, set_rng_state
 from kvpo_megatron.errors import ConfigError
-from kvpo_megatron.parallel.collectives import global_rank, group_size
+from kvpo_megatron.parallel.collectives import broadcast_json, comm_device, global_rank, group_size
 
 log = logging.getLogger(__name__)
 COMPLETE, LATEST, STATE_FILE = "complete.json", "latest", "training_state.json"
@@ -325,15 +325,7 @@ def _broadcast_json(obj):
     """Rank 0's JSON value on every rank (a byte tensor over the default group; no pickling)."""
     if _world() == 1:
         return obj
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    data = json.dumps(obj).encode() if global_rank() == 0 else b""
-    n = torch.tensor([len(data)], dtype=torch.int64, device=device)
-    dist.broadcast(n, 0)
-    buf = torch.zeros(int(n.item()), dtype=torch.uint8, device=device)
-    if global_rank() == 0:
-        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    dist.broadcast(buf, 0)
-    return json.loads(bytes(buf.cpu().tolist()).decode())
+    return broadcast_json(obj, src=0, group=None, device=comm_device())
 
 
 def _choose(cfg: CheckpointConfig) -> dict:

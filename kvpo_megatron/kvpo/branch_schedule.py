@@ -84,14 +84,12 @@ def assign(*, dp_rank: int, dp_size: int, num_branches: int, n: int, k: int = 0)
 
 
 # ---- the hand-off ----------------------------------------------------------------------------------------
-def _header(br: BranchRollout) -> dict:
+def _header(br: BranchRollout, xs: torch.Tensor | None, vs: torch.Tensor | None) -> dict:
     return {"branch": br.branch, "tve_old": br.tve_old, "tve_ref": br.tve_ref,
             "routes": {str(b): list(v) for b, v in br.routes.items()},
             "commit_frames": {str(b): v for b, v in br.commit_frames.items()},
             "tuples": [[t.block, t.step, t.start, t.timestep] for t in br.tuples],
-            "latents": _spec(br.latents),
-            "x": _spec(torch.cat([t.x for t in br.tuples])) if br.tuples else None,
-            "v": _spec(torch.cat([t.v_target for t in br.tuples])) if br.tuples else None}
+            "latents": _spec(br.latents), "x": None if xs is None else _spec(xs), "v": None if vs is None else _spec(vs)}
 
 
 def _spec(t: torch.Tensor) -> list:
@@ -105,7 +103,10 @@ def _bcast(t: torch.Tensor, src: int, group) -> torch.Tensor:
 
 def _send_or_receive(br: BranchRollout | None, *, src: int, group, device) -> BranchRollout:
     """Broadcast one branch's replay inputs from global rank ``src`` over ``group``."""
-    meta = broadcast_json(_header(br) if br is not None else None, src=src, group=group, device=device)
+    xs = vs = None
+    if br is not None and br.tuples:  # the sender's tuples, stacked once (x and v_target keep their own dtypes)
+        xs, vs = torch.cat([t.x for t in br.tuples]), torch.cat([t.v_target for t in br.tuples])
+    meta = broadcast_json(_header(br, xs, vs) if br is not None else None, src=src, group=group, device=device)
 
     def tensor(spec, value: torch.Tensor | None) -> torch.Tensor:
         shape, dtype = spec
@@ -115,10 +116,8 @@ def _send_or_receive(br: BranchRollout | None, *, src: int, group, device) -> Br
         return _bcast(out, src, group)
 
     latents = tensor(meta["latents"], br.latents if br is not None else None)
-    xs = vs = None
-    if meta["tuples"]:  # x and v_target may differ in dtype (bf16 model, fp32 latents): each has its own spec
-        xs = tensor(meta["x"], torch.cat([t.x for t in br.tuples]) if br is not None else None)
-        vs = tensor(meta["v"], torch.cat([t.v_target for t in br.tuples]) if br is not None else None)
+    if meta["tuples"]:
+        xs, vs = tensor(meta["x"], xs), tensor(meta["v"], vs)
     if br is not None:
         return br
     from kvpo_megatron.kvpo.types import BranchRollout, ReplayTuple

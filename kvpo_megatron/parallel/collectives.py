@@ -105,6 +105,11 @@ def all_to_all_dim0(x: torch.Tensor, group) -> torch.Tensor:
 
 
 # ---- JSON between ranks (no pickle: torch's *_object collectives unpickle what they receive) ----------------
+def comm_device() -> torch.device:
+    """Where the default group's collectives take tensors: this rank's GPU under NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def _json_bytes(obj, device) -> torch.Tensor:
     return torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8, device=device)
 
