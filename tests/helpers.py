@@ -99,3 +99,23 @@ def max_output_error(model_a, model_b, ours: bool) -> float:
         want = model_a(x, t, ctx, return_dict=False)[0]
         got = model_b(x, t, text=model_b.encode_text(ctx)) if ours else model_b(x, t, ctx, return_dict=False)[0]
     return (got - want).abs().max().item()
+
+
+def cached_replay_backward(model, ctx: torch.Tensor, noise: torch.Tensor, *, device="cuda") -> torch.Tensor:
+    """Commit frames 0-8 of ``noise`` [b, c, >=15, h, w] to a cache (no grad), then one replay-style forward at
+    frames 9-11 under that cache and a backward of its dot product with frames 12-14. Returns the output; the
+    parameters' ``.grad`` hold the gradients."""
+    from kvpo_megatron.model import CacheConfig
+    from kvpo_megatron.sampling import FlowMatchSampler, SamplerConfig, StreamingGenerator
+
+    gen = StreamingGenerator(model, FlowMatchSampler(SamplerConfig()), CacheConfig(history_frames=9))
+    cache = gen.new_cache()
+    with torch.no_grad():
+        text = model.encode_text(ctx)
+        for s in range(0, 9, 3):
+            gen.commit_block(cache, noise[:, :, s:s + 3], s, text)
+    view = cache.view(CacheConfig().default_read_frames(9), device=device)
+    out = model(noise[:, :, 9:12], torch.tensor([500.0], device=device), text=model.encode_text(ctx), frame_offset=9,
+                cache=cache, view=view)
+    (out.float() * noise[:, :, 12:15]).sum().backward()
+    return out

@@ -65,7 +65,8 @@ class RolloutConfig:
     seed, iteration, prompt, block, step); False gives each branch its own draws."""
     batch_size: int | None = None
     """Samples (anchor + branches) advanced together as one batch after the pivot; None = automatic (all of them
-    when their KV pages fit ``kv_budget_gb``, else the largest count that fits)."""
+    when their KV pages fit ``kv_budget_gb``, else the largest count that fits). The samples are split into the
+    fewest batches of at most this size, of sizes differing by at most one (``split_evenly``)."""
     kv_budget_gb: float = 24.0
     """Device memory the rollout's KV pages may take (shared prefix + every batched sample's private frames);
     sets the automatic ``batch_size`` on a GPU."""
@@ -81,6 +82,21 @@ class RolloutConfig:
             raise ConfigError(f"rollout.batch_size must be a positive integer or null, got {self.batch_size!r}")
         if not self.kv_budget_gb > 0:
             raise ConfigError(f"rollout.kv_budget_gb must be > 0, got {self.kv_budget_gb!r}")
+
+
+def split_evenly(items: list, most: int) -> list[list]:
+    """``items`` in order, in the fewest chunks of at most ``most`` whose sizes differ by at most one (the rollout's
+    sample batches: 4 samples at most 3 give 2 + 2, not 3 + 1, whose lone sample runs at a poor GEMM size)."""
+    if most < 1:
+        raise ValueError(f"chunks need a positive size, got {most}")
+    n = -(-len(items) // most)
+    q, r = divmod(len(items), max(n, 1))
+    out, i = [], 0
+    for j in range(n):
+        size = q + (j < r)
+        out.append(items[i:i + size])
+        i += size
+    return out
 
 
 class Recompute(StrEnum):

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 from kvpo_megatron.kvpo.branch_schedule import plan_counts
-from kvpo_megatron.kvpo.config import ReplayConfig, RolloutConfig
+from kvpo_megatron.kvpo.config import ReplayConfig, RolloutConfig, split_evenly
 from kvpo_megatron.parallel.layout import check_heads
 
 GB = 1e9
@@ -194,13 +194,13 @@ def earliest_pivot(plan: MemoryPlan) -> int:
 
 
 def rollout_batch(plan: MemoryPlan, kv_frame: int, samples: int, private: int) -> int:
-    """Samples advanced together: ``branch_batch``, or the most whose pages fit ``kv_budget_gb`` (the rollout's
-    rule, ``kvpo/rollout.py``)."""
+    """The largest batch of samples advanced together: ``branch_batch``, or the most whose pages fit
+    ``kv_budget_gb``, evened out over the batches (the rollout's rule, ``kvpo/rollout.py``)."""
     if plan.branch_batch is not None:
         return min(plan.branch_batch, samples)
     budget = RolloutConfig().kv_budget_gb if plan.kv_budget_gb is None else plan.kv_budget_gb
     fit = int((budget * GB - (plan.sink + plan.history) * kv_frame) // (private * kv_frame))
-    return max(1, min(samples, fit))
+    return len(split_evenly(list(range(samples)), max(1, min(samples, fit)))[0])  # the largest of even batches
 
 
 def replay_schedule(plan: MemoryPlan, m: dict) -> tuple[int, bool]:

@@ -23,7 +23,7 @@ from typing import Callable, ContextManager
 import torch
 
 from kvpo_megatron.kvpo import routing as chr
-from kvpo_megatron.kvpo.config import CommitPass, RolloutConfig, RoutingConfig
+from kvpo_megatron.kvpo.config import CommitPass, RolloutConfig, RoutingConfig, split_evenly
 from kvpo_megatron.kvpo.replay import score_block
 from kvpo_megatron.kvpo.types import BranchRollout, PromptContext, ReplayTuple, RolloutGroup
 from kvpo_megatron.sampling.noise import StepNoise, keyed_randn
@@ -123,9 +123,9 @@ class Rollout:
         shots = prefix.shot_starts
         pool = chr.routable_set(self.cache_cfg, self.routing, pivot * fpb, prefix.resident_frames(), shots)
         if anchor and len(pool) < chr.num_routed(self.cache_cfg, self.routing, pivot * fpb, shots):  # shorter routed
-            chunks = [[-1]] + [ids[i:i + bs] for i in range(0, len(ids), bs)]  # views: the anchor in its own batch
+            chunks = [[-1]] + split_evenly(ids, bs)  # views: the anchor in its own batch
         else:
-            chunks = [samples[i:i + bs] for i in range(0, len(samples), bs)]
+            chunks = split_evenly(samples, bs)
         out: dict[int, BranchRollout] = {}
         for chunk in chunks:
             cache = prefix.fork(len(chunk), private)

@@ -49,19 +49,9 @@ def _replay_step(m, weights):
     """Commit 9 context frames (no grad), then one replay-style forward + backward at frame 9 under that cache:
     (output, {LoRA parameter name: gradient})."""
     from kvpo_megatron.lora import lora_parameters
-    from kvpo_megatron.model import CacheConfig
-    from kvpo_megatron.sampling import FlowMatchSampler, SamplerConfig, StreamingGenerator
+    from tests.helpers import cached_replay_backward
 
-    gen = StreamingGenerator(m, FlowMatchSampler(SamplerConfig()), CacheConfig(history_frames=9))
-    cache = gen.new_cache()
-    with torch.no_grad():
-        text = m.encode_text(weights["ctx"])
-        for s in range(0, 9, 3):
-            gen.commit_block(cache, weights["noise"][:, :, s:s + 3], s, text)
-    view = cache.view(CacheConfig().default_read_frames(9), device="cuda")
-    y = m(weights["noise"][:, :, 9:12], torch.tensor([500.0], device="cuda"), text=m.encode_text(weights["ctx"]),
-          frame_offset=9, cache=cache, view=view)
-    (y.float() * weights["noise"][:, :, 12:15]).sum().backward()
+    y = cached_replay_backward(m, weights["ctx"], weights["noise"])
     return y.float().detach(), {n: p.grad.float().clone() for n, p in lora_parameters(m)}
 
 

@@ -56,7 +56,10 @@ def test_presets_and_predictions():
     rc = mm.predict(mm.MemoryPlan(replay_batch=2, recompute="blocks"))
     assert rc["replay_activations_gb"] < full["replay_activations_gb"] / 5
     big = mm.predict(mm.MemoryPlan(kv_budget_gb=48))
-    assert big["rollout_batch"] == 8  # 48 GB hold the prefix (33 frames, 9.5 GB) and 8 rings of 15 frames, not 9
+    # 48 GB hold the prefix (33 frames, 9.5 GB) and 8 rings of 15 frames, not 9: the 9 samples run as 5 + 4
+    assert big["rollout_batch"] == 5
+    assert mm.predict(mm.MemoryPlan(kv_budget_gb=60))["rollout_batch"] == 9  # 9 rings fit: one batch
+    assert mm.predict(mm.MemoryPlan(kv_budget_gb=24))["rollout_batch"] == 3  # 3 rings: 3 + 3 + 3
     small = mm.predict(mm.MemoryPlan(kv_budget_gb=48, branch_batch=2))
     assert small["rollout_cache_gb"] < big["rollout_cache_gb"] and small["rollout_batch"] == 2
 

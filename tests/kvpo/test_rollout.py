@@ -7,7 +7,7 @@ import torch
 
 from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.kvpo import routing as chr
-from kvpo_megatron.kvpo.config import ObjectiveConfig, RolloutConfig, RoutingConfig
+from kvpo_megatron.kvpo.config import ObjectiveConfig, RolloutConfig, RoutingConfig, split_evenly
 from kvpo_megatron.kvpo.objective import gibbs_log_policy, kvpo_loss, tve_coefficients, tve_term
 from kvpo_megatron.kvpo.replay import replay_gradients
 from kvpo_megatron.kvpo.rollout import Rollout, encode_prompts
@@ -78,8 +78,7 @@ def test_anchor_is_plain_generation_and_prefix_computed_once(pgs, batch_size):
     rest = (blocks - 4) * (n_steps + 1) * (G + 1)
     scoring = 2 * G * 2 * 2  # (current + reference) x branches x window blocks x routed steps
     assert grp.sample_forwards == gen.sample_forwards - s0 == prefix + rest + scoring
-    samples, bs = [-1, 0, 1, 2], batch_size or G + 1
-    chunks = [samples[i:i + bs] for i in range(0, len(samples), bs)]  # batches of anchor + branches
+    chunks = {None: [[-1, 0, 1, 2]], 1: [[-1], [0], [1], [2]], 3: [[-1, 0], [1, 2]]}[batch_size]  # even batches
     per_chunk = [(blocks - 4) * (n_steps + 1) + (2 * 2 if max(c) >= 0 else 0) for c in chunks]  # + scoring calls
     assert grp.forwards == gen.forward_count - n0 == prefix + sum(per_chunk)
     noise = ro.noise(SHAPE, iteration=1, prompt=2, branch=-1)
@@ -89,6 +88,20 @@ def test_anchor_is_plain_generation_and_prefix_computed_once(pgs, batch_size):
     for br in grp.branches:  # shared prefix, divergence only from the pivot
         assert torch.equal(br.latents[:, :, :12], plain[:, :, :12])
         assert not torch.equal(br.latents[:, :, 12:], plain[:, :, 12:])
+
+
+def test_split_evenly_fewest_batches_sizes_within_one():
+    assert split_evenly(list(range(4)), 3) == [[0, 1], [2, 3]]
+    assert split_evenly(list(range(9)), 8) == [[0, 1, 2, 3, 4], [5, 6, 7, 8]]
+    assert split_evenly(list(range(9)), 3) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert split_evenly(list(range(5)), 5) == [list(range(5))]
+    assert split_evenly([], 3) == []
+    for n in range(1, 12):
+        for most in range(1, 12):
+            got = split_evenly(list(range(n)), most)
+            sizes = [len(c) for c in got]
+            assert sum(got, []) == list(range(n)) and max(sizes) <= most and max(sizes) - min(sizes) <= 1
+            assert len(got) == -(-n // most)
 
 
 def test_renoise_shares_step_noise_and_identical_routes_give_identical_branches(pgs, monkeypatch):

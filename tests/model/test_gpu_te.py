@@ -131,22 +131,12 @@ def test_te_bf16_matches_local_longlive2(pgs):
 
 def test_te_grads_match_local_under_cache(pgs, setup):
     """Replay-style forward with autograd under a filled cache: weight grads of TE == local (bf16 tol)."""
-    from kvpo_megatron.model import CacheConfig
-    from kvpo_megatron.sampling import FlowMatchSampler, SamplerConfig, StreamingGenerator
+    from tests.helpers import cached_replay_backward
 
     grads = {}
     for kind in ("local", "te"):
         m = _model(pgs, kind, setup["sd"], torch.bfloat16)
-        gen = StreamingGenerator(m, FlowMatchSampler(SamplerConfig()), CacheConfig(history_frames=9))
-        cache = gen.new_cache()
-        with torch.no_grad():
-            text = m.encode_text(setup["ctx"])
-            for s in range(0, 9, 3):
-                gen.commit_block(cache, setup["noise"][:, :, s:s + 3], s, text)
-        view = cache.view(CacheConfig().default_read_frames(9))
-        x = setup["noise"][:, :, 9:12]
-        out = m(x, torch.tensor([500.0], device="cuda"), text=text, frame_offset=9, cache=cache, view=view)
-        (out.float() * setup["noise"][:, :, 12:15]).sum().backward()
+        cached_replay_backward(m, setup["ctx"], setup["noise"])
         grads[kind] = {n: p.grad.float().clone() for n, p in m.named_parameters()
                        if p.grad is not None and "blocks.0" in n and n.endswith("weight")}
     errs = {n: _rel(grads["te"][n], g) for n, g in grads["local"].items()}
