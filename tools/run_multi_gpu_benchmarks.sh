@@ -13,8 +13,8 @@
 #            TP -> scaling.jsonl                                                                 ~5 min
 #   wan14b   wan-14b, TP=2, $W14_FRAMES latent frames, G=8, W=5, one iteration (no warm-up: the first step's
 #            times include one-off costs) -> wan14b.jsonl                                        ~3 min
-#   cp       CP=2 (Ulysses and all-gather) needs the local spec (TE has no CP here): its own 1-GPU local baseline
-#            and the two CP layouts -> scaling_cp.jsonl                                          ~3 min, if left
+#   cp       CP=2 with both cores (Ulysses and all-gather) on the local spec (the TE spec builds Ulysses only): its
+#            own 1-GPU local baseline and the two CP layouts -> scaling_cp.jsonl                 ~3 min, if left
 #
 # Sizes (why fewer than 147 frames): the whole job must fit one 10-minute call. From tools/BENCHMARKS.md, one
 # steady 1.3B block on the fast path is ~0.33 s per sample and a replay tuple ~0.2-0.3 s; at FRAMES=21 with the
@@ -29,9 +29,9 @@
 # scaling runs' warm-up flags, "--warmup 1": one full untimed step per layout),
 # FAST (fast-path config overrides; without TransformerEngine the spec=te part is dropped), LOCAL_FAST (the CP
 # section's), W14_FRAMES (21), W14 (14B overrides: TE,
-# weights initialised on the GPUs -- seconds instead of minutes of CPU init --, the anchor and 8 branches in one
-# batch (the default 24 GB KV budget would run them one at a time) and a replay of 4 tuples per batch with
-# per-block recompute: tools/memory_model.py predicts ~115 GB per GPU for it).
+# weights initialised on the GPUs -- seconds instead of minutes of CPU init --, the anchor and the branches one at a
+# time and a replay of 4 tuples per batch with per-block recompute: 85.6 GB per GPU measured at 21 frames; all 9
+# samples in one batch ran out of memory at 139 GB, tools/BENCHMARKS.md).
 # Files in $OUT: steps.jsonl (rc, seconds and budget of every step), run.log (all output), env.txt,
 # equivalence.json, scaling.jsonl, wan14b.jsonl, scaling_cp.jsonl.
 set -u
@@ -48,7 +48,7 @@ PRESET=${PRESET:-wan-1.3b} W14_PRESET=${W14_PRESET:-wan-14b} LATENT=${LATENT:-"6
 FAST=${FAST-"model.overrides.spec=te model.compile=true model.cuda_graphs=true"}
 LOCAL_FAST=${LOCAL_FAST-"model.compile=true model.cuda_graphs=true"}
 W14_FRAMES=${W14_FRAMES:-21}
-W14=${W14-"model.overrides.spec=te model.overrides.use_cpu_initialization=false rollout.batch_size=9 \
+W14=${W14-"model.overrides.spec=te model.overrides.use_cpu_initialization=false rollout.batch_size=1 \
 replay.batch_size=4 replay.recompute=blocks"}
 T0=$(date +%s)
 TR1="python3 -m torch.distributed.run --standalone --nproc_per_node 1"
