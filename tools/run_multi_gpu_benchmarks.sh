@@ -12,7 +12,8 @@
 #            DP=2 over prompts (weak), DP=2 over branches and TP=2 (strong) in one 2-GPU launch, comm profiled for
 #            TP -> scaling.jsonl                                                                 ~5 min
 #   wan14b   wan-14b, TP=2, $W14_FRAMES latent frames, G=8, W=5, one iteration (no warm-up: the first step's
-#            times include one-off costs) -> wan14b.jsonl                                        ~3 min
+#            times include one-off costs) -> wan14b.jsonl                      ~5 min at 27 frames: a call of its
+#            own (SECTIONS=wan14b); W14_FRAMES=87 TOTAL_BUDGET=580 is the most one 10-minute call held (~9 min)
 #   cp       CP=2 with both cores (Ulysses and all-gather) on the local spec (the TE spec builds Ulysses only): its
 #            own 1-GPU local baseline and the two CP layouts -> scaling_cp.jsonl                 ~3 min, if left
 #
@@ -28,10 +29,10 @@
 # DTYPE (bf16), PRESET (wan-1.3b), W14_PRESET (wan-14b), LATENT ("60 104"), LORA_RANK (256), WARMUP (the
 # scaling runs' warm-up flags, "--warmup 1": one full untimed step per layout),
 # FAST (fast-path config overrides; without TransformerEngine the spec=te part is dropped), LOCAL_FAST (the CP
-# section's), W14_FRAMES (21), W14 (14B overrides: TE,
+# section's), W14_FRAMES (27: pivot 4 + the whole 5-block window), W14 (14B overrides: TE,
 # weights initialised on the GPUs -- seconds instead of minutes of CPU init --, the anchor and the branches one at a
-# time and a replay of 4 tuples per batch with per-block recompute: 85.6 GB per GPU measured at 21 frames; all 9
-# samples in one batch ran out of memory at 139 GB, tools/BENCHMARKS.md).
+# time and a replay of 4 tuples per batch with per-block recompute: 89.3-89.6 GB per GPU measured at 27-87 frames;
+# all 9 samples in one batch ran out of memory at 139 GB, tools/BENCHMARKS.md).
 # Files in $OUT: steps.jsonl (rc, seconds and budget of every step), run.log (all output), env.txt,
 # equivalence.json, scaling.jsonl, wan14b.jsonl, scaling_cp.jsonl.
 set -u
@@ -47,7 +48,7 @@ FRAMES=${FRAMES:-21} G=${G:-8} W=${W:-5} PIVOT=${PIVOT:-4} DTYPE=${DTYPE:-bf16}
 PRESET=${PRESET:-wan-1.3b} W14_PRESET=${W14_PRESET:-wan-14b} LATENT=${LATENT:-"60 104"} LORA_RANK=${LORA_RANK:-256}
 FAST=${FAST-"model.overrides.spec=te model.compile=true model.cuda_graphs=true"}
 LOCAL_FAST=${LOCAL_FAST-"model.compile=true model.cuda_graphs=true"}
-W14_FRAMES=${W14_FRAMES:-21}
+W14_FRAMES=${W14_FRAMES:-27}
 W14=${W14-"model.overrides.spec=te model.overrides.use_cpu_initialization=false rollout.batch_size=1 \
 replay.batch_size=4 replay.recompute=blocks"}
 T0=$(date +%s)
@@ -109,10 +110,10 @@ if has wan14b; then
   W14CMD="$TR2 tools/bench_iteration.py --preset $W14_PRESET --frames $W14_FRAMES $SIZE --layouts tp --warmup 0 \
 --repeats 1 --json-out $OUT/wan14b.jsonl"
   t=$(date +%s)
-  step wan14b 200 90 "$W14CMD $W14"
+  step wan14b 560 300 "$W14CMD $W14"
   rc=$?
   if (( rc != 0 && rc != 99 && $(date +%s) - t < 90 )); then  # failed at once (e.g. GPU init): CPU init instead
-    step wan14b_cpu_init 200 90 "$W14CMD ${W14//model.overrides.use_cpu_initialization=false/}"
+    step wan14b_cpu_init 560 300 "$W14CMD ${W14//model.overrides.use_cpu_initialization=false/}"
   fi
 fi
 
