@@ -22,9 +22,9 @@ fragmentation and CUDA-graph pools, which the model does not count."""
 SCENARIOS = {  # name -> plan: the layouts issue 16 asks to predict (G=8, W=5, 480x832, LoRA r=256 everywhere)
     "1.3b-1gpu-147f-bench": MemoryPlan(lora_bytes=2),  # tools/bench_iteration.py casts LoRA to bf16
     "1.3b-1gpu-147f": MemoryPlan(),
-    "1.3b-1gpu-147f-legacy-bench": MemoryPlan(cache="legacy", lora_bytes=2),  # the engine measured at 43.5 GB
+    "1.3b-1gpu-147f-legacy-bench": MemoryPlan(cache="legacy", lora_bytes=2, ema=False),  # measured 43.5 GB (no EMA yet)
     "14b-tp2-21f": MemoryPlan(preset="wan-14b", tp=2, frames=21),
-    "14b-tp2-21f-script": MemoryPlan(preset="wan-14b", tp=2, frames=21, lora_bytes=2, branch_batch=9,
+    "14b-tp2-27f-script": MemoryPlan(preset="wan-14b", tp=2, frames=27, pivot=4, spec="te", branch_batch=1,
                                      replay_batch=4, recompute="blocks"),  # run_multi_gpu_benchmarks.sh's 14B step
     "14b-tp2-147f": MemoryPlan(preset="wan-14b", tp=2),
     "14b-tp2-147f-batch9": MemoryPlan(preset="wan-14b", tp=2, branch_batch=9),

@@ -38,11 +38,16 @@ tokens a block attends, ``tl`` text tokens, ``h`` heads, ``hd`` head dim):
   the prompt's cross-attention K/V for generation (merged LoRA), scoring and the reference.
 * merged-LoRA rollout (``rollout.merge_lora``): one exact copy of the adapted base weights during the rollout
   (found on 2 H200s: the 14B TP=2 rollout with 9 batched samples ran out of memory where this term was missing).
+* found in a GPU memory snapshot of the 14B TP=2 iteration (tools/BENCHMARKS.md): the LoRA EMA's float32 shadow
+  (``ema``); under the TE spec without CUDA graphs, every layer's gathered context buffer during a block's
+  denoising steps (``batch x (sink + local) frames`` of K and V; a commit frees it); the head's float32 input per
+  replay tuple.
 
 Assumptions: Wan's patch (1, 2, 2); weights in ``bytes`` (the trainer builds float32 and the benches cast: that
 transient copy at build time is not counted); activations are the local spec's with the split replay attention
 (TransformerEngine's linears and compiled element-wise code save a similar set). Not modelled: the CUDA context, NCCL buffers, allocator
-fragmentation, TE/compile workspaces and CUDA-graph pools (keep ~10 GB of a GPU for them).
+fragmentation, TE/compile workspaces and CUDA-graph pools (keep ~10 GB of a GPU for them). The LoRA terms are a
+steady state's: a first iteration has no AdamW states yet (they appear at the first update) and no ``.grad``.
 """
 from __future__ import annotations
 
@@ -106,6 +111,13 @@ class MemoryPlan:
     """``replay.memory_budget_gb`` (None: the config's default)."""
     recompute: str = "auto"
     """``replay.recompute``: auto | none | blocks."""
+    ema: bool = True
+    """``ema.decay > 0`` (the default): a float32 shadow of every LoRA parameter (``kvpo/ema.py``)."""
+    spec: str = "local"
+    """``model.overrides.spec``: with ``te`` and no CUDA graphs the TE attention core keeps every layer's gathered
+    context through a block's denoising steps (``te_spec.TECachedAttention``; a commit frees it)."""
+    cuda_graphs: bool = False
+    """``model.cuda_graphs``: captured forwards gather the context on every call and keep no buffer."""
 
 
 def model_sizes(preset: str, **overrides) -> dict:
@@ -231,6 +243,7 @@ def predict(plan: MemoryPlan, m: dict | None = None) -> dict:
     weights = (n_par - n_ln) * plan.bytes + n_ln * 4
     n_lora = lora_params(m, plan.lora_rank, plan.lora_targets, plan.tp)
     lora = n_lora * (4 * plan.lora_bytes + 4)  # param, grad, 2 Adam states; DDP main_grad float32
+    ema = n_lora * 4 if plan.ema else 0  # float32 shadow
     kv_frame = kv_bytes_per_frame(plan, m)
     resident = plan.sink + plan.history
     private = max(plan.local, window * plan.frames_per_block)
@@ -249,17 +262,23 @@ def predict(plan: MemoryPlan, m: dict | None = None) -> dict:
     L_tok = plan.frames_per_block * tokens_per_frame(plan) // plan.cp
     held = m["num_layers"] * rb * plan.bytes * L_tok * m["hidden_size"] if recompute else 0
     acts = held + layer_act if recompute else m["num_layers"] * layer_act
+    acts += rb * plan.frames_per_block * tokens_per_frame(plan) * m["hidden_size"] * 4  # the head's float32 input
     video = m["in_channels"] * plan.frames * plan.latent_hw[0] * plan.latent_hw[1] * 4
     tuple_el = m["in_channels"] * plan.frames_per_block * plan.latent_hw[0] * plan.latent_hw[1]
     tuples = P * g_rank * window * plan.routed_steps * 2 * tuple_el * 4
     text = 3 * m["num_layers"] * 2 * m["text_len"] * m["hidden_size"] // plan.tp * plan.bytes  # gen, score, ref
     small = P * (g_rank + 2) * video + tuples + P * text
-    base = weights + lora + small
+    base = weights + lora + ema + small
     workspace = forward_workspace_bytes(plan, m, batch)
+    tpf = tokens_per_frame(plan)
+    te_context = 0  # the other layers' context buffers (the forward workspace counts one layer's)
+    if plan.spec == "te" and not plan.cuda_graphs:
+        te_context = (m["num_layers"] - 1) * batch * plan.bytes * 2 * (plan.sink + plan.local) * tpf \
+            * m["hidden_size"] // (plan.tp * plan.cp)
     # merged-LoRA generation keeps an exact copy of every adapted base weight to unmerge to (lora.merged); the replay
     # differentiates the unmerged form, whose copies are dropped while it runs
     backup = weights if plan.merge_lora else 0
-    rollout = base + rollout_cache + workspace + backup
+    rollout = base + rollout_cache + workspace + te_context + backup
     # branches over DP: the ranks without the anchor replay ``ahead`` branches early, holding each one's gradient
     # and the earlier groups' sum until the coefficients arrive (kvpo/branch_schedule.py's GradStash; float32)
     ahead, _ = plan_counts(dp_size=plan.branches_over_dp, per_rank=g_rank, suffix_blocks=blocks - pivot,
@@ -276,7 +295,8 @@ def predict(plan: MemoryPlan, m: dict | None = None) -> dict:
         "rollout_cache_gb": gb(rollout_cache), "replay_cache_gb": gb(replay_cache),
         "activations_per_tuple_gb": gb(m["num_layers"] * activation_bytes_per_layer(plan, m)),
         "replay_activations_gb": gb(acts), "forward_workspace_gb": gb(workspace),
-        "latents_tuples_text_gb": gb(small), "merge_backup_gb": gb(backup), "grad_stash_gb": gb(stash), "peak_rollout_gb": gb(rollout),
+        "latents_tuples_text_gb": gb(small), "ema_gb": gb(ema), "te_context_gb": gb(te_context),
+        "merge_backup_gb": gb(backup), "grad_stash_gb": gb(stash), "peak_rollout_gb": gb(rollout),
         "peak_replay_gb": gb(replay),
         "peak_gb": gb(max(rollout, replay)),
     }

@@ -296,6 +296,8 @@ class TECachedAttention(nn.Module):
             self._ctx_key, self._ctx_src = (None, None) if sparse else (key, weakref.ref(src))
         kv.write(k, v)  # after the read: a commit may overwrite a page this view reads
         kb, vb = self._ctx
+        if src._version != key[0]:  # a commit wrote the pages: no later call can hit, so free the buffer rather
+            self._ctx = self._ctx_key = self._ctx_src = None  # than hold every layer's through the replay (14B: 7.7 GB)
         n = kb.shape[1] - k.shape[1]
         kb[:, n:].copy_(k)
         vb[:, n:].copy_(v)

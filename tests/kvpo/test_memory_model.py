@@ -40,7 +40,7 @@ def test_presets_and_predictions():
     assert mm.weight_params(mm.model_sizes("wan-14b"), 1)[0] == pytest.approx(14.288e9, rel=1e-3)
     # the one GPU measurement of a whole iteration (tools/BENCHMARKS.md, the engine before paged caches: 43.5 GB
     # peak, 1.3B, 147 frames, G=8, W=5, bf16 model and LoRA) is predicted within 5%
-    legacy = mm.predict(mm.MemoryPlan(cache="legacy", lora_bytes=2))
+    legacy = mm.predict(mm.MemoryPlan(cache="legacy", lora_bytes=2, ema=False))  # measured before the EMA existed
     assert legacy["peak_gb"] == pytest.approx(43.5, rel=0.05)
     # KV cache per frame, 1.3B at 480x832: 30 layers x 1560 tokens x 2 x 1536 x 2 bytes
     base = mm.predict(mm.MemoryPlan())
@@ -62,6 +62,25 @@ def test_presets_and_predictions():
     assert mm.predict(mm.MemoryPlan(kv_budget_gb=24))["rollout_batch"] == 3  # 3 rings: 3 + 3 + 3
     small = mm.predict(mm.MemoryPlan(kv_budget_gb=48, branch_batch=2))
     assert small["rollout_cache_gb"] < big["rollout_cache_gb"] and small["rollout_batch"] == 2
+
+
+def test_ema_te_context_and_the_14b_measurement():
+    """Terms found in a GPU memory snapshot of the 14B TP=2 iteration (tools/BENCHMARKS.md, sixth session)."""
+    plan = mm.MemoryPlan(preset="wan-14b", tp=2, frames=27, pivot=4, branch_batch=1, replay_batch=4,
+                         recompute="blocks")
+    base = mm.predict(plan)
+    assert base["ema_gb"] == pytest.approx(4 * base["lora_params_per_gpu"] / 1e9, abs=1e-3)
+    assert mm.predict(mm.MemoryPlan(ema=False))["ema_gb"] == 0
+    te = mm.predict(dataclasses.replace(plan, spec="te"))
+    # every layer but the one the forward workspace counts keeps [batch, sink + local frames] of K and V
+    assert te["te_context_gb"] == pytest.approx(39 * 1 * 2 * 2 * 12 * 1560 * 5120 / 2 / 1e9, abs=1e-3)
+    assert te["peak_rollout_gb"] == pytest.approx(base["peak_rollout_gb"] + te["te_context_gb"], abs=2e-3)
+    assert te["peak_replay_gb"] == base["peak_replay_gb"]  # a commit frees it: the replay holds none
+    assert mm.predict(dataclasses.replace(plan, spec="te", cuda_graphs=True))["te_context_gb"] == 0
+    assert base["te_context_gb"] == 0
+    # measured in a first iteration (AdamW's two states and the .grad do not exist yet): rollout 79.6 GB per GPU
+    first = te["peak_rollout_gb"] - 3 * 4 * te["lora_params_per_gpu"] / 1e9
+    assert first == pytest.approx(79.6, rel=0.05)
 
 
 def test_fit_finds_a_cheaper_plan():
