@@ -259,10 +259,11 @@ def predict(plan: MemoryPlan, m: dict | None = None) -> dict:
     else:
         raise ValueError(f"cache must be paged or legacy, got {plan.cache!r}")
     layer_act = activation_bytes_per_layer(plan, m, batch=rb)
-    L_tok = plan.frames_per_block * tokens_per_frame(plan) // plan.cp
+    tpf = tokens_per_frame(plan)
+    L_tok = plan.frames_per_block * tpf // plan.cp
     held = m["num_layers"] * rb * plan.bytes * L_tok * m["hidden_size"] if recompute else 0
     acts = held + layer_act if recompute else m["num_layers"] * layer_act
-    acts += rb * plan.frames_per_block * tokens_per_frame(plan) * m["hidden_size"] * 4  # the head's float32 input
+    acts += rb * plan.frames_per_block * tpf * m["hidden_size"] * 4  # the head's float32 input (all tokens)
     video = m["in_channels"] * plan.frames * plan.latent_hw[0] * plan.latent_hw[1] * 4
     tuple_el = m["in_channels"] * plan.frames_per_block * plan.latent_hw[0] * plan.latent_hw[1]
     tuples = P * g_rank * window * plan.routed_steps * 2 * tuple_el * 4
@@ -270,7 +271,6 @@ def predict(plan: MemoryPlan, m: dict | None = None) -> dict:
     small = P * (g_rank + 2) * video + tuples + P * text
     base = weights + lora + ema + small
     workspace = forward_workspace_bytes(plan, m, batch)
-    tpf = tokens_per_frame(plan)
     te_context = 0  # the other layers' context buffers (the forward workspace counts one layer's)
     if plan.spec == "te" and not plan.cuda_graphs:
         te_context = (m["num_layers"] - 1) * batch * plan.bytes * 2 * (plan.sink + plan.local) * tpf \
