@@ -13,6 +13,8 @@ import argparse
 import dataclasses
 import json
 
+from kvpo_megatron.cli import exit_code
+from kvpo_megatron.errors import ConfigError
 from kvpo_megatron.kvpo.memory_model import MemoryPlan, fit, predict
 
 H200_GB = 140.0
@@ -74,10 +76,17 @@ def main(argv=None) -> list[dict]:
     if args.scenarios:
         rows = [report(n, p, args.capacity_gb, True) for n, p in SCENARIOS.items()]
     else:
-        try:
-            rows = [report("custom", plan_from(args), args.capacity_gb, args.fit)]
-        except ValueError as e:
-            raise SystemExit(f"error: {e}")
+        rows = []
+
+        def custom():
+            try:
+                rows.append(report("custom", plan_from(args), args.capacity_gb, args.fit))
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
+
+        code = exit_code(custom)  # bad input: one ``error:`` line and exit code 2, as every tool
+        if code:
+            raise SystemExit(code)
     for r in rows:
         print(json.dumps(r))
     return rows

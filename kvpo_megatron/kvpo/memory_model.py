@@ -271,6 +271,8 @@ def predict(plan: MemoryPlan, m: dict | None = None) -> dict:
     small = P * (g_rank + 2) * video + tuples + P * text
     base = weights + lora + ema + small
     workspace = forward_workspace_bytes(plan, m, batch)
+    if plan.spec not in ("local", "te"):
+        raise ValueError(f"spec must be local or te, got {plan.spec!r}")
     te_context = 0  # the other layers' context buffers (the forward workspace counts one layer's)
     if plan.spec == "te" and not plan.cuda_graphs:
         te_context = (m["num_layers"] - 1) * batch * plan.bytes * 2 * (plan.sink + plan.local) * tpf \

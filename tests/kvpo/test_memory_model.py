@@ -102,3 +102,5 @@ def test_cli_prints_json_lines(capsys):
     assert one["plan"]["tp"] == 2 and one["replay_batch"] == 4 and one["replay_recompute"] and one["fits"]
     with pytest.raises(SystemExit):
         cli.main(["--cache", "nope"])
+    with pytest.raises(SystemExit):
+        cli.main(["--spec", "TE"])  # a misspelt spec would otherwise drop the TE context term silently
